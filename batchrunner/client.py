@@ -1,0 +1,656 @@
+"""The only module that speaks HTTP to the Eachlabs API.
+
+Every failure of the transport (aiohttp, timeouts) is translated into the error tree of ``errors.py`` in one
+place, ``_transport_error``; every unwanted HTTP status in another, ``_status_error``. The client neither
+rate-limits nor retries: the scheduler decides what a request slot is worth and when to try again. It calls
+``on_request(kind)`` right before every request to the API host so the scheduler can count and log them;
+downloads of outputs and the PUT of an upload go to other hosts and are not counted.
+
+The API key travels only in the ``X-API-Key`` header of API-host requests, never to a CDN or an upload host,
+and is replaced by ``***`` in every message this module builds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import importlib.metadata
+import json
+import math
+import re
+import time
+import types
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC
+from enum import Enum, StrEnum
+from typing import Any, BinaryIO
+
+import aiohttp
+
+from batchrunner.errors import (
+    ApiError,
+    ApiTimeout,
+    AuthError,
+    DownloadIncomplete,
+    DownloadRejected,
+    NetworkError,
+    NotFound,
+    PaymentRequired,
+    RateLimited,
+    RequestRejected,
+    ServerError,
+    UsageError,
+)
+
+__all__ = [
+    "DEFAULT_API_URL",
+    "MAX_DOWNLOAD_BYTES",
+    "TRANSIENT_ERROR_CODES",
+    "Client",
+    "Phase",
+    "Prediction",
+    "Presigned",
+    "classify_status",
+    "output_urls",
+    "parse_prediction",
+    "parse_retry_after",
+]
+
+DEFAULT_API_URL = "https://api.eachlabs.ai"
+MAX_DOWNLOAD_BYTES = 100 * 1024 * 1024
+
+# Failure codes that say nothing about the job itself: the provider or the API was busy or slow, so the same
+# input is worth a new prediction after a backoff. Anything else (INPUT_DOWNLOAD_ERROR, content policy, bad
+# input) would fail again the same way and must not burn credit on repeats.
+TRANSIENT_ERROR_CODES: frozenset[str] = frozenset(
+    {
+        "PROVIDER_RATE_LIMIT",
+        "PROVIDER_TIMEOUT",
+        "PROVIDER_UNAVAILABLE",
+        "RATE_LIMIT",
+        "TIMEOUT",
+        "INTERNAL_ERROR",
+    }
+)
+
+# Retry-After beyond an hour is more likely a bug than a plan; the scheduler still gets a bounded wait.
+_MAX_RETRY_AFTER = 3600.0
+_SNIPPET_CHARS = 100
+_CHUNK_BYTES = 64 * 1024
+
+
+class Phase(StrEnum):
+    """Where a prediction stands, folded from the API's (inconsistently documented) status words."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+_SUCCEEDED_WORDS = frozenset({"success", "succeeded"})
+_CANCELLED_WORDS = frozenset({"cancelled", "canceled"})
+_FAILED_WORDS = frozenset({"error", "failed"}) | _CANCELLED_WORDS
+
+
+def classify_status(status: object) -> Phase:
+    """Fold a status word into a Phase. Unknown words and non-strings count as still running.
+
+    Sources disagree on the words (``error`` vs ``failed``, ``succeeded`` in webhooks), so every documented
+    variant is accepted; an unknown word must not end a paid prediction early, the poll deadline does that.
+    """
+    if not isinstance(status, str):
+        return Phase.RUNNING
+    word = status.strip().lower()
+    if word in _SUCCEEDED_WORDS:
+        return Phase.SUCCEEDED
+    if word in _FAILED_WORDS:
+        return Phase.FAILED
+    return Phase.RUNNING
+
+
+_URL_KEYS = ("url", "image", "images", "output", "uri", "file")
+# Top container plus nested ones, e.g. {"images": [{"url": ...}]}; deeper ones are not outputs we know of.
+_MAX_URL_DEPTH = 3
+
+
+def _as_url(value: str) -> str | None:
+    text = value.strip()
+    if not text.lower().startswith(("http://", "https://")) or any(c.isspace() for c in text):
+        return None
+    return text if urllib.parse.urlsplit(text).netloc else None
+
+
+def _collect_urls(value: object, depth: int, found: list[str]) -> None:
+    if isinstance(value, str):
+        url = _as_url(value)
+        if url is not None:
+            found.append(url)
+        return
+    if depth >= _MAX_URL_DEPTH:
+        return
+    if isinstance(value, list | tuple):
+        for item in value:
+            _collect_urls(item, depth + 1, found)
+    elif isinstance(value, Mapping):
+        for key in _URL_KEYS:
+            if key in value:
+                _collect_urls(value[key], depth + 1, found)
+        for key, item in value.items():
+            if key not in _URL_KEYS:
+                _collect_urls(item, depth + 1, found)
+
+
+def output_urls(output: object) -> tuple[str, ...]:
+    """The http(s) URLs in a prediction's output, in order, without duplicates.
+
+    The output may be one URL string, a list of strings or objects, or an object; in objects the usual keys
+    (url, image, images, output, uri, file) come first, then any other URL-valued fields.
+    """
+    found: list[str] = []
+    _collect_urls(output, 0, found)
+    return tuple(dict.fromkeys(found))
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """One answer of ``GET /v1/prediction/{id}``, reduced to what the scheduler decides on."""
+
+    id: str
+    status: str
+    phase: Phase
+    urls: tuple[str, ...]
+    error: str | None
+    error_code: str | None
+    retryable: bool
+    cost: float | None
+    predict_time: float | None
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _last_log_line(logs: object) -> str | None:
+    if isinstance(logs, list):
+        logs = "\n".join(item for item in logs if isinstance(item, str))
+    if not isinstance(logs, str):
+        return None
+    lines = [line.strip() for line in logs.splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+def parse_prediction(prediction_id: str, body: Mapping[str, Any]) -> Prediction:
+    """Read a prediction answer, tolerating missing or oddly typed fields.
+
+    ``urls`` are filled only for a success. For failures ``error`` is the output's ``error_message``, else
+    the body's ``error``, else the last non-empty log line; ``retryable`` is True for a transient
+    ``error_code`` and for a cancelled prediction (the runner cancels a prediction that overstays its
+    deadline, so the cancel says nothing about the job).
+    """
+    raw_status = body.get("status")
+    status = raw_status.strip() if isinstance(raw_status, str) else ""
+    phase = classify_status(status)
+    output = body.get("output")
+    out_fields: Mapping[str, Any] = output if isinstance(output, Mapping) else {}
+    metrics = body.get("metrics")
+    metric_fields: Mapping[str, Any] = metrics if isinstance(metrics, Mapping) else {}
+
+    error: str | None = None
+    error_code: str | None = None
+    retryable = False
+    if phase is Phase.FAILED:
+        error_code = _text(out_fields.get("error_code")) or _text(body.get("error_code"))
+        error = (
+            _text(out_fields.get("error_message"))
+            or _text(body.get("error"))
+            or _last_log_line(body.get("logs"))
+            or f"prediction ended with status {status!r}"
+        )
+        retryable = error_code in TRANSIENT_ERROR_CODES or status.lower() in _CANCELLED_WORDS
+
+    return Prediction(
+        id=_text(body.get("id")) or prediction_id,
+        status=status,
+        phase=phase,
+        urls=output_urls(output) if phase is Phase.SUCCEEDED else (),
+        error=error,
+        error_code=error_code,
+        retryable=retryable,
+        cost=_number(metric_fields.get("cost")),
+        predict_time=_number(metric_fields.get("predict_time")),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Presigned:
+    """Where to PUT a local file, and the URL the model will read it from afterwards."""
+
+    id: str
+    presigned_url: str
+    public_url: str
+    expires_at: str | None
+    required_headers: Mapping[str, str]
+
+
+_DELTA_SECONDS = re.compile(r"\d+(\.\d+)?")
+
+
+def parse_retry_after(value: str | None, *, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header (delta seconds or an HTTP date), clamped to [0, 3600].
+
+    ``now`` is the current Unix time (injected so the HTTP-date form is testable); None when absent or
+    unreadable.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if _DELTA_SECONDS.fullmatch(text):
+        seconds = float(text)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp() - now
+    return min(max(seconds, 0.0), _MAX_RETRY_AFTER)
+
+
+def _user_agent() -> str:
+    try:
+        version = importlib.metadata.version("batchrunner")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0"
+    return f"batchrunner/{version}"
+
+
+_USER_AGENT = _user_agent()
+
+
+class _Target(Enum):
+    """Who answered: the API itself, the upload host of a presigned URL, or the output CDN."""
+
+    API = "API"
+    UPLOAD = "upload host"
+    DOWNLOAD = "download host"
+
+
+@dataclass(slots=True)
+class _Progress:
+    """Bytes of a download so far, so a cut-off stream can say how far it got."""
+
+    got: int = 0
+    expected: int | None = None
+
+
+def _redact(text: str, secret: str) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+def _snippet(body: bytes | str, secret: str) -> str:
+    """A short one-line excerpt; redacted before it is cut, so no prefix of the key survives the cut."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    return " ".join(_redact(text, secret).split())[:_SNIPPET_CHARS]
+
+
+def _transport_error(exc: Exception, target: _Target, progress: _Progress | None, secret: str) -> ApiError:
+    """Translate an aiohttp/timeout exception into the error tree: the one place where that happens."""
+    where = target.value
+    detail = _snippet(str(exc), secret) or type(exc).__name__
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        # Raised only while connecting, before a byte of the request was written: safe to resend.
+        return NetworkError(f"could not connect to the {where} in time: {detail}", sent=False)
+    if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
+        return ApiTimeout(f"no answer from the {where} in time")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        # Connection refused, DNS, TLS handshake: the request surely never left.
+        return NetworkError(f"cannot connect to the {where}: {detail}", sent=False)
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        if target is _Target.DOWNLOAD and progress is not None:
+            expected = "?" if progress.expected is None else str(progress.expected)
+            return DownloadIncomplete(f"cut short: got {progress.got} of {expected} bytes")
+        return ServerError(f"the {where} answer was cut short: {detail}")
+    if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
+        if target is _Target.DOWNLOAD:
+            return DownloadRejected(f"unusable output URL: {detail}")
+        return RequestRejected(f"unusable {where} URL: {detail}")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        # aiohttp could not parse the answer (bad headers, redirect loop): the server misbehaved.
+        return ServerError(f"malformed answer from the {where}: {detail}")
+    # Disconnect, reset, anything else after connecting: the request may have been received and acted on.
+    return NetworkError(f"connection to the {where} failed: {detail}", sent=True)
+
+
+def _api_message(body: bytes) -> str | None:
+    """The API's own words from an error body: ``error`` (plus ``details``), else ``message``."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    error = data.get("error")
+    if isinstance(error, Mapping):
+        error = error.get("message")
+    message = _text(error) or _text(data.get("message"))
+    details = _text(data.get("details"))
+    if message and details:
+        return f"{message}: {details}"
+    return message or details
+
+
+def _status_error(
+    status: int,
+    reason: str | None,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    target: _Target,
+    secret: str,
+    now: float,
+) -> ApiError | None:
+    """The error for an HTTP status (None for 2xx): the one place where statuses are judged."""
+    if 200 <= status < 300:
+        return None
+    request_id = headers.get("X-Request-Id")
+    extra: dict[str, Any] = {"status": status, "request_id": request_id}
+    reason = _redact(reason or "error", secret)
+    if target is _Target.DOWNLOAD:
+        if status in (404, 409, 425):
+            return DownloadIncomplete("output not available yet", **extra)
+        if status in (408, 429) or status >= 500:
+            retry_after = parse_retry_after(headers.get("Retry-After"), now=now)
+            return DownloadIncomplete(f"{target.value} is busy", retry_after=retry_after, **extra)
+        return DownloadRejected(f"{target.value} refused the output: {reason}", **extra)
+
+    said = _api_message(body)
+    if said is None:
+        said = reason
+        if body.strip():
+            said = f"{said}: {_snippet(body, secret)}"
+    message = _redact(said, secret)
+    if status == 429:
+        retry_after = parse_retry_after(headers.get("Retry-After"), now=now)
+        return RateLimited(message, retry_after=retry_after, **extra)
+    if status >= 500 or status == 408:
+        return ServerError(message, **extra)
+    if target is _Target.UPLOAD:
+        # A 403 from the storage host means an expired or mismatched signature, not a bad API key.
+        return RequestRejected(f"upload refused: {message}", **extra)
+    if status in (401, 403):
+        return AuthError(f"API key rejected: {message}", **extra)
+    if status == 402:
+        return PaymentRequired(message, **extra)
+    if status == 404:
+        return NotFound(message, **extra)
+    # 3xx (redirects are not followed, so the key never travels) and every other 4xx: repeating will not help.
+    return RequestRejected(message, **extra)
+
+
+def _json_object(body: bytes, headers: Mapping[str, str], secret: str) -> dict[str, Any]:
+    """The JSON object of a 2xx answer; anything else (empty, HTML, not JSON, not an object) fails."""
+    request_id = headers.get("X-Request-Id")
+    if not body.strip():
+        raise ServerError("empty answer from the API", request_id=request_id)
+    try:
+        data = json.loads(body)
+    except ValueError:
+        kind = "HTML" if body.lstrip()[:1] == b"<" else "not JSON"
+        raise ServerError(f"API answer is {kind}: {_snippet(body, secret)}", request_id=request_id) from None
+    if not isinstance(data, dict):
+        raise ServerError(f"API answer is not a JSON object: {_snippet(body, secret)}", request_id=request_id)
+    return data
+
+
+def _http_url(url: str) -> bool:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+
+
+def _content_length(response: aiohttp.ClientResponse) -> int | None:
+    """Content-Length as the bytes we will receive; None when unknown or when a content coding changes it."""
+    if response.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+        return None
+    value = response.headers.get("Content-Length", "").strip()
+    return int(value) if value.isdigit() else None
+
+
+class Client:
+    """Thin async client of the Eachlabs API over a caller-owned ``aiohttp.ClientSession``."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        base_url: str,
+        api_key: str,
+        timeout: float = 30.0,
+        on_request: Callable[[str], None] | None = None,
+        max_download_bytes: int = MAX_DOWNLOAD_BYTES,
+    ) -> None:
+        if not _http_url(base_url):
+            raise UsageError(f"API URL must be http(s)://host, not {base_url!r}")
+        if any(ord(c) < 32 or ord(c) == 127 for c in api_key):
+            # aiohttp would refuse the header with a message of its own; say it without echoing the key.
+            raise UsageError("the API key contains control characters (a stray newline?)")
+        if timeout <= 0 or max_download_bytes <= 0:
+            raise UsageError("timeout and max_download_bytes must be positive")
+        self._session = session
+        self._base = base_url.rstrip("/")
+        self._key = api_key
+        self._on_request = on_request
+        self._max_download = max_download_bytes
+        self._timeout = timeout
+        self._api_timeout = aiohttp.ClientTimeout(total=timeout)
+        # Downloads may be large: bound each stall rather than the whole transfer.
+        self._download_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+        self._api_headers = {"X-API-Key": api_key, "User-Agent": _USER_AGENT, "Accept": "application/json"}
+        # No key here: these requests go to CDNs and storage hosts. Identity coding keeps Content-Length
+        # comparable with the bytes received.
+        self._plain_headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
+
+    def __repr__(self) -> str:
+        return f"Client(base_url={self._base!r})"
+
+    @contextlib.contextmanager
+    def _mapped(self, target: _Target, progress: _Progress | None = None) -> Iterator[None]:
+        # Only transport exceptions are translated: ApiErrors raised inside pass through, and an OSError from
+        # a download sink is a disk problem for the caller, not a network one.
+        try:
+            yield
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _transport_error(exc, target, progress, self._key) from exc
+
+    async def _call(
+        self,
+        kind: str,
+        method: str,
+        path: str,
+        *,
+        payload: Mapping[str, Any] | None = None,
+        params: Mapping[str, str] | None = None,
+        want_body: bool = True,
+    ) -> dict[str, Any]:
+        if self._on_request is not None:
+            self._on_request(kind)
+        with self._mapped(_Target.API):
+            async with self._session.request(
+                method,
+                self._base + path,
+                json=payload,
+                params=params,
+                headers=self._api_headers,
+                timeout=self._api_timeout,
+                allow_redirects=False,  # a redirect to another host would carry the key along
+                raise_for_status=False,
+            ) as response:
+                body = await response.read()
+        error = _status_error(
+            response.status,
+            response.reason,
+            body,
+            response.headers,
+            target=_Target.API,
+            secret=self._key,
+            now=time.time(),
+        )
+        if error is not None:
+            raise error
+        return _json_object(body, response.headers, self._key) if want_body else {}
+
+    async def create(self, model: str, version: str, input: Mapping[str, Any]) -> str:
+        """Submit a prediction; returns its id. Counts as one ``create`` request."""
+        body = await self._call(
+            "create", "POST", "/v1/prediction/", payload={"model": model, "version": version, "input": input}
+        )
+        for key in ("predictionID", "prediction_id", "id"):
+            value = body.get(key)
+            if isinstance(value, str | int) and not isinstance(value, bool) and str(value).strip():
+                return str(value).strip()
+        said = _text(body.get("message")) or json.dumps(body)
+        raise ServerError(f"create answer has no prediction id: {_snippet(said, self._key)}")
+
+    async def get(self, prediction_id: str) -> Prediction:
+        """The current state of a prediction. Counts as one ``poll`` request."""
+        body = await self._call("poll", "GET", f"/v1/prediction/{urllib.parse.quote(prediction_id, safe='')}")
+        return parse_prediction(prediction_id, body)
+
+    async def cancel(self, prediction_id: str) -> None:
+        """Ask the API to cancel a prediction (best effort). Counts as one ``cancel`` request."""
+        path = f"/v1/prediction/{urllib.parse.quote(prediction_id, safe='')}/cancel"
+        await self._call("cancel", "POST", path, want_body=False)
+
+    async def presign(self, content_type: str) -> Presigned:
+        """Reserve an upload slot for a file of ``content_type``. Counts as one ``presign`` request."""
+        body = await self._call("presign", "POST", "/v1/upload/presign", payload={"content_type": content_type})
+        upload_id = _text(body.get("id"))
+        presigned_url = _text(body.get("presigned_url"))
+        public_url = _text(body.get("public_url"))
+        raw_headers = body.get("required_headers")
+        if raw_headers is None:
+            # The URL was signed for this content type; sending it is what every storage host expects.
+            raw_headers = {"Content-Type": content_type}
+        if (
+            upload_id is None
+            or presigned_url is None
+            or public_url is None
+            or not _http_url(presigned_url)
+            or not _http_url(public_url)
+            or not isinstance(raw_headers, Mapping)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw_headers.items())
+        ):
+            fields = _snippet(", ".join(sorted(body)), self._key) or "none"
+            raise ServerError(f"presign answer lacks id, presigned_url, public_url or headers (fields: {fields})")
+        expires_at = body.get("expires_at")
+        return Presigned(
+            id=upload_id,
+            presigned_url=presigned_url,
+            public_url=public_url,
+            expires_at=str(expires_at) if expires_at is not None else None,
+            required_headers=types.MappingProxyType(dict(raw_headers)),
+        )
+
+    async def put_upload(self, presigned: Presigned, data: bytes) -> None:
+        """PUT the raw bytes to the presigned URL with its required headers; not an API request, no key."""
+        if not _http_url(presigned.presigned_url):
+            raise RequestRejected("presigned upload URL is not http(s)")
+        headers = {"User-Agent": _USER_AGENT, **presigned.required_headers}
+        with self._mapped(_Target.UPLOAD):
+            async with self._session.put(
+                presigned.presigned_url,
+                data=data,
+                headers=headers,
+                timeout=self._download_timeout,
+                allow_redirects=False,
+                raise_for_status=False,
+            ) as response:
+                body = await response.read()
+        error = _status_error(
+            response.status,
+            response.reason,
+            body,
+            response.headers,
+            target=_Target.UPLOAD,
+            secret=self._key,
+            now=time.time(),
+        )
+        if error is not None:
+            raise error
+
+    async def model_schema(self, slug: str) -> Mapping[str, Any] | None:
+        """The JSON Schema of a model's ``input``, or None when the API gives none. Counts as ``schema``."""
+        body = await self._call("schema", "GET", "/v1/model", params={"slug": slug})
+        for holder in (body, body.get("model"), body.get("data")):
+            if not isinstance(holder, Mapping):
+                continue
+            schema = holder.get("request_schema")
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError:
+                    schema = None
+            if isinstance(schema, Mapping):
+                return schema
+        return None
+
+    async def download(self, url: str, sink: BinaryIO) -> int:
+        """Stream an output file into ``sink``; returns the bytes written. Not an API request: no key or hook.
+
+        Raises DownloadRejected for a non-http(s) URL, a refusal or an oversize file, and DownloadIncomplete
+        when the file is not there yet or arrives cut short. Errors of ``sink.write`` propagate unchanged.
+        """
+        if not _http_url(url):
+            scheme = urllib.parse.urlsplit(url).scheme or "no scheme"
+            raise DownloadRejected(_redact(f"output URL must be http(s), not {scheme[:20]}", self._key))
+        progress = _Progress()
+        with self._mapped(_Target.DOWNLOAD, progress):
+            async with self._session.get(
+                url,
+                headers=self._plain_headers,
+                timeout=self._download_timeout,
+                raise_for_status=False,
+            ) as response:
+                error = _status_error(
+                    response.status,
+                    response.reason,
+                    b"",
+                    response.headers,
+                    target=_Target.DOWNLOAD,
+                    secret=self._key,
+                    now=time.time(),
+                )
+                if error is not None:
+                    raise error
+                progress.expected = _content_length(response)
+                if progress.expected is not None and progress.expected > self._max_download:
+                    raise DownloadRejected(
+                        f"output is {progress.expected} bytes, over the limit of {self._max_download}"
+                    )
+                async for chunk in response.content.iter_chunked(_CHUNK_BYTES):
+                    if progress.got + len(chunk) > self._max_download:
+                        raise DownloadRejected(f"output is over the limit of {self._max_download} bytes")
+                    sink.write(chunk)
+                    progress.got += len(chunk)
+        if progress.expected is not None and progress.got < progress.expected:
+            raise DownloadIncomplete(f"cut short: got {progress.got} of {progress.expected} bytes")
+        return progress.got

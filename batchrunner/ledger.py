@@ -1,0 +1,484 @@
+"""The append-only JSONL event log of a run, its pure replay into per-job state, and the request log.
+
+``<output>/ledger.jsonl`` holds one JSON object per line. Each line is built whole, written with one ``write``
+call, and fsynced before the runner acts on it, so a run killed at any instant (kill -9, power loss) leaves at
+most one torn last line. Replay skips such lines (and any other garbage) and counts them in ``bad_lines``; the
+next append starts on a fresh line so the fragment stays isolated.
+
+Jobs are keyed by their fingerprint (sha256 of the full request), never by their position in the manifest, so
+editing the manifest between runs neither loses nor confuses finished work.
+
+Job events (each also carries ``ts``, ``event``, ``job`` and ``fingerprint``) and the state they lead to::
+
+    submitting     {attempt}                          -> IN_DOUBT   intent, written before the create is sent
+    submitted      {prediction_id}                    -> IN_FLIGHT  the create's answer
+    create_failed  {error, in_doubt}                  -> PENDING    transient create failure
+    succeeded      {file, prediction_id?, cost?, duration?}   -> SUCCEEDED
+    failed         {error, retryable, error_code?, prediction_id?, cost?, duration?}  -> FAILED, attempts + 1
+    reset          {}                                 attempts = 0; FAILED -> PENDING
+
+``uploaded {sha256, public_url}`` records an uploaded input image. ``run_started``, ``run_finished`` and any
+event this version does not know are ignored, so an older runner can resume a newer runner's ledger.
+
+A create whose answer never arrived may still have made a (billed) prediction: it is counted in
+``lost_answers`` when a ``create_failed`` says so (``in_doubt``), when a new ``submitting`` follows an
+unanswered one, and for a job still IN_DOUBT at the end of the ledger.
+
+``RequestLog`` (``<output>/requests.log``) remembers when API requests were made, so a restarted run does not
+burst past a rate window that the killed run partly used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from batchrunner.errors import OutputError
+
+__all__ = [
+    "CREATE_FAILED",
+    "FAILED",
+    "RESET",
+    "RUN_FINISHED",
+    "RUN_STARTED",
+    "SUBMITTED",
+    "SUBMITTING",
+    "SUCCEEDED",
+    "UPLOADED",
+    "JobState",
+    "JobStatus",
+    "Ledger",
+    "LedgerState",
+    "RequestLog",
+    "Upload",
+    "parse_ts",
+    "read_ledger",
+    "replay",
+]
+
+SUBMITTING = "submitting"
+SUBMITTED = "submitted"
+CREATE_FAILED = "create_failed"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+RESET = "reset"
+UPLOADED = "uploaded"
+RUN_STARTED = "run_started"
+RUN_FINISHED = "run_finished"
+
+
+class JobStatus(StrEnum):
+    """Where a job stands after replaying the ledger. A str: ``str(status)`` and JSON give its value."""
+
+    PENDING = "pending"  # nothing sent, or the last create failed without a prediction
+    IN_DOUBT = "in_doubt"  # a create was (maybe) sent and its answer never arrived
+    IN_FLIGHT = "in_flight"  # a prediction exists; poll it
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class JobState:
+    """The replayed state of one job. Mutable because replay updates it in place, event by event."""
+
+    fingerprint: str
+    job: str
+    status: JobStatus = JobStatus.PENDING
+    prediction_id: str | None = None
+    attempts: int = 0  # failed predictions so far
+    lost_answers: int = 0  # creates whose answer never arrived: the prediction may exist and be billed
+    retryable: bool = True
+    error: str | None = None
+    error_code: str | None = None
+    file: str | None = None
+    cost: float | None = None
+    submitted_at: float | None = None  # epoch seconds of the `submitted` event
+    finished_at: float | None = None  # epoch seconds of the `succeeded`/`failed` event
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """An input image already uploaded; ``uploaded_at`` in epoch seconds tells whether it has expired."""
+
+    sha256: str
+    public_url: str
+    uploaded_at: float
+
+
+@dataclass(slots=True)
+class LedgerState:
+    """Everything a ledger replays to."""
+
+    jobs: dict[str, JobState] = field(default_factory=dict)  # by fingerprint
+    uploads: dict[str, Upload] = field(default_factory=dict)  # by sha256, latest wins
+    durations: list[float] = field(default_factory=list)  # prediction durations (s), in ledger order
+    spend: float = 0.0  # sum of `cost` over succeeded and failed events
+    bad_lines: int = 0  # unparsable lines (torn tail, garbage), skipped
+    lost_answers: int = 0  # total over jobs
+
+    def in_flight(self) -> list[JobState]:
+        """The jobs with a prediction that was created and has not finished: the ones to poll on resume."""
+        return [state for state in self.jobs.values() if state.status is JobStatus.IN_FLIGHT]
+
+
+def parse_ts(value: str) -> float:
+    """Parse an ISO 8601 time (``2024-05-01T12:00:00.123Z``) into epoch seconds; no zone means UTC.
+
+    Raises ValueError when ``value`` is not such a time.
+    """
+    moment = datetime.fromisoformat(value)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _format_ts(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _ts(event: dict[str, Any]) -> float | None:
+    # A ledger edited by hand or written by a future version may carry anything here: never stop a replay.
+    value = event.get("ts")
+    if type(value) is not str:
+        return None
+    try:
+        return parse_ts(value)
+    except (ValueError, OverflowError):
+        return None
+
+
+_MAX_INT = 2**1023
+
+
+def _number(value: Any) -> float | None:
+    # Exact type checks: bool is an int subclass, and a `true` cost is garbage, not 1.0. JSON also reads
+    # Infinity, NaN and integers too large for a float: garbage too, and they would poison the sums.
+    if type(value) is int:
+        value = float(value) if -_MAX_INT < value < _MAX_INT else None
+    return value if type(value) is float and math.isfinite(value) else None
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+# Fields an event cannot do without: a `submitted` without its prediction id, or a `succeeded` without its
+# file, would break the invariants the scheduler relies on (IN_FLIGHT has an id, SUCCEEDED has a file).
+_REQUIRED = {SUBMITTED: "prediction_id", SUCCEEDED: "file"}
+_JOB_EVENTS = frozenset({SUBMITTING, SUBMITTED, CREATE_FAILED, SUCCEEDED, FAILED, RESET})
+
+
+def _apply(state: JobState, name: str, event: dict[str, Any]) -> None:
+    """Apply one well-formed job event to its job. The order of the branches follows the usual frequency."""
+    if name == SUBMITTING:
+        if state.status is JobStatus.IN_DOUBT:
+            # A second intent before any answer to the first: the first answer was lost for good.
+            state.lost_answers += 1
+        state.status = JobStatus.IN_DOUBT
+        # A new create abandons any earlier prediction; its id must not be polled as this attempt's.
+        state.prediction_id = None
+    elif name == SUBMITTED:
+        state.status = JobStatus.IN_FLIGHT
+        state.prediction_id = event["prediction_id"]
+        state.submitted_at = _ts(event)
+    elif name == SUCCEEDED:
+        state.status = JobStatus.SUCCEEDED
+        state.file = event["file"]
+        prediction_id = event.get("prediction_id")
+        if type(prediction_id) is str:
+            state.prediction_id = prediction_id
+        state.cost = _number(event.get("cost"))
+        state.finished_at = _ts(event)
+        state.error = state.error_code = None
+    elif name == FAILED:
+        state.status = JobStatus.FAILED
+        state.attempts += 1
+        state.error = _text(event.get("error"))
+        state.error_code = _text(event.get("error_code"))
+        # Without a word from the writer, assume the failure is permanent rather than pay for repeats.
+        state.retryable = event.get("retryable") is True
+        state.prediction_id = None
+        state.finished_at = _ts(event)
+    elif name == CREATE_FAILED:
+        state.status = JobStatus.PENDING
+        state.prediction_id = None
+        state.error = _text(event.get("error"))
+        if event.get("in_doubt") is True:
+            state.lost_answers += 1
+    elif name == RESET:
+        state.attempts = 0
+        if state.status is JobStatus.FAILED:
+            state.status = JobStatus.PENDING
+
+
+_DECODER = json.JSONDecoder()
+_BLANK = object()
+
+
+def _parse_leniently(line: str | bytes) -> Any:
+    """What json.loads makes of a line the fast path refused (leading space, BOM), ``_BLANK`` or None."""
+    if not line.strip():
+        return _BLANK
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+
+
+def replay(lines: Iterable[str | bytes]) -> LedgerState:
+    """Fold ledger lines, in order, into the state they describe. Pure: no I/O, never raises on bad content.
+
+    Lines that are not JSON objects are skipped and counted in ``bad_lines``; blank lines are skipped quietly.
+    """
+    jobs: dict[str, JobState] = {}
+    uploads: dict[str, Upload] = {}
+    durations: list[float] = []
+    spend = 0.0
+    bad_lines = 0
+    decode = _DECODER.raw_decode  # hoisted: this loop runs once per line, for hundreds of thousands of lines
+    for line in lines:
+        # raw_decode on the decoded text parses twice as fast as json.loads, which spends as long again in
+        # Python-level encoding detection and whitespace regexes as in the C scanner.
+        try:
+            text = line if isinstance(line, str) else line.decode()
+            event, end = decode(text)
+            if end != len(text) and not text[end:].isspace():
+                event = None  # trailing garbage after the object
+        except (ValueError, RecursionError):  # ValueError covers bad JSON and bad UTF-8
+            event = _parse_leniently(line)
+        if type(event) is not dict:
+            if event is not _BLANK:
+                bad_lines += 1
+            continue
+        name = event.get("event")
+        if name not in _JOB_EVENTS:
+            if name == UPLOADED:
+                sha256, url = event.get("sha256"), event.get("public_url")
+                if type(sha256) is str and type(url) is str:
+                    # No usable ts: treat the upload as ancient, so it is uploaded again rather than trusted.
+                    uploads[sha256] = Upload(sha256, url, _ts(event) or 0.0)
+            continue
+        fingerprint, job = event.get("fingerprint"), event.get("job")
+        if type(fingerprint) is not str or type(job) is not str:
+            continue
+        required = _REQUIRED.get(name)
+        if required is not None and type(event.get(required)) is not str:
+            continue
+        state = jobs.get(fingerprint)
+        if state is None:
+            state = jobs[fingerprint] = JobState(fingerprint, job)
+        else:
+            state.job = job  # the manifest may have renamed the job; the latest name is the one to report
+        _apply(state, name, event)
+        if name in (SUCCEEDED, FAILED):
+            cost = _number(event.get("cost"))
+            if cost is not None:
+                spend += cost
+            duration = _number(event.get("duration"))
+            if duration is not None:
+                durations.append(duration)
+    lost_answers = 0
+    for state in jobs.values():
+        if state.status is JobStatus.IN_DOUBT:
+            # The run ended (or was killed) between sending a create and hearing back.
+            state.lost_answers += 1
+        lost_answers += state.lost_answers
+    return LedgerState(jobs, uploads, durations, spend, bad_lines, lost_answers)
+
+
+def read_ledger(path: Path) -> LedgerState:
+    """Replay the ledger at ``path``, streaming it line by line; a missing file is an empty ledger."""
+    try:
+        # Binary: lines split on b"\n" only, and bytes that are not UTF-8 make a bad line, not an error.
+        with path.open("rb") as lines:
+            return replay(lines)
+    except FileNotFoundError:
+        return LedgerState()
+    except OSError as exc:
+        raise OutputError(f"cannot read ledger {path}: {exc.strerror or exc}") from exc
+
+
+def _open_append(path: Path) -> tuple[int, bool]:
+    """Open ``path`` for appending (creating it); return the descriptor and whether it ends in a torn line."""
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags, 0o644)
+    try:
+        return fd, _ends_torn(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _ends_torn(fd: int) -> bool:
+    size = os.fstat(fd).st_size
+    if size == 0:  # also every character device, such as /dev/full
+        return False
+    os.lseek(fd, size - 1, os.SEEK_SET)  # reads honour the offset; O_APPEND writes still go to the end
+    return os.read(fd, 1) != b"\n"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    # One write call writes a whole line on any local file system; the loop only guards against a short write.
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_dir(directory: Path) -> None:
+    # A new file survives a power loss only once its directory entry is on disk too.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms that cannot open a directory (Windows) have no such thing to sync
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Ledger:
+    """Appends events to the ledger file, each one flushed and (by default) fsynced before ``append`` returns.
+
+    ``clock`` gives the epoch time stamped on each event; ``fsync=False`` trades crash safety for speed.
+    Any OSError becomes an OutputError carrying one line.
+    """
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time, fsync: bool = True) -> None:
+        self.path = path
+        self._clock = clock
+        self._fsync = fsync
+        self._fd: int | None = None
+        self._torn: bool | None = None  # None: unknown, look at the file's last byte before the next write
+        try:
+            existed = path.exists()
+            self._fd, self._torn = _open_append(path)
+            if fsync and not existed:
+                _fsync_dir(path.parent)
+        except OSError as exc:
+            raise self._error(exc) from exc
+
+    def _error(self, exc: OSError) -> OutputError:
+        return OutputError(f"cannot write ledger {self.path}: {exc.strerror or exc}")
+
+    def append(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Write ``{"ts", "event", **fields}`` as one line, flush and fsync it; return the record written."""
+        if self._fd is None:
+            raise ValueError(f"ledger {self.path} is closed")
+        record: dict[str, Any] = {"ts": _format_ts(self._clock()), "event": event, **fields}
+        # Serialise before touching the file, so a field that is not JSON cannot leave half a line behind.
+        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        try:
+            if self._torn is None:
+                self._torn = _ends_torn(self._fd)
+            if self._torn:
+                line = b"\n" + line  # isolate an earlier torn fragment on its own (bad) line
+            _write_all(self._fd, line)
+            self._torn = False
+            if self._fsync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            self._torn = None  # a failed write may have left part of the line; look again before the next one
+            raise self._error(exc) from exc
+        return record
+
+    def close(self) -> None:
+        """Close the file; safe to call twice."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class RequestLog:
+    """When API requests were made: one epoch time per line, appended as each request goes out.
+
+    Written without fsync: it only has to survive the process being killed (the kernel keeps what was
+    written); after a reboot the rate window it protects has long passed.
+    """
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._clock = clock
+        self._fd: int | None = None
+        self._torn = False
+
+    def _error(self, exc: OSError, verb: str = "write") -> OutputError:
+        return OutputError(f"cannot {verb} request log {self.path}: {exc.strerror or exc}")
+
+    def recent(self, period: float) -> list[float]:
+        """The request times (epoch seconds, ascending) within the last ``period`` seconds.
+
+        Torn or garbage lines are skipped. Times in the future (the clock stepped back) are kept: counting a
+        request too many only makes the limiter more careful.
+        """
+        cutoff = self._clock() - period
+        return [when for when in self._read() if when >= cutoff]
+
+    def _read(self) -> list[float]:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise self._error(exc, "read") from exc
+        times: list[float] = []
+        for raw in data.split(b"\n"):
+            try:
+                when = float(raw)
+            except ValueError:
+                continue
+            if math.isfinite(when):
+                times.append(when)
+        times.sort()
+        return times
+
+    def record(self, when: float | None = None) -> None:
+        """Append a request time (default: now) and hand it to the kernel at once."""
+        line = f"{float(self._clock() if when is None else when)!r}\n".encode()
+        try:
+            if self._fd is None:
+                self._fd, self._torn = _open_append(self.path)
+            _write_all(self._fd, b"\n" + line if self._torn else line)
+            self._torn = False
+        except OSError as exc:
+            self.close()  # reopen, and look at the tail again, on the next record
+            raise self._error(exc) from exc
+
+    def compact(self, period: float) -> None:
+        """Rewrite the file atomically, keeping only the times within the last ``period`` seconds."""
+        keep = self.recent(period)
+        self.close()  # the open descriptor would keep appending to the replaced file
+        if not keep and not self.path.exists():
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            tmp.write_bytes("".join(f"{when!r}\n" for when in keep).encode())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise self._error(exc) from exc
+
+    def close(self) -> None:
+        """Close the file; safe to call twice. A later ``record`` opens it again."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)

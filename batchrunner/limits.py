@@ -1,0 +1,296 @@
+"""The request-window limiter and the in-flight gate, plus parsing of the limit and duration arguments.
+
+Both limiters are plain state machines: they never read a clock or sleep on their own. The scheduler
+(one asyncio coroutine) passes ``now`` from ``loop.time()`` and does the sleeping itself, so tests drive
+them with a fake clock and never wait in real time (the aiolimiter idea, without the bucket).
+
+``SlidingWindow`` is exact by construction: with grants g0 <= g1 <= ... it keeps
+g[i + count] >= g[i] + window, so no half-open interval of length ``window = period + margin`` (hence none
+of length ``period``) ever holds more than ``count`` grants. A token bucket of the same nominal rate would
+let 2 * count through around its first refill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+
+from batchrunner.errors import UsageError
+
+__all__ = [
+    "InFlightGate",
+    "SlidingWindow",
+    "default_margin",
+    "parse_duration",
+    "parse_rate",
+]
+
+
+def default_margin(period: float) -> float:
+    """Seconds added to the rate window so the server never counts one request too many.
+
+    The server counts requests by when they *arrive*; we can only count when we *send*. If the request
+    that opens a window is slow on the wire and the one that would close it is fast, the server sees the
+    two closer together than we did, by the difference in latency. The margin must cover that difference
+    (and any coarseness of the server's clock): 20 ms covers jitter on a quiet link, 1 % of the period
+    covers servers that keep time coarsely over long windows, and the cap of 1 s keeps long windows from
+    losing throughput for nothing. For the default 60/60 it is 0.62 s, about 1 % of the throughput.
+    """
+    return min(0.01 * period + 0.02, 1.0)
+
+
+def _wait_until(now: float, target: float) -> float:
+    """The delay d >= 0 with ``now + d >= target`` in floating point: sleeping d, then taking, is allowed.
+
+    ``target - now`` alone can round so that ``now + (target - now) < target`` by one ulp, which would
+    make a scheduler that sleeps exactly ``delay(now)`` on a fake clock trip over ``take``.
+    """
+    if target <= now:
+        return 0.0
+    d = target - now
+    while now + d < target:
+        d = math.nextafter(d, math.inf)
+    return d
+
+
+class SlidingWindow:
+    """At most ``count`` grants in any half-open interval of length ``period`` + ``margin``.
+
+    ``history`` holds earlier grant times on the same clock as ``now`` (for example from a killed run's
+    request log); they count like grants taken here. Only the latest ``count`` grants are kept: an older
+    one can never decide a delay. Grants are recorded in time order, so a grant is never allowed before
+    the latest recorded one.
+
+    Memory is O(count); ``delay`` and ``take`` are O(1), ``used`` and ``remaining`` O(log count).
+    """
+
+    def __init__(
+        self,
+        count: int,
+        period: float,
+        *,
+        margin: float | None = None,
+        history: Iterable[float] = (),
+    ) -> None:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be a positive integer, not {count!r}")
+        if not (math.isfinite(period) and period > 0):
+            raise ValueError(f"period must be a positive number of seconds, not {period!r}")
+        if margin is None:
+            margin = default_margin(period)
+        if not (math.isfinite(margin) and margin >= 0):
+            raise ValueError(f"margin must be a non-negative number of seconds, not {margin!r}")
+        self.count = count
+        self.period = float(period)
+        self.margin = float(margin)
+        past = [float(t) for t in history]
+        if not all(math.isfinite(t) for t in past):
+            raise ValueError("history holds a time that is not a finite number")
+        past.sort()
+        # Sorted, oldest first; maxlen drops grants that can no longer matter as new ones arrive.
+        self._times: deque[float] = deque(past[-count:], maxlen=count)
+
+    @property
+    def window(self) -> float:
+        """The length of the window we enforce: ``period + margin``."""
+        return self.period + self.margin
+
+    def _earliest(self) -> float:
+        """The earliest time the next grant may happen, whatever ``now`` is (-inf when nothing limits it)."""
+        times = self._times
+        if not times:
+            return -math.inf
+        latest = times[-1]
+        if len(times) < self.count:
+            return latest
+        # times[0] is the count-th most recent grant: the next one must leave it out of its window.
+        return max(times[0] + self.window, latest)
+
+    def delay(self, now: float) -> float:
+        """Seconds until a grant is allowed (0.0 when allowed at ``now``). Pure: calling it changes nothing.
+
+        ``take(now + delay(now))`` is always allowed. A real sleep may end a little early (the event loop
+        wakes timers up to its clock resolution ahead), so ask again after sleeping rather than assume.
+        """
+        return _wait_until(now, self._earliest())
+
+    def take(self, now: float) -> None:
+        """Record a grant at ``now``.
+
+        Raises RuntimeError when ``delay(now) > 0``: a scheduler bug must fail loudly here, not become a 429.
+        """
+        wait = self.delay(now)
+        if wait > 0:
+            raise RuntimeError(
+                f"rate window full: grant at {now!r} is {wait:.6f}s early "
+                f"({self.count} per {self.period:g}s + {self.margin:g}s margin)"
+            )
+        self._times.append(now)
+
+    def used(self, now: float) -> int:
+        """Grants in ``(now - period - margin, now]`` (at most ``count``: older history was not kept).
+
+        A grant g is in the window while ``g + window > now``, computed exactly as ``delay`` does, so that
+        ``used(now) < count`` holds exactly when ``delay(now) == 0`` (``now - window`` may round otherwise).
+        """
+        window = self.window
+        times = self._times
+        start = bisect_right(times, now, key=lambda g: g + window)
+        end = bisect_right(times, now)
+        return max(0, end - start)
+
+    def remaining(self, now: float) -> int:
+        """``count - used(now)``: grants the window still has room for at ``now``."""
+        return self.count - self.used(now)
+
+    def next_free_times(self, now: float, k: int) -> list[float]:
+        """The earliest times at which the next ``k`` grants could happen if each is taken as soon as allowed.
+
+        For planning: the scheduler sees how scarce requests are (e.g. whether a poll now would delay the
+        next create). Nothing is recorded. Each time t has ``delay(t) == 0`` once the ones before are taken.
+        """
+        if k < 0:
+            raise ValueError(f"k must not be negative, not {k!r}")
+        plan = SlidingWindow(self.count, self.period, margin=self.margin)
+        plan._times = self._times.copy()
+        out: list[float] = []
+        t = now
+        for _ in range(k):
+            t = max(t, plan._earliest())
+            plan._times.append(t)
+            out.append(t)
+        return out
+
+    async def acquire(
+        self,
+        loop_time: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> float:
+        """Wait (with ``sleep``) until a grant is allowed, take it and return its time.
+
+        A convenience for simple callers; the clock defaults to the running loop's ``time()``. The check
+        and the take happen with no await between them, so concurrent callers cannot both take the last
+        slot.
+        """
+        clock = loop_time if loop_time is not None else asyncio.get_running_loop().time
+        now = clock()
+        while (wait := self.delay(now)) > 0:
+            await sleep(wait)
+            now = clock()
+        self.take(now)
+        return now
+
+    def __repr__(self) -> str:
+        return (
+            f"SlidingWindow(count={self.count}, period={self.period:g}, margin={self.margin:g}, "
+            f"recorded={len(self._times)})"
+        )
+
+
+class InFlightGate:
+    """Counts predictions created and not yet seen finished; never more than ``limit`` (including those
+    a killed run left).
+
+    ``initial`` may exceed ``limit`` (a previous run with a higher limit, or a lowered limit): then no new
+    slot opens until enough of them finish. ``max_seen`` is the highest ``in_flight`` ever held, for
+    reports and tests.
+    """
+
+    def __init__(self, limit: int, initial: int = 0) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive integer, not {limit!r}")
+        if isinstance(initial, bool) or not isinstance(initial, int) or initial < 0:
+            raise ValueError(f"initial must be a non-negative integer, not {initial!r}")
+        self.limit = limit
+        self.in_flight = initial
+        self.max_seen = initial
+
+    def free(self) -> int:
+        """Slots open now: ``max(0, limit - in_flight)``."""
+        return max(0, self.limit - self.in_flight)
+
+    def try_acquire(self) -> bool:
+        """Take one slot if one is free; return whether it did."""
+        if self.in_flight >= self.limit:
+            return False
+        self.in_flight += 1
+        self.max_seen = max(self.max_seen, self.in_flight)
+        return True
+
+    def release(self) -> None:
+        """Give a slot back when a prediction is seen finished (or its create surely created nothing).
+
+        Raises RuntimeError below zero: releasing twice would let one too many in later.
+        """
+        if self.in_flight <= 0:
+            raise RuntimeError("InFlightGate.release() without a matching acquire")
+        self.in_flight -= 1
+
+    def __repr__(self) -> str:
+        return f"InFlightGate(limit={self.limit}, in_flight={self.in_flight}, max_seen={self.max_seen})"
+
+
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+# Units in falling order, each at most once: "1h30m" and "90s" read one way only; "30m1h" is refused.
+_DURATION = re.compile(
+    rf"(?:(?P<h>{_NUMBER})\s*h)?\s*(?:(?P<m>{_NUMBER})\s*m)?\s*(?:(?P<s>{_NUMBER})\s*s)?",
+    re.IGNORECASE,
+)
+_BARE_SECONDS = re.compile(_NUMBER)
+_RATE = re.compile(r"(?P<count>[^/]*)/(?P<period>.*)")
+_MAX_COUNT = 1_000_000
+_DURATION_HINT = "expected e.g. 90s, 14m, 1h30m, 0.5s or a number of seconds"
+_RATE_HINT = "expected COUNT/PERIOD such as 60/60, 100/1.5, 60/1m or 600/1h"
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``"90s"``, ``"14m"``, ``"1h"``, ``"1h30m"``, ``"0.5s"`` or ``"45"`` (bare = seconds).
+
+    Raises UsageError, one line naming the text, when it is malformed or negative.
+    """
+    s = text.strip()
+    if s.startswith("-"):
+        raise UsageError(f"invalid duration {text!r}: must not be negative")
+    seconds: float
+    if _BARE_SECONDS.fullmatch(s):
+        seconds = float(s)
+    else:
+        match = _DURATION.fullmatch(s)
+        if not s or match is None or not any(match.group(u) for u in "hms"):
+            raise UsageError(f"invalid duration {text!r}: {_DURATION_HINT}")
+        h, m, sec = (float(match.group(u) or 0) for u in "hms")
+        seconds = h * 3600 + m * 60 + sec
+    if not math.isfinite(seconds):
+        raise UsageError(f"invalid duration {text!r}: too large")
+    return seconds
+
+
+def parse_rate(text: str) -> tuple[int, float]:
+    """``(count, seconds)`` from ``"60/60"``, ``"100/1.5"``, ``"60/1m"`` or ``"600/1h"``: COUNT per PERIOD.
+
+    The period takes anything ``parse_duration`` does. Raises UsageError, one line naming the text, when it is
+    malformed, the count is not a whole number >= 1, or the period is not above zero.
+    """
+    match = _RATE.fullmatch(text.strip())
+    if match is None:
+        raise UsageError(f"invalid rate {text!r}: {_RATE_HINT}")
+    count_text = match.group("count").strip()
+    if not count_text.isascii() or not count_text.isdigit():
+        raise UsageError(f"invalid rate {text!r}: count must be a whole number; {_RATE_HINT}")
+    count = int(count_text)
+    if count < 1:
+        raise UsageError(f"invalid rate {text!r}: count must be at least 1")
+    if count > _MAX_COUNT:
+        # The limiter remembers up to `count` grant times; a bound keeps a typo from costing gigabytes.
+        raise UsageError(f"invalid rate {text!r}: count must be at most {_MAX_COUNT}")
+    try:
+        period = parse_duration(match.group("period"))
+    except UsageError:
+        raise UsageError(f"invalid rate {text!r}: bad period; {_RATE_HINT}") from None
+    if period <= 0:
+        raise UsageError(f"invalid rate {text!r}: period must be above zero")
+    return count, period

@@ -1,0 +1,942 @@
+"""An aiohttp.web server that behaves like the Eachlabs prediction API, for the demo, tests and benchmark.
+
+It serves the calls of ``eachlabs-api.md`` (create, get, cancel, presign, model) plus the hosts the API hands
+out (presigned upload, public files, output images), all on one loopback port, and injects the failures a
+client meets.
+
+Decisions the API leaves open, made here once:
+
+- The request window counts every authenticated API-host request (create, poll, cancel, presign, model) at
+  its arrival, fault-injected ones included. A request the window itself rejects does NOT count against the
+  window (the simple model), but it does count in ``SimStats.max_window``: that statistic is the busiest
+  window of everything a client sent, so a client that honours the limit shows ``max_window <= rate_count``.
+  Requests answered 401 count nowhere (a window belongs to a key). Windows are half-open: ``(t - period, t]``.
+- In flight means created, not cancelled, and not yet at its finish time on the injected clock.
+- Check order for an API request: auth, window, spurious faults (reset_before, 429s, 5xx), then the action
+  (for creates: 400 validation, 402, concurrency 429), then slow / malformed_json / reset_after on the answer.
+- A create whose answer never reaches the client (reset_after, malformed_json, or slow past the client's
+  timeout) was still acted on and counts in ``lost_answers``.
+- An ``input_image`` naming ``/files/{id}`` on this server is checked at create time; input images that
+  cannot be decoded fall back to a synthetic gradient rather than failing. ``webhook_url`` is never called.
+- Counters ``polls``, ``cancels``, ``presigns`` count requests acted on; ``creates`` counts predictions
+  created; ``uploads`` completed PUTs; ``downloads`` output images served (truncated ones included).
+
+Prediction progress, windows and expiry read the injected clock; only ``slow`` and long polls wait in real
+time. All randomness comes from ``random.Random`` streams seeded by ``SimConfig.seed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import heapq
+import hmac
+import io
+import json
+import math
+import random
+import time
+import urllib.parse
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from functools import cache
+from typing import Any, Final
+
+from aiohttp import web
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["Faults", "SimConfig", "SimStats", "Simulator", "input_key", "serve_forever"]
+
+MODEL_SLUGS: Final = ("flux-kontext-max", "flux-kontext-pro")
+ASPECT_RATIOS: Final = (
+    "match_input_image",
+    *("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "4:5", "5:4", "21:9", "9:21", "2:1", "1:2"),
+)
+OUTPUT_FORMATS: Final = ("png", "jpg")
+MAX_UPLOAD_BYTES: Final = 100 * 1024 * 1024
+COST_PER_IMAGE: Final = 0.08
+REQUEST_SCHEMA: Final[dict[str, Any]] = {
+    "type": "object",
+    "title": "Input",
+    "required": ["prompt"],
+    "properties": {
+        "prompt": {"type": "string", "minLength": 1, "description": "Text description of the edit to make"},
+        "input_image": {
+            "type": "string",
+            "format": "uri",
+            "description": "Image to edit (jpeg, png, gif, webp)",
+        },
+        "aspect_ratio": {"type": "string", "enum": list(ASPECT_RATIOS), "default": "match_input_image"},
+        "seed": {"type": "integer", "description": "Random seed; omit for a new result each time"},
+        "safety_tolerance": {"type": "integer", "minimum": 0, "maximum": 6, "default": 2},
+        "output_format": {"type": "string", "enum": list(OUTPUT_FORMATS), "default": "png"},
+    },
+}
+_HTML_502: Final = (
+    "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center>"
+    "<hr><center>nginx</center></body></html>"
+)
+# Long polls re-read the injected clock this often: a test's clock does not move with real time.
+_LONG_POLL_STEP: Final = 0.05
+_INPUT_CACHE_SIZE: Final = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Faults:
+    """Failure injection: each a probability 0..1 per eligible request or prediction unless stated."""
+
+    rate_limit: float = 0.0
+    rate_limit_no_retry_after: float = 0.0
+    server_error_html: float = 0.0
+    server_error_empty: float = 0.0
+    malformed_json: float = 0.0
+    reset_before: float = 0.0
+    reset_after: float = 0.0
+    slow: float = 0.0
+    slow_seconds: float = 2.0
+    truncated_download: float = 0.0
+    download_404_seconds: float = 0.0
+    provider_rate_limit: float = 0.0
+    input_error: float = 0.0
+    never_finish: float = 0.0
+    payment_required_after: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """How the simulated API behaves: limits, prediction durations and shapes, auth, faults."""
+
+    rate_count: int = 60
+    rate_period: float = 60.0
+    concurrency: int = 10
+    min_seconds: float = 0.05
+    max_seconds: float = 0.2
+    failure_rate: float = 0.0
+    failed_status: str = "error"
+    output_shape: str = "string"
+    api_key: str | None = None
+    seed: int = 0
+    faults: Faults = Faults()
+    long_poll: float = 0.0
+    image_size: int = 256
+
+
+@dataclass(slots=True)
+class SimStats:
+    """Live counters of what the server saw and did (see the module docstring for what each counts)."""
+
+    requests: int = 0
+    creates: int = 0
+    polls: int = 0
+    cancels: int = 0
+    presigns: int = 0
+    uploads: int = 0
+    downloads: int = 0
+    rate_limited: int = 0
+    concurrency_rejected: int = 0
+    max_in_flight: int = 0
+    max_window: int = 0
+    lost_answers: int = 0
+    creates_by_input: dict[str, int] = field(default_factory=dict)
+    faults_injected: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready copy, plus ``duplicates``: creates beyond the first for the same (model, input)."""
+        data = asdict(self)
+        data["duplicates"] = sum(n - 1 for n in self.creates_by_input.values() if n > 1)
+        return data
+
+
+def input_key(model: str, inputs: Mapping[str, Any]) -> str:
+    """The key of ``SimStats.creates_by_input``: sha256 of the canonical JSON of ``[model, input]``."""
+    text = json.dumps([model, inputs], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure parts: validation, windows, prediction state, images.
+
+
+def auth_problem(headers: Mapping[str, str], expected: str | None) -> str | None:
+    """Why a request's key is refused, or None when it passes (any non-empty key passes when none is set)."""
+    key = headers.get("X-API-Key", "").strip()
+    if not key:
+        scheme, _, value = headers.get("Authorization", "").partition(" ")
+        key = value.strip() if scheme.lower() == "bearer" else ""
+    if not key:
+        return "Missing API key"
+    if expected is not None and not hmac.compare_digest(key.encode(), expected.encode()):
+        return "Invalid API key"
+    return None
+
+
+def create_problem(body: Any) -> str | None:
+    """What is wrong with a create body, or None when it is acceptable."""
+    if not isinstance(body, dict):
+        return "Request body must be a JSON object"
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        return "model is required"
+    inputs = body.get("input")
+    if inputs is None:
+        return "input is required"
+    if not isinstance(inputs, dict):
+        return "input must be an object"
+    prompt = inputs.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        return "input.prompt is required"
+    image = inputs.get("input_image")
+    if image is not None and not isinstance(image, str):
+        return "input.input_image must be a URL string"
+    aspect = inputs.get("aspect_ratio")
+    if aspect is not None and aspect not in ASPECT_RATIOS:
+        return f"input.aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}"
+    seed = inputs.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        return "input.seed must be an integer"
+    tolerance = inputs.get("safety_tolerance")
+    if tolerance is not None and (
+        not isinstance(tolerance, int) or isinstance(tolerance, bool) or not 0 <= tolerance <= 6
+    ):
+        return "input.safety_tolerance must be an integer from 0 to 6"
+    fmt = inputs.get("output_format")
+    if fmt is not None and fmt not in OUTPUT_FORMATS:
+        return "input.output_format must be png or jpg"
+    return None
+
+
+class SlidingWindow:
+    """Arrival times inside ``(now - period, now]``; admits at most ``count`` of them."""
+
+    __slots__ = ("_times", "count", "period")
+
+    def __init__(self, count: int, period: float) -> None:
+        self.count = count
+        self.period = period
+        self._times: deque[float] = deque()
+
+    def _expire(self, now: float) -> None:
+        while self._times and self._times[0] <= now - self.period:
+            self._times.popleft()
+
+    def record(self, now: float) -> int:
+        """Record an arrival unconditionally; returns how many arrivals the window now holds."""
+        self._expire(now)
+        self._times.append(now)
+        return len(self._times)
+
+    def admit(self, now: float) -> int | None:
+        """Record and admit an arrival, or return Retry-After seconds (at least 1) without recording it."""
+        self._expire(now)
+        if len(self._times) >= self.count:
+            return max(1, math.ceil(self._times[0] + self.period - now))
+        self._times.append(now)
+        return None
+
+
+class Outcome(StrEnum):
+    """How a prediction ends when nothing cancels it."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+    PROVIDER_RATE_LIMIT = "provider_rate_limit"
+    INPUT_ERROR = "input_error"
+
+
+@dataclass(slots=True)
+class _Prediction:
+    id: str
+    model: str
+    input: dict[str, Any]
+    created_at: float
+    duration: float
+    finish_at: float  # math.inf for never_finish
+    outcome: Outcome
+    early_status: str  # "created" or "starting", shown for the first quarter of the duration
+    shape: str
+    failed_word: str
+    variant: int  # rotates the shape of generic failures
+    reason: str = ""
+    cancelled_at: float | None = None
+
+    def status(self, now: float) -> str:
+        if self.cancelled_at is not None:
+            return "cancelled"
+        if now >= self.finish_at:
+            return "success" if self.outcome is Outcome.SUCCESS else self.failed_word
+        if now - self.created_at < self.duration / 4:
+            return self.early_status
+        return "processing"
+
+    def is_terminal(self, now: float) -> bool:
+        return self.cancelled_at is not None or now >= self.finish_at
+
+    def view(self, now: float, base_url: str) -> dict[str, Any]:
+        status = self.status(now)
+        output: Any = None
+        logs: str | None = None
+        predict_time: float | None = None
+        cost: float | None = None
+        if status == "success":
+            output = shaped_output(f"{base_url}/outputs/{self.id}.png", self.shape)
+            logs = f"Generated 1 image in {self.duration:.2f}s"
+            predict_time, cost = round(self.duration, 3), COST_PER_IMAGE
+        elif status == "cancelled":
+            assert self.cancelled_at is not None
+            logs = "Prediction cancelled"
+            predict_time, cost = round(self.cancelled_at - self.created_at, 3), 0.0
+        elif status == self.failed_word:
+            output, logs = self._failure()
+            predict_time, cost = round(self.duration, 3), 0.0
+        elif status == "processing":
+            logs = "Processing..."
+        url = f"{base_url}/v1/prediction/{self.id}"
+        return {
+            "id": self.id,
+            "input": self.input,
+            "status": status,
+            "output": output,
+            "logs": logs,
+            "metrics": {"predict_time": predict_time, "cost": cost},
+            "urls": {"cancel": f"{url}/cancel", "get": url},
+        }
+
+    def _failure(self) -> tuple[Any, str]:
+        if self.outcome is Outcome.PROVIDER_RATE_LIMIT:
+            message = "The model provider is rate limiting requests, please try again later"
+            return {"error_code": "PROVIDER_RATE_LIMIT", "error_message": message}, f"Error: {message}"
+        if self.outcome is Outcome.INPUT_ERROR:
+            message = f"Could not download input_image: {self.reason}"
+            return {"error_code": "INPUT_DOWNLOAD_ERROR", "error_message": message}, f"Error: {message}"
+        # Generic failures come in both shapes the API has used: the reason only in logs, or also in output.
+        logs = "Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory"
+        if self.variant % 2 == 0:
+            return None, logs
+        return {"error_code": "PROVIDER_ERROR", "error_message": "The model provider returned an error"}, logs
+
+
+def shaped_output(url: str, shape: str) -> Any:
+    """The ``output`` of a successful prediction carrying ``url`` as a string, a list or an object."""
+    if shape == "list":
+        return [url]
+    if shape == "object":
+        return {"image": url}
+    return url
+
+
+def parse_ratio(aspect: Any) -> float | None:
+    """Width over height of an ``aspect_ratio`` like "16:9"; None for match_input_image or anything else."""
+    if not isinstance(aspect, str) or aspect.count(":") != 1:
+        return None
+    width, height = aspect.split(":")
+    try:
+        w, h = float(width), float(height)
+    except ValueError:
+        return None
+    return w / h if w > 0 and h > 0 else None
+
+
+def aspect_size(ratio: float, longest: int) -> tuple[int, int]:
+    """The (width, height) of the given ratio whose longest side is ``longest``."""
+    if ratio >= 1:
+        return longest, max(1, round(longest / ratio))
+    return max(1, round(longest * ratio)), longest
+
+
+def center_crop(image: Image.Image, ratio: float) -> Image.Image:
+    """The largest centred part of ``image`` with the given width/height ratio."""
+    width, height = image.size
+    if width / height > ratio:
+        new_width = max(1, min(width, round(height * ratio)))
+        left = (width - new_width) // 2
+        return image.crop((left, 0, left + new_width, height))
+    new_height = max(1, min(height, round(width / ratio)))
+    top = (height - new_height) // 2
+    return image.crop((0, top, width, top + new_height))
+
+
+def synthetic_image(key: str, longest: int) -> tuple[Image.Image, float]:
+    """A gradient with a disc, seeded by ``key``: the stand-in for inputs the simulator cannot fetch."""
+    digest = hashlib.sha256(key.encode()).digest()
+    ratio = (4 / 3, 3 / 4, 1.0, 16 / 9, 2 / 3)[digest[0] % 5]
+    size = aspect_size(ratio, longest)
+    mask = Image.linear_gradient("L").rotate(digest[7] * 360 / 256).resize(size)
+    image = Image.composite(
+        Image.new("RGB", size, (digest[1], digest[2], digest[3])),
+        Image.new("RGB", size, (digest[4], digest[5], digest[6])),
+        mask,
+    )
+    width, height = size
+    cx, cy, r = width * digest[8] / 255, height * digest[9] / 255, min(size) * (0.15 + digest[10] / 1024)
+    ImageDraw.Draw(image).ellipse((cx - r, cy - r, cx + r, cy + r), fill=(digest[11], digest[12], digest[13]))
+    return image, ratio
+
+
+def tint_colour(prompt: str, seed: Any) -> tuple[int, int, int]:
+    """A colour derived from (prompt, seed), so outputs of different jobs look different."""
+    digest = hashlib.sha256(f"{prompt}\0{seed}".encode()).digest()
+    return digest[0], digest[1], digest[2]
+
+
+@cache
+def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default()
+
+
+def render_output(source: Image.Image, source_ratio: float, inputs: Mapping[str, Any], longest: int) -> bytes:
+    """The output PNG: ``source`` cropped to the requested ratio, scaled, tinted, labelled (seed, prompt)."""
+    ratio = parse_ratio(inputs.get("aspect_ratio")) or source_ratio
+    prompt = str(inputs.get("prompt", ""))
+    seed = inputs.get("seed")
+    image = center_crop(source, ratio).resize(aspect_size(ratio, longest), Image.Resampling.BILINEAR)
+    image = Image.blend(image, Image.new("RGB", image.size, tint_colour(prompt, seed)), 0.35)
+    words = prompt.split()
+    label = f"seed {'-' if seed is None else seed}\n{' '.join(words[:4])}{' ...' if len(words) > 4 else ''}"
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = draw.multiline_textbbox((4, 4), label, font=_font())
+    draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=(0, 0, 0))
+    draw.multiline_text((4, 4), label, fill=(255, 255, 255), font=_font())
+    buffer = io.BytesIO()
+    # Fast compression: the benchmark downloads every output, and size hardly matters on loopback.
+    image.save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def decode_data_uri(uri: str) -> bytes:
+    """The bytes of a ``data:`` URI (base64 or percent-encoded)."""
+    header, _, payload = uri.partition(",")
+    if header.endswith(";base64"):
+        return base64.b64decode(payload)
+    return urllib.parse.unquote_to_bytes(payload)
+
+
+def _decode_image(data: bytes, longest: int) -> tuple[Image.Image, float]:
+    opened = Image.open(io.BytesIO(data))
+    ratio = opened.width / opened.height
+    # draft() lets JPEG decode at a reduced scale: large inputs cost little.
+    opened.draft("RGB", (2 * longest, 2 * longest))
+    image = opened.convert("RGB")
+    image.thumbnail((2 * longest, 2 * longest))
+    return image, ratio
+
+
+# --------------------------------------------------------------------------------------------------
+# The server.
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    status: int
+    body: dict[str, Any]
+    headers: tuple[tuple[str, str], ...] = ()
+    created: bool = False  # a prediction was created: losing this answer loses its id
+
+
+@dataclass(slots=True)
+class _Upload:
+    content_type: str
+    expires_at: float
+    data: bytes | None = None
+
+
+_Act = Callable[[web.Request], Awaitable[_Answer]]
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _drop(request: web.Request) -> web.Response:
+    """Close the connection without an answer; the returned response is never written."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+    return web.Response(status=500)
+
+
+class Simulator:
+    """The simulated API. ``async with Simulator(config) as sim:`` serves on a free loopback port."""
+
+    def __init__(self, config: SimConfig = SimConfig(), *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self._clock = clock
+        self._runner: web.AppRunner | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._base_url: str | None = None
+        self._host = ""
+        self._port = 0
+        self._closing = asyncio.Event()
+        self._reset_state()
+        self.app = web.Application(client_max_size=MAX_UPLOAD_BYTES, middlewares=[self._middleware])
+        self.app.on_response_prepare.append(self._stamp)
+        router = self.app.router
+        router.add_post("/v1/prediction", self._api(self._create))
+        router.add_post("/v1/prediction/", self._api(self._create))
+        router.add_get("/v1/prediction/{id}", self._api(self._get))
+        router.add_post("/v1/prediction/{id}/cancel", self._api(self._cancel))
+        router.add_post("/v1/upload/presign", self._api(self._presign))
+        router.add_get("/v1/model", self._api(self._model))
+        router.add_put("/_upload/{id}", self._upload)
+        router.add_get("/files/{id}", self._file)
+        router.add_get("/outputs/{name}", self._output)
+        router.add_get("/_sim/stats", self._stats)
+        router.add_post("/_sim/reset", self._reset)
+
+    def _reset_state(self) -> None:
+        seed = self.config.seed
+        # One stream per purpose, so switching a fault on does not reshuffle durations or ids.
+        self._id_rng = random.Random(f"{seed}:ids")
+        self._prediction_rng = random.Random(f"{seed}:predictions")
+        self._fault_rng = random.Random(f"{seed}:faults")
+        self.stats = SimStats()
+        self._window = SlidingWindow(self.config.rate_count, self.config.rate_period)
+        self._seen = SlidingWindow(self.config.rate_count, self.config.rate_period)
+        self._predictions: dict[str, _Prediction] = {}
+        self._running: set[str] = set()
+        self._finishing: list[tuple[float, str]] = []
+        self._uploads: dict[str, _Upload] = {}
+        self._outputs: dict[str, bytes] = {}
+        self._rendering: dict[str, asyncio.Future[bytes]] = {}
+        self._inputs: OrderedDict[str, tuple[Image.Image, float]] = OrderedDict()
+        self._counter = 0
+
+    @property
+    def base_url(self) -> str:
+        """``http://HOST:PORT`` of the running server."""
+        if self._base_url is None:
+            raise RuntimeError("the simulator is not started")
+        return self._base_url
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve on ``host:port`` (a free port when 0); returns the base URL."""
+        if self._runner is not None:
+            raise RuntimeError("the simulator is already started")
+        self._closing.clear()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="simulator-render")
+        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        self._runner = runner
+        self._host, self._port = host, int(runner.addresses[0][1])
+        shown = f"[{host}]" if ":" in host else host
+        self._base_url = f"http://{shown}:{self._port}"
+        return self._base_url
+
+    async def stop(self) -> None:
+        """Stop serving; slow answers and long polls still pending end at once."""
+        self._closing.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    async def __aenter__(self) -> Simulator:
+        if self._runner is None:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def in_flight(self) -> int:
+        """Predictions running now by the server's clock."""
+        return self._running_count(self._clock())
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        if not request.path.startswith("/_sim/"):
+            self.stats.requests += 1
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            # Unknown routes and methods answer in the API's JSON error shape too.
+            headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            return _json({"error": exc.reason}, exc.status, headers)
+
+    async def _stamp(self, request: web.Request, response: web.StreamResponse) -> None:
+        # Every response, errors and downloads included, is stamped as it is prepared.
+        response.headers["X-Request-Id"] = self._request_id()
+
+    def _request_id(self) -> str:
+        return str(uuid.UUID(int=self._id_rng.getrandbits(128), version=4))
+
+    def _inject(self, name: str, probability: float) -> bool:
+        if probability <= 0.0 or self._fault_rng.random() >= probability:
+            return False
+        self.stats.faults_injected[name] = self.stats.faults_injected.get(name, 0) + 1
+        return True
+
+    def _api(self, act: _Act) -> _Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await self._serve_api(request, act)
+
+        return handler
+
+    async def _serve_api(self, request: web.Request, act: _Act) -> web.StreamResponse:
+        problem = auth_problem(request.headers, self.config.api_key)
+        if problem is not None:
+            return _json({"error": problem}, 401)
+        now = self._clock()
+        self.stats.max_window = max(self.stats.max_window, self._seen.record(now))
+        retry_after = self._window.admit(now)
+        if retry_after is not None:
+            self.stats.rate_limited += 1
+            return _json({"error": "Too many requests"}, 429, {"Retry-After": str(retry_after)})
+        early = self._spurious(request)
+        if early is not None:
+            return early
+        answer = await act(request)
+        return await self._deliver(request, answer)
+
+    def _spurious(self, request: web.Request) -> web.StreamResponse | None:
+        """A fault that answers instead of the request, before anything is acted on."""
+        faults = self.config.faults
+        if self._inject("reset_before", faults.reset_before):
+            return _drop(request)
+        if self._inject("rate_limit", faults.rate_limit):
+            return _json({"error": "Too many requests"}, 429, {"Retry-After": "1"})
+        if self._inject("rate_limit_no_retry_after", faults.rate_limit_no_retry_after):
+            return _json({"error": "Too many requests"}, 429)
+        if self._inject("server_error_html", faults.server_error_html):
+            return web.Response(status=502, text=_HTML_502, content_type="text/html")
+        if self._inject("server_error_empty", faults.server_error_empty):
+            odd = self.stats.faults_injected["server_error_empty"] % 2
+            return web.Response(status=500 if odd else 503)
+        return None
+
+    async def _deliver(self, request: web.Request, answer: _Answer) -> web.StreamResponse:
+        """Send the answer, or lose or garble it as the faults say."""
+        faults = self.config.faults
+        if self._inject("slow", faults.slow):
+            await self._pause(faults.slow_seconds)
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                # The client gave up waiting: whatever was acted on stays done, its answer is lost.
+                self.stats.lost_answers += answer.created
+                return _drop(request)
+        if answer.status == 200 and self._inject("malformed_json", faults.malformed_json):
+            self.stats.lost_answers += answer.created
+            text = json.dumps(answer.body)
+            garbled = text[: len(text) // 2] if self.stats.faults_injected["malformed_json"] % 2 else "OK"
+            return web.Response(status=200, text=garbled, content_type="application/json")
+        if answer.created and self._inject("reset_after", faults.reset_after):
+            self.stats.lost_answers += 1
+            return _drop(request)
+        return _json(answer.body, answer.status, dict(answer.headers))
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
+
+    def _running_count(self, now: float) -> int:
+        while self._finishing and self._finishing[0][0] <= now:
+            self._running.discard(heapq.heappop(self._finishing)[1])
+        return len(self._running)
+
+    # -- API actions -------------------------------------------------------------------------------
+
+    async def _create(self, request: web.Request) -> _Answer:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _Answer(400, {"error": "Request body is not valid JSON"})
+        problem = create_problem(body)
+        if problem is not None:
+            return _Answer(400, {"error": problem})
+        limit = self.config.faults.payment_required_after
+        if limit is not None and self.stats.creates >= limit:
+            self.stats.faults_injected["payment_required"] = self.stats.faults_injected.get("payment_required", 0) + 1
+            return _Answer(402, {"error": "Insufficient balance: payment required", "status": 402})
+        now = self._clock()
+        if self._running_count(now) >= self.config.concurrency:
+            self.stats.concurrency_rejected += 1
+            return _Answer(429, {"error": "Concurrency limit reached"})
+        prediction = self._new_prediction(body["model"], body["input"], now)
+        return _Answer(
+            200,
+            {
+                "status": "success",
+                "message": "Prediction created successfully",
+                "predictionID": prediction.id,
+            },
+            created=True,
+        )
+
+    def _new_prediction(self, model: str, inputs: dict[str, Any], now: float) -> _Prediction:
+        config, faults, rng = self.config, self.config.faults, self._prediction_rng
+        duration = rng.uniform(config.min_seconds, config.max_seconds)
+        early = rng.choice(("created", "starting"))
+        finish_at = now + duration
+        outcome, reason = Outcome.SUCCESS, ""
+        missing = self._missing_upload(inputs.get("input_image"))
+        if missing is not None:
+            outcome, reason = Outcome.INPUT_ERROR, missing
+        elif self._inject("never_finish", faults.never_finish):
+            finish_at = math.inf
+        elif self._inject("provider_rate_limit", faults.provider_rate_limit):
+            outcome = Outcome.PROVIDER_RATE_LIMIT
+        elif self._inject("input_error", faults.input_error):
+            outcome, reason = Outcome.INPUT_ERROR, "HTTP 403 Forbidden"
+        elif self._inject("failure_rate", config.failure_rate):
+            outcome = Outcome.FAILURE
+        shapes = ("string", "list", "object")
+        shape = shapes[self.stats.creates % 3] if config.output_shape == "mixed" else config.output_shape
+        prediction = _Prediction(
+            id=self._request_id(),
+            model=model,
+            input=inputs,
+            created_at=now,
+            duration=duration,
+            finish_at=finish_at,
+            outcome=outcome,
+            early_status=early,
+            shape=shape,
+            failed_word=config.failed_status,
+            variant=self._counter,
+            reason=reason,
+        )
+        self._counter += 1
+        self._predictions[prediction.id] = prediction
+        self._running.add(prediction.id)
+        if finish_at != math.inf:
+            heapq.heappush(self._finishing, (finish_at, prediction.id))
+        self.stats.creates += 1
+        self.stats.max_in_flight = max(self.stats.max_in_flight, len(self._running))
+        key = input_key(model, inputs)
+        self.stats.creates_by_input[key] = self.stats.creates_by_input.get(key, 0) + 1
+        return prediction
+
+    def _own_file_id(self, ref: Any) -> str | None:
+        """The upload id when ``ref`` is a ``/files/{id}`` URL of this server."""
+        if not isinstance(ref, str) or not ref.startswith(("http://", "https://")):
+            return None
+        try:
+            parts = urllib.parse.urlsplit(ref)
+            port = parts.port
+        except ValueError:
+            return None
+        hosts = {self._host, "127.0.0.1", "localhost", "::1"}
+        if port != self._port or parts.hostname not in hosts or not parts.path.startswith("/files/"):
+            return None
+        return parts.path.removeprefix("/files/")
+
+    def _missing_upload(self, ref: Any) -> str | None:
+        upload_id = self._own_file_id(ref)
+        if upload_id is None:
+            return None
+        upload = self._uploads.get(upload_id)
+        if upload is None:
+            return f"HTTP 404 from {ref}: no such file"
+        if upload.data is None:
+            return f"HTTP 404 from {ref}: the upload was never completed"
+        return None
+
+    async def _get(self, request: web.Request) -> _Answer:
+        self.stats.polls += 1
+        prediction = self._predictions.get(request.match_info["id"])
+        if prediction is None:
+            return _Answer(404, {"error": "Prediction not found"})
+        wait = request.query.get("wait", "").lower() in ("1", "true", "yes")
+        if wait and self.config.long_poll > 0:
+            await self._await_terminal(prediction)
+        return _Answer(200, prediction.view(self._clock(), self.base_url))
+
+    async def _await_terminal(self, prediction: _Prediction) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.long_poll
+        while not prediction.is_terminal(self._clock()) and not self._closing.is_set():
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            until_done = prediction.finish_at - self._clock()
+            await asyncio.sleep(max(0.001, min(left, _LONG_POLL_STEP, until_done)))
+
+    async def _cancel(self, request: web.Request) -> _Answer:
+        self.stats.cancels += 1
+        prediction = self._predictions.get(request.match_info["id"])
+        if prediction is None:
+            return _Answer(404, {"error": "Prediction not found"})
+        now = self._clock()
+        if not prediction.is_terminal(now):
+            prediction.cancelled_at = now
+            self._running.discard(prediction.id)
+        status = prediction.status(now)
+        message = "Prediction cancelled" if status == "cancelled" else "Prediction already finished"
+        return _Answer(200, {"status": status, "message": message, "predictionID": prediction.id})
+
+    async def _presign(self, request: web.Request) -> _Answer:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _Answer(400, {"error": "Request body is not valid JSON"})
+        content_type = body.get("content_type") if isinstance(body, dict) else None
+        if not isinstance(content_type, str) or not content_type.strip():
+            return _Answer(400, {"error": "content_type is required"})
+        expires_in = body.get("expires_in_seconds", 900)
+        if not isinstance(expires_in, int) or isinstance(expires_in, bool) or not 1 <= expires_in <= 7 * 86400:
+            return _Answer(400, {"error": "expires_in_seconds must be an integer from 1 to 604800"})
+        self.stats.presigns += 1
+        upload_id = self._request_id()
+        self._uploads[upload_id] = _Upload(content_type, self._clock() + expires_in)
+        expires_at = datetime.now(UTC) + timedelta(seconds=expires_in)
+        return _Answer(
+            200,
+            {
+                "id": upload_id,
+                "presigned_url": f"{self.base_url}/_upload/{upload_id}",
+                "public_url": f"{self.base_url}/files/{upload_id}",
+                "expires_at": expires_at.isoformat().replace("+00:00", "Z"),
+                "required_headers": {"Content-Type": content_type},
+            },
+        )
+
+    async def _model(self, request: web.Request) -> _Answer:
+        slug = request.query.get("slug", "")
+        if slug not in MODEL_SLUGS:
+            return _Answer(404, {"error": "Model not found"})
+        return _Answer(200, {"slug": slug, "name": slug, "version": "0.0.1", "request_schema": REQUEST_SCHEMA})
+
+    # -- other hosts: upload, files, outputs (no auth, outside the window) -------------------------
+
+    async def _upload(self, request: web.Request) -> web.StreamResponse:
+        upload = self._uploads.get(request.match_info["id"])
+        if upload is None:
+            return _json({"error": "Unknown upload"}, 404)
+        if self._clock() > upload.expires_at:
+            return _json({"error": "The presigned URL has expired"}, 403)
+        # Presigned URLs sign the Content-Type: anything else is refused, as S3 does.
+        if request.headers.get("Content-Type") != upload.content_type:
+            return _json({"error": "Content-Type does not match the presigned request"}, 403)
+        if (request.content_length or 0) > MAX_UPLOAD_BYTES:
+            return _json({"error": "File too large (max 100 MB)"}, 413)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > MAX_UPLOAD_BYTES:
+                return _json({"error": "File too large (max 100 MB)"}, 413)
+            chunks.append(chunk)
+        upload.data = b"".join(chunks)
+        self.stats.uploads += 1
+        etag = hashlib.md5(upload.data, usedforsecurity=False).hexdigest()
+        # S3 answers a PUT with an empty 200 and an ETag.
+        return web.Response(status=200, headers={"ETag": f'"{etag}"'})
+
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        upload = self._uploads.get(request.match_info["id"])
+        if upload is None or upload.data is None:
+            return _json({"error": "File not found"}, 404)
+        return web.Response(body=upload.data, headers={"Content-Type": upload.content_type})
+
+    async def _output(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        prediction = self._predictions.get(name.removesuffix(".png")) if name.endswith(".png") else None
+        now = self._clock()
+        if prediction is None or prediction.status(now) != "success":
+            return _json({"error": "Not found"}, 404)
+        if now < prediction.finish_at + self.config.faults.download_404_seconds:
+            self.stats.faults_injected["download_404"] = self.stats.faults_injected.get("download_404", 0) + 1
+            return _json({"error": "Not found"}, 404)
+        data = await self._output_bytes(prediction)
+        self.stats.downloads += 1
+        if self._inject("truncated_download", self.config.faults.truncated_download):
+            response = web.StreamResponse(status=200, headers={"Content-Type": "image/png"})
+            response.content_length = len(data)
+            await response.prepare(request)
+            await response.write(data[: len(data) // 2])
+            _drop(request)
+            return response
+        return web.Response(body=data, content_type="image/png")
+
+    async def _output_bytes(self, prediction: _Prediction) -> bytes:
+        cached = self._outputs.get(prediction.id)
+        if cached is not None:
+            return cached
+        pending = self._rendering.get(prediction.id)
+        if pending is None:
+            loop = asyncio.get_running_loop()
+            # Rendering takes ms: one worker thread keeps it off the loop and serialises PIL's font use.
+            pending = loop.run_in_executor(self._executor, self._render, prediction.input)
+            self._rendering[prediction.id] = pending
+        try:
+            data = await asyncio.shield(pending)
+        finally:
+            self._rendering.pop(prediction.id, None)
+        self._outputs[prediction.id] = data
+        return data
+
+    def _render(self, inputs: Mapping[str, Any]) -> bytes:
+        source, ratio = self._source(inputs)
+        return render_output(source, ratio, inputs, self.config.image_size)
+
+    def _source(self, inputs: Mapping[str, Any]) -> tuple[Image.Image, float]:
+        """The decoded input image (cached by content), or a synthetic one seeded by what names it."""
+        longest = self.config.image_size
+        ref = inputs.get("input_image")
+        if not isinstance(ref, str) or not ref:
+            return synthetic_image(f"prompt:{inputs.get('prompt', '')}", longest)
+        data: bytes | None = None
+        upload_id = self._own_file_id(ref)
+        if upload_id is not None and upload_id in self._uploads:
+            data = self._uploads[upload_id].data
+        elif ref.startswith("data:"):
+            try:
+                data = decode_data_uri(ref)
+            except ValueError:
+                data = None
+        if data is None:
+            # No network: an external URL becomes a picture seeded by the URL.
+            return synthetic_image(ref, longest)
+        key = hashlib.sha256(data).hexdigest()
+        found = self._inputs.get(key)
+        if found is None:
+            try:
+                found = _decode_image(data, longest)
+            except Exception:  # any undecodable input still yields a picture, as documented above
+                found = synthetic_image(key, longest)
+            self._inputs[key] = found
+            if len(self._inputs) > _INPUT_CACHE_SIZE:
+                self._inputs.popitem(last=False)
+        return found
+
+    # -- test hooks --------------------------------------------------------------------------------
+
+    async def _stats(self, request: web.Request) -> web.StreamResponse:
+        return _json({**self.stats.to_json(), "in_flight": self.in_flight()})
+
+    async def _reset(self, request: web.Request) -> web.StreamResponse:
+        self._reset_state()
+        return _json({"status": "reset"})
+
+
+async def serve_forever(
+    config: SimConfig,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve until cancelled; ``ready`` receives the base URL once the port is open."""
+    simulator = Simulator(config)
+    base_url = await simulator.start(host, port)
+    try:
+        if ready is not None:
+            ready(base_url)
+        await asyncio.Event().wait()
+    finally:
+        await simulator.stop()
