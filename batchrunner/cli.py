@@ -1,0 +1,490 @@
+"""The command line: argparse, exit codes, logging and progress. No business logic lives here.
+
+Exit codes (also in the README):
+    0    every job succeeded
+    1    the run finished but some jobs failed for good
+    2    bad manifest, arguments, input image or API key; nothing was submitted
+    74   the output folder cannot be written (disk full, permissions); the ledger stays readable
+    75   incomplete but resumable: time, job or budget limit reached, out of credit, API unavailable,
+         or another run holds the output folder
+    130  interrupted by Ctrl-C (SIGINT), resumable
+    143  terminated by SIGTERM, resumable
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+
+from batchrunner import __version__
+from batchrunner.client import DEFAULT_API_URL, Client
+from batchrunner.errors import BatchrunnerError, UsageError
+from batchrunner.ledger import Ledger, RequestLog, read_ledger
+from batchrunner.limits import parse_duration, parse_rate
+from batchrunner.manifest import Manifest, load_manifest
+from batchrunner.output import OutputDir, RunLock
+from batchrunner.scheduler import RunConfig, RunResult, Scheduler, Snapshot, StopReason
+from batchrunner.simulator import Faults, SimConfig, Simulator, serve_forever
+from batchrunner.status import count_status
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_IO = 74
+EXIT_INCOMPLETE = 75
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+log = logging.getLogger("batchrunner")
+
+
+# --------------------------------------------------------------------------------------------------- arguments
+class _Parser(argparse.ArgumentParser):
+    """argparse that ends with exit code 2 and one line, like every other usage error."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_USAGE, f"batchrunner: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError(f"must be zero or more: {text!r}")
+    return value
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _rate(text: str) -> tuple[int, float]:
+    try:
+        return parse_rate(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _output_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", "-o", type=Path, help="output folder (default: output/<manifest stem>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="batchrunner", description="Bulk image edits on the Eachlabs prediction API.")
+    parser.add_argument("--version", action="version", version=f"batchrunner {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run a manifest's batch (resumes where an earlier run stopped)")
+    run.add_argument("manifest", type=Path)
+    _output_option(run)
+    run.add_argument("--simulate", action="store_true", help="run against the built-in simulator (no key, no network)")
+    run.add_argument("--api-url", default=None, help=f"API base URL (env EACHLABS_API_URL; default {DEFAULT_API_URL})")
+    run.add_argument("--concurrency", type=_positive_int, default=10, help="predictions in flight at most (10)")
+    run.add_argument(
+        "--rate-limit",
+        type=_rate,
+        default=(60, 60.0),
+        metavar="COUNT/SECONDS",
+        help="requests to the API host in any window (60/60)",
+    )
+    run.add_argument(
+        "--rate-limit-scope",
+        choices=("all", "creates"),
+        default="all",
+        help="which requests the rate limit counts (all)",
+    )
+    run.add_argument("--max-attempts", type=_positive_int, default=3, help="predictions per job at most (3)")
+    run.add_argument("--job-timeout", type=_duration, default=600.0, help="cancel a prediction after this (10m)")
+    run.add_argument(
+        "--drain-timeout",
+        type=_duration,
+        default=60.0,
+        help="after Ctrl-C/SIGTERM, keep polling in-flight predictions this long (60s)",
+    )
+    run.add_argument("--max-runtime", type=_duration, default=None, help="stop by this time, resumable (e.g. 14m)")
+    run.add_argument("--max-jobs", type=_positive_int, default=None, help="new predictions this run at most")
+    run.add_argument("--budget", type=_non_negative_float, default=None, help="USD this manifest may spend in all")
+    run.add_argument("--price", type=_non_negative_float, default=None, help="USD per prediction (or `price:`)")
+    run.add_argument(
+        "--poll-initial",
+        type=_duration,
+        default=None,
+        help="first poll this long after a create, until prediction times are learnt (3s)",
+    )
+    run.add_argument("--timeout", type=_duration, default=30.0, help="HTTP timeout per request (30s)")
+    run.add_argument("--allow-large", action="store_true", help="allow a manifest of more than 10,000 jobs")
+    _logging_options(run)
+    _simulator_options(run)
+
+    status = sub.add_parser("status", help="where a manifest's batch stands (no request is made)")
+    status.add_argument("manifest", type=Path)
+    _output_option(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--max-attempts", type=_positive_int, default=3)
+    status.add_argument("--allow-large", action="store_true")
+
+    sim = sub.add_parser("simulate", help="serve the built-in API simulator for experiments")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8787)
+    _simulator_options(sim)
+    return parser
+
+
+def _logging_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--log-file", type=Path, default=None, help="append log lines to this file too")
+    p.add_argument("--quiet", "-q", action="store_true", help="only warnings, errors and the summary")
+    p.add_argument(
+        "--progress",
+        choices=("auto", "bar", "lines", "none"),
+        default="auto",
+        help="progress: a bar on a terminal, log lines otherwise (auto)",
+    )
+
+
+def _simulator_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sim-rate-limit", type=_rate, default=(60, 60.0), metavar="COUNT/SECONDS")
+    p.add_argument("--sim-concurrency", type=_positive_int, default=10)
+    p.add_argument("--sim-min-seconds", type=_non_negative_float, default=0.3)
+    p.add_argument("--sim-max-seconds", type=_non_negative_float, default=1.5)
+    p.add_argument("--sim-failure-rate", type=_non_negative_float, default=0.0)
+    p.add_argument("--sim-seed", type=int, default=0)
+    p.add_argument(
+        "--sim-fault",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="switch on a simulator fault, e.g. reset_after=0.05 (repeatable)",
+    )
+
+
+def _sim_config(args: argparse.Namespace) -> SimConfig:
+    faults: dict[str, Any] = {}
+    known = set(Faults.__dataclass_fields__)
+    for item in args.sim_fault:
+        name, _, value = item.partition("=")
+        if name not in known or not value:
+            raise UsageError(f"--sim-fault {item!r}: expected NAME=VALUE with NAME one of {', '.join(sorted(known))}")
+        try:
+            faults[name] = int(value) if name == "payment_required_after" else float(value)
+        except ValueError:
+            raise UsageError(f"--sim-fault {item!r}: {value!r} is not a number") from None
+    count, period = args.sim_rate_limit
+    return SimConfig(
+        rate_count=count,
+        rate_period=period,
+        concurrency=args.sim_concurrency,
+        min_seconds=args.sim_min_seconds,
+        max_seconds=max(args.sim_min_seconds, args.sim_max_seconds),
+        failure_rate=args.sim_failure_rate,
+        seed=args.sim_seed,
+        faults=Faults(**faults),
+    )
+
+
+# --------------------------------------------------------------------------------------------------- logging
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "message": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}))
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _setup_logging(args: argparse.Namespace, stream: TextIO) -> None:
+    root = logging.getLogger("batchrunner")
+    root.handlers.clear()
+    root.propagate = False
+    root.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    fmt: logging.Formatter
+    if args.log_format == "json":
+        fmt = _JsonFormatter()
+    else:
+        fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z")
+    handlers: list[logging.Handler] = [logging.StreamHandler(stream)]
+    if args.log_file is not None:
+        try:
+            args.log_file.parent.mkdir(parents=True, exist_ok=True)
+            handlers.append(logging.FileHandler(args.log_file, encoding="utf-8"))
+        except OSError as exc:
+            raise UsageError(f"cannot open log file {args.log_file}: {exc.strerror}") from exc
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+
+
+class _Progress:
+    """A tqdm bar on a terminal; otherwise a plain log line every few seconds."""
+
+    def __init__(self, mode: str, total: int, *, interval: float = 10.0) -> None:
+        self.mode = mode
+        self.interval = interval
+        self._last = 0.0
+        self._bar: Any = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="img", dynamic_ncols=True, file=sys.stderr)
+
+    def __call__(self, snap: Snapshot) -> None:
+        if self._bar is not None:
+            self._bar.n = snap.done + snap.failed
+            rpm = snap.requests / snap.elapsed * 60 if snap.elapsed > 1 else 0.0
+            self._bar.set_postfix_str(
+                f"done={snap.done} failed={snap.failed} in-flight={snap.in_flight} req/min={rpm:.0f}",
+                refresh=False,
+            )
+            self._bar.refresh()
+            return
+        if self.mode == "lines":
+            now = time.monotonic()
+            if now - self._last >= self.interval:
+                self._last = now
+                log.info(
+                    "progress: %d/%d done, %d failed, %d in flight, %d pending, %d requests",
+                    snap.done,
+                    snap.total,
+                    snap.failed,
+                    snap.in_flight,
+                    snap.pending,
+                    snap.requests,
+                )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+# --------------------------------------------------------------------------------------------------- commands
+def _output_dir(args: argparse.Namespace) -> OutputDir:
+    if args.output is not None:
+        return OutputDir(args.output)
+    return OutputDir(Path("output") / args.manifest.stem)
+
+
+def _load(args: argparse.Namespace) -> Manifest:
+    return load_manifest(args.manifest, allow_large=args.allow_large)
+
+
+def _exit_code(result: RunResult) -> int:
+    if result.stop_reason is StopReason.INTERRUPTED:
+        return EXIT_INTERRUPTED
+    if result.stop_reason is StopReason.TERMINATED:
+        return EXIT_TERMINATED
+    if not result.complete:
+        return EXIT_INCOMPLETE
+    return EXIT_FAILED if result.failed else EXIT_OK
+
+
+def _summary(result: RunResult, out: OutputDir) -> str:
+    parts = [
+        f"summary: {result.succeeded + result.skipped}/{result.total} done",
+        f"({result.succeeded} new, {result.skipped} skipped)",
+        f"{result.failed} failed",
+        f"{result.pending} pending",
+        f"{result.in_flight} in flight",
+        f"{result.requests} requests",
+        f"{result.elapsed:.1f}s",
+        f"spend ${result.spend:.2f}",
+    ]
+    if result.lost_answers:
+        parts.append(f"{result.lost_answers} possibly duplicated (answer lost)")
+    if result.stop_reason is not None:
+        parts.append(f"stopped: {result.stop_reason.value}")
+    return ", ".join(parts) + f" -> {out.path}"
+
+
+async def _run_async(args: argparse.Namespace, manifest: Manifest, out: OutputDir) -> int:
+    sim: Simulator | None = None
+    poll_initial = args.poll_initial
+    if args.simulate:
+        sim_config = _sim_config(args)
+        sim = Simulator(sim_config)
+        base_url = await sim.start()
+        api_key = os.environ.get("EACHLABS_API_KEY") or "simulated-key"
+        if poll_initial is None:
+            # The simulator's shortest prediction time: the demo needs no three-second prior.
+            poll_initial = max(0.05, sim_config.min_seconds)
+    else:
+        base_url = args.api_url or os.environ.get("EACHLABS_API_URL") or DEFAULT_API_URL
+        api_key = os.environ.get("EACHLABS_API_KEY", "")
+        if not api_key.strip():
+            raise UsageError("EACHLABS_API_KEY is not set (export it, or pass --simulate for the built-in simulator)")
+    count, period = args.rate_limit
+    config = RunConfig(
+        concurrency=args.concurrency,
+        rate_count=count,
+        rate_period=period,
+        rate_scope=args.rate_limit_scope,
+        max_attempts=args.max_attempts,
+        job_timeout=args.job_timeout,
+        drain_timeout=args.drain_timeout,
+        max_runtime=args.max_runtime,
+        max_jobs=args.max_jobs,
+        budget=args.budget,
+        price=args.price if args.price is not None else manifest.price,
+        poll_initial=poll_initial if poll_initial is not None else 3.0,
+    )
+    if config.budget is not None and config.price is None:
+        raise UsageError("--budget needs a price per prediction: pass --price or set `price:` in the manifest")
+    try:
+        out.create()
+        with RunLock(out.lock):
+            out.prepare()
+            state = read_ledger(out.ledger)
+            mode = args.progress
+            if mode == "auto":
+                mode = "bar" if sys.stderr.isatty() and not args.quiet else "lines"
+            progress = _Progress(mode, len(manifest.jobs))
+            request_log = RequestLog(out.requests)
+            request_log.compact(period + 5.0)
+            try:
+                with Ledger(out.ledger) as ledger:
+                    ledger.append("run_started", pid=os.getpid(), jobs=len(manifest.jobs))
+                    async with aiohttp.ClientSession() as session:
+                        client = Client(session, base_url=base_url, api_key=api_key, timeout=args.timeout)
+                        scheduler = Scheduler(
+                            manifest,
+                            client,
+                            ledger,
+                            out,
+                            state,
+                            config,
+                            request_log=request_log,
+                            on_progress=progress,
+                        )
+                        _install_signals(scheduler)
+                        try:
+                            result = await scheduler.run()
+                        finally:
+                            _remove_signals()
+                    if scheduler.fatal is not None:
+                        raise scheduler.fatal
+                    ledger.append("run_finished", **_result_fields(result))
+            finally:
+                progress.close()
+                request_log.close()
+    finally:
+        if sim is not None:
+            await sim.stop()
+    log.warning(_summary(result, out)) if result.failed or not result.complete else log.info(_summary(result, out))
+    if args.quiet and not (result.failed or not result.complete):
+        print(_summary(result, out), file=sys.stderr)
+    return _exit_code(result)
+
+
+def _result_fields(result: RunResult) -> dict[str, Any]:
+    return {
+        "succeeded": result.succeeded,
+        "skipped": result.skipped,
+        "failed": result.failed,
+        "pending": result.pending,
+        "in_flight": result.in_flight,
+        "requests": result.requests,
+        "lost_answers": result.lost_answers,
+        "elapsed": round(result.elapsed, 3),
+        "stop_reason": result.stop_reason.value if result.stop_reason else None,
+    }
+
+
+def _install_signals(scheduler: Scheduler) -> None:
+    loop = asyncio.get_running_loop()
+    seen: dict[str, int] = {"n": 0}
+
+    def handler(reason: StopReason) -> None:
+        seen["n"] += 1
+        if seen["n"] == 1:
+            log.warning("%s: no new submissions; finishing what is in flight (again to stop at once)", reason.value)
+            scheduler.request_stop(reason)
+        else:
+            log.warning("stopping at once; the ledger is consistent and the next run resumes")
+            scheduler.abort()
+
+    loop.add_signal_handler(signal.SIGINT, handler, StopReason.INTERRUPTED)
+    loop.add_signal_handler(signal.SIGTERM, handler, StopReason.TERMINATED)
+
+
+def _remove_signals() -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    manifest = _load(args)
+    out = _output_dir(args)
+    if not manifest.jobs:
+        print(f"{args.manifest}: the manifest has no jobs; nothing to do", file=sys.stderr)
+        return EXIT_OK
+    return asyncio.run(_run_async(args, manifest, out))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    manifest = _load(args)
+    out = _output_dir(args)
+    counts = count_status(manifest, read_ledger(out.ledger), out, max_attempts=args.max_attempts)
+    if args.json:
+        print(json.dumps(counts.to_json()))
+    else:
+        print(counts.describe(str(out.path)))
+    return EXIT_OK
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    config = _sim_config(args)
+
+    def ready(url: str) -> None:
+        print(f"simulator listening on {url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve_forever(config, args.host, args.port, ready=ready))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if hasattr(args, "log_format"):
+            _setup_logging(args, sys.stderr)
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "status":
+            return cmd_status(args)
+        return cmd_simulate(args)
+    except BatchrunnerError as exc:
+        print(f"batchrunner: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("batchrunner: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,228 @@
+"""The output folder: the run lock, atomic image files, and the checks that keep files inside the folder.
+
+Disk errors are translated to ``OutputError`` here, so a full disk or a read-only folder ends the run with one line and
+a ledger that the next run reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, BinaryIO
+
+from PIL import Image, UnidentifiedImageError
+
+from batchrunner.errors import DownloadRejected, LockHeld, OutputError
+
+LEDGER_NAME = "ledger.jsonl"
+REQUESTS_NAME = "requests.log"
+LOCK_NAME = ".batchrunner.lock"
+PARTIAL_DIR = ".partial"
+
+# Pillow's format name -> the extension the file gets.
+IMAGE_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif"}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A short reason for an OSError, naming the disk-full case plainly."""
+    if exc.errno == errno.ENOSPC:
+        return "no space left on device"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "permission denied" if exc.errno != errno.EROFS else "read-only file system"
+    return exc.strerror or type(exc).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class OutputDir:
+    """Where one manifest's results live."""
+
+    path: Path
+
+    @property
+    def ledger(self) -> Path:
+        return self.path / LEDGER_NAME
+
+    @property
+    def requests(self) -> Path:
+        return self.path / REQUESTS_NAME
+
+    @property
+    def lock(self) -> Path:
+        return self.path / LOCK_NAME
+
+    @property
+    def partial(self) -> Path:
+        return self.path / PARTIAL_DIR
+
+    def create(self) -> None:
+        """Make the folder (before taking the lock that lives in it)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create output folder {self.path}: {describe_os_error(exc)}") from exc
+
+    def prepare(self) -> None:
+        """Create the folder (and its partial-download area), and clear what a killed run left half-written."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.partial.mkdir(exist_ok=True)
+            for leftover in self.partial.iterdir():
+                leftover.unlink(missing_ok=True)
+            probe = self.path / f".probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise OutputError(f"cannot write to output folder {self.path}: {describe_os_error(exc)}") from exc
+
+    def file_for(self, job_id: str, ext: str) -> Path:
+        """The final path of a job's image; refuses anything that would land outside the folder."""
+        name = f"{job_id}.{ext}"
+        if "/" in name or "\\" in name or "\x00" in name or name.startswith("."):
+            raise OutputError(f"refusing output file name {name!r}: it would escape {self.path}")
+        target = (self.path / name).resolve()
+        if target.parent != self.path.resolve():
+            raise OutputError(f"refusing output file name {name!r}: it would escape {self.path}")
+        return self.path / name
+
+    def has_file(self, name: str | None) -> bool:
+        """Whether a file the ledger names is still there (a user may have deleted it)."""
+        if not name or "/" in name or "\\" in name:
+            return False
+        return (self.path / name).is_file()
+
+
+class RunLock:
+    """An exclusive ``flock`` on a file in the output folder: the OS drops it when the process dies, however it dies."""
+
+    def __init__(self, path: Path, *, wall: Callable[[], float] = time.time) -> None:
+        self._path = path
+        self._wall = wall
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        try:
+            handle = open(self._path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
+        except OSError as exc:
+            raise OutputError(f"cannot open lock file {self._path}: {describe_os_error(exc)}") from exc
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = _read_holder(handle.read())
+            handle.close()
+            raise LockHeld(f"another run holds {self._path.parent} ({holder}); exiting") from None
+        except OSError as exc:
+            handle.close()
+            raise OutputError(f"cannot lock {self._path}: {describe_os_error(exc)}") from exc
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._wall()))
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "started": started}) + "\n")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        return f"pid {int(info['pid'])}, started {info['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "pid unknown"
+
+
+def image_extension(path: Path) -> str:
+    """Decode the file fully with Pillow and return its extension; ``DownloadRejected`` if it is not a usable image."""
+    try:
+        with Image.open(path) as img:
+            fmt = img.format or ""
+            img.load()  # a truncated file fails here, not later in the user's viewer
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DownloadRejected(f"output is not a readable image ({type(exc).__name__})") from exc
+    ext = IMAGE_EXTENSIONS.get(fmt)
+    if ext is None:
+        raise DownloadRejected(f"output is a {fmt or 'unknown'} image; expected PNG, JPEG, WebP or GIF")
+    return ext
+
+
+async def save_download(
+    out: OutputDir,
+    job_id: str,
+    fetch: Callable[[BinaryIO], Awaitable[int]],
+    *,
+    to_thread: Callable[..., Awaitable[str]] | None = None,
+) -> str:
+    """Stream a download to a temporary file, fsync it, check it decodes, then rename it into place.
+
+    Returns the final file name (relative to the folder). A kill at any point leaves either no file or the whole file;
+    the ledger records success only after this returns.
+    """
+    tmp = out.partial / f"{job_id}.{secrets.token_hex(4)}.part"
+    try:
+        try:
+            # A local file opened once per download; the chunks the client writes are small, so the loop is not held.
+            with open(tmp, "wb") as sink:  # noqa: ASYNC230
+                await fetch(sink)
+                sink.flush()
+                os.fsync(sink.fileno())
+        except OSError as exc:
+            raise OutputError(f"cannot write {tmp}: {describe_os_error(exc)}") from exc
+        runner = to_thread or asyncio.to_thread
+        ext = await runner(image_extension, tmp)
+        final = out.file_for(job_id, ext)
+        try:
+            os.replace(tmp, final)
+            _fsync_dir(out.path)
+        except OSError as exc:
+            raise OutputError(f"cannot write {final}: {describe_os_error(exc)}") from exc
+        return final.name
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_bytes(path: Path) -> bytes:
+    """Read a local input file (for inline data URIs)."""
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "OutputDir",
+    "RunLock",
+    "describe_os_error",
+    "image_extension",
+    "read_bytes",
+    "save_download",
+]

@@ -1,0 +1,190 @@
+"""Pure policies: when to retry, and when to poll a prediction.
+
+Each policy takes values and returns values; the scheduler's loops sleep and do I/O around them. Nothing here reads a
+clock or a file, so every rule is tested by table.
+
+Polling is where the request budget goes. A prediction needs one create and at least one poll that sees it finished;
+every poll before that one is a request not spent on a create. The poll plan therefore places polls at quantiles of the
+prediction times seen so far, and chooses how many polls a job gets from the limits: few when requests are what binds
+(each wasted poll costs a create), more when in-flight slots bind (each moment a finished prediction waits unseen keeps
+a slot idle).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from bisect import bisect_left
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# Below this many observed prediction times the plan falls back to a geometric schedule from the prior.
+MIN_SAMPLES = 5
+# The most polls one job is planned to get; beyond the plan's last age polls continue at the tail interval.
+MAX_PLANNED_POLLS = 16
+
+
+def backoff(attempt: int, *, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None) -> float:
+    """Seconds to wait before retry number ``attempt`` (1-based): exponential with full jitter.
+
+    Full jitter (a uniform draw below the exponential ceiling) spreads the retries of many jobs that failed together,
+    so they do not come back as one burst.
+    """
+    ceiling = min(cap, base * 2.0 ** max(0, attempt - 1))
+    draw = (rng or random).random()
+    return ceiling * (0.5 + 0.5 * draw)
+
+
+def retry_delay(
+    attempt: int,
+    retry_after: float | None,
+    *,
+    base: float = 0.5,
+    cap: float = 30.0,
+    rng: random.Random | None = None,
+) -> float:
+    """The wait before a retry: the server's ``Retry-After`` when it gave one, never less than our own backoff."""
+    own = backoff(attempt, base=base, cap=cap, rng=rng)
+    if retry_after is None:
+        return own
+    return max(retry_after, own)
+
+
+@dataclass(frozen=True, slots=True)
+class PollPlan:
+    """Ages (seconds since the create was answered) at which to poll, then a steady interval after the last one."""
+
+    ages: tuple[float, ...]
+    tail_interval: float
+    expected_polls: float | None = None  # per job, from the samples; None for the prior's plan
+    expected_delay: float | None = None  # seconds a finished prediction waits to be seen, from the samples
+
+    def next_poll_age(self, polls_done: int, age_now: float) -> float:
+        """The age of the next poll after ``polls_done`` polls, never earlier than ``age_now``."""
+        if polls_done < len(self.ages):
+            return max(self.ages[polls_done], age_now)
+        last = self.ages[-1] if self.ages else 0.0
+        extra = polls_done - len(self.ages) + 1
+        return max(last + extra * self.tail_interval, age_now)
+
+
+def prior_plan(initial: float, *, growth: float = 1.5, count: int = 12) -> PollPlan:
+    """A geometric schedule for when nothing is known yet: ``initial``, then each gap ``growth`` times the last."""
+    ages = tuple(initial * growth**k for k in range(count))
+    return PollPlan(ages=ages, tail_interval=ages[-1] * (growth - 1))
+
+
+def _evaluate(samples: Sequence[float], ages: Sequence[float]) -> tuple[float, float]:
+    """Mean polls per job and mean detection delay if polls happen at ``ages`` (sorted; last >= max sample)."""
+    polls = 0
+    delay = 0.0
+    for d in samples:
+        k = bisect_left(ages, d)
+        k = min(k, len(ages) - 1)
+        polls += k + 1
+        delay += max(0.0, ages[k] - d)
+    n = len(samples)
+    return polls / n, delay / n
+
+
+def _quantile_ages(samples: Sequence[float], n: int) -> tuple[float, ...]:
+    """``n`` ages at equal probability steps of the empirical distribution; the last is the largest sample."""
+    m = len(samples)
+    ages = []
+    for k in range(1, n + 1):
+        idx = min(m - 1, max(0, math.ceil(k * m / n) - 1))
+        ages.append(samples[idx])
+    return tuple(sorted(set(ages)))
+
+
+def plan_polls(
+    durations: Sequence[float],
+    *,
+    rate: float,
+    concurrency: int,
+    prior_initial: float,
+    min_interval: float = 0.0,
+) -> PollPlan:
+    """Choose the poll ages that let the batch finish soonest under both limits.
+
+    ``durations`` are observed prediction times (seconds); ``rate`` is the request budget in requests per second.
+    For each candidate count n of polls per job the plan is the n-quantile ages of the samples; its throughput is the
+    smaller of what the slots allow, ``concurrency / (mean duration + mean detection delay)``, and what the requests
+    allow, ``rate / (1 + mean polls per job)``. The n with the highest throughput wins (ties: fewer polls).
+    """
+    if len(durations) < MIN_SAMPLES:
+        return prior_plan(max(prior_initial, min_interval))
+    samples = sorted(durations)
+    mean_d = sum(samples) / len(samples)
+    best: tuple[float, float, PollPlan] | None = None
+    for n in range(1, MAX_PLANNED_POLLS + 1):
+        ages = _quantile_ages(samples, n)
+        if min_interval > 0:
+            ages = _spread(ages, min_interval)
+        polls, delay = _evaluate(samples, ages)
+        throughput = min(concurrency / max(mean_d + delay, 1e-9), rate / (1.0 + polls))
+        spread = samples[-1] - samples[0]
+        tail = max(min_interval, spread / n if spread > 0 else samples[-1] * 0.25, 1e-3)
+        plan = PollPlan(ages=ages, tail_interval=tail, expected_polls=polls, expected_delay=delay)
+        # Prefer a plan only when it is clearly better: fewer polls are kinder to the API at equal speed.
+        if best is None or throughput > best[0] * 1.005:
+            best = (throughput, polls, plan)
+    assert best is not None
+    return best[2]
+
+
+def _spread(ages: Sequence[float], min_interval: float) -> tuple[float, ...]:
+    """Drop ages closer than ``min_interval`` to the previous one kept (keeps the last age)."""
+    kept: list[float] = []
+    for a in ages:
+        if not kept or a - kept[-1] >= min_interval:
+            kept.append(a)
+        else:
+            kept[-1] = a
+    return tuple(kept)
+
+
+def observed_duration(age_done: float, age_last_running: float | None) -> float:
+    """A prediction time estimated from the poll that saw it done and the last poll that saw it running.
+
+    The truth lies between the two; the midpoint is unbiased when polls are dense, and when they are sparse it errs
+    early, which makes the next plan poll earlier and so tightens the interval: the estimate corrects itself.
+    """
+    if age_last_running is None or age_last_running >= age_done:
+        return age_done
+    return (age_done + age_last_running) / 2
+
+
+class PollPacer:
+    """Spreads polls at the sustainable request rate, so polls never drain the window's burst.
+
+    The sliding window lets COUNT requests through at once. Spending them all on early polls leaves nothing for the
+    rest of the window: a batch then stalls until it frees. Creates may use the burst (each fills an idle slot); polls
+    draw from this token bucket, refilled at COUNT/SECONDS with a small burst, and still take a window grant as well.
+    Time is passed in, never read.
+    """
+
+    __slots__ = ("_last", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: float = 2.0) -> None:
+        self.rate = rate
+        self.burst = max(1.0, burst)
+        self._tokens = self.burst
+        self._last: float | None = None
+
+    def _refill(self, now: float) -> None:
+        if self._last is not None and now > self._last:
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now if self._last is None else max(self._last, now)
+
+    def delay(self, now: float) -> float:
+        """Seconds until a poll may be sent (0.0 when now)."""
+        self._refill(now)
+        if self._tokens >= 1.0 or self.rate <= 0:
+            return 0.0 if self._tokens >= 1.0 else math.inf
+        return (1.0 - self._tokens) / self.rate
+
+    def take(self, now: float) -> None:
+        """Spend one token for a poll sent at ``now``."""
+        self._refill(now)
+        self._tokens -= 1.0

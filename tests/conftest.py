@@ -1,0 +1,127 @@
+"""Shared fixtures: manifests on disk, the simulator in a background thread, and a runner driven in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from batchrunner.simulator import SimConfig, Simulator
+
+# A key that must never show up in any log line, ledger line or error message.
+SECRET_KEY = "sk-test-SECRET-4f1c9a7e"
+
+
+def make_image(path: Path, colour: tuple[int, int, int] = (200, 80, 40), size: tuple[int, int] = (64, 48)) -> Path:
+    """A small real image on disk."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def write_manifest(folder: Path, jobs: int, *, name: str = "batch", extra: str = "", image: bool = True) -> Path:
+    """A manifest of ``jobs`` jobs: one local image (optional) x ``jobs`` seeds."""
+    lines = ["model: flux-kontext-max"]
+    if extra:
+        lines.append(extra)
+    lines.append("matrix:")
+    if image:
+        make_image(folder / "images" / "in.png")
+        lines.append("  input_image: [images/in.png]")
+    lines.append('  prompt: ["Turn the scene into a snowy winter evening"]')
+    lines.append(f"  seed: [{', '.join(str(i) for i in range(jobs))}]")
+    path = folder / f"{name}.yaml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@dataclass
+class ThreadedSimulator:
+    """A simulator serving from its own thread and event loop, so blocking code (the CLI, subprocesses) can use it."""
+
+    sim: Simulator
+    url: str
+    loop: asyncio.AbstractEventLoop
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the simulator's loop (for reading consistent stats)."""
+
+        async def wrapper() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(timeout=10)
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.call(self.sim.stats.to_json)
+        return result
+
+
+@pytest.fixture
+def threaded_sim() -> Iterator[Callable[..., ThreadedSimulator]]:
+    """Factory: ``threaded_sim(SimConfig(...))`` starts a simulator on 127.0.0.1 in a thread; all stop at teardown."""
+    started: list[tuple[ThreadedSimulator, threading.Thread]] = []
+
+    def start(config: SimConfig | None = None) -> ThreadedSimulator:
+        loop = asyncio.new_event_loop()
+        sim = Simulator(config or SimConfig())
+        ready = threading.Event()
+        box: dict[str, str] = {}
+
+        def serve() -> None:
+            asyncio.set_event_loop(loop)
+            box["url"] = loop.run_until_complete(sim.start())
+            ready.set()
+            loop.run_forever()
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        assert ready.wait(10), "simulator did not start"
+        handle = ThreadedSimulator(sim, box["url"], loop)
+        started.append((handle, thread))
+        return handle
+
+    yield start
+    for handle, thread in started:
+        asyncio.run_coroutine_threadsafe(handle.sim.stop(), handle.loop).result(timeout=10)
+        handle.loop.call_soon_threadsafe(handle.loop.stop)
+        thread.join(timeout=10)
+        handle.loop.close()
+
+
+def fast_sim(**overrides: Any) -> SimConfig:
+    """A simulator with millisecond predictions and limits loose enough not to bind unless a test says so."""
+    base: dict[str, Any] = {
+        "min_seconds": 0.005,
+        "max_seconds": 0.03,
+        "rate_count": 1000,
+        "rate_period": 1.0,
+        "concurrency": 10,
+        "image_size": 32,
+    }
+    base.update(overrides)
+    return SimConfig(**base)
+
+
+def run_args(manifest: Path, url: str, out: Path, *extra: str) -> list[str]:
+    """Command-line arguments for a fast run against a simulator at ``url``."""
+    return [
+        "run",
+        str(manifest),
+        "--api-url",
+        url,
+        "--output",
+        str(out),
+        "--poll-initial",
+        "0.01",
+        "--progress",
+        "none",
+        "--rate-limit",
+        "1000/1",
+        *extra,
+    ]

@@ -1,0 +1,294 @@
+"""End-to-end runs of the command line against the simulator on 127.0.0.1, with millisecond predictions."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from batchrunner.cli import main
+from batchrunner.ledger import read_ledger
+from batchrunner.manifest import load_manifest
+from batchrunner.output import OutputDir, RunLock
+from batchrunner.simulator import Faults
+from tests.conftest import SECRET_KEY, ThreadedSimulator, fast_sim, run_args, write_manifest
+
+SimFactory = Callable[..., ThreadedSimulator]
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("EACHLABS_API_KEY", SECRET_KEY)
+    monkeypatch.delenv("EACHLABS_API_URL", raising=False)
+    return SECRET_KEY
+
+
+def images_in(out: Path) -> list[Path]:
+    return sorted(p for p in out.iterdir() if p.suffix in {".png", ".jpg", ".webp", ".gif"})
+
+
+def test_fifty_jobs_under_binding_limits_all_finish_with_zero_429s(tmp_path: Path, threaded_sim: SimFactory) -> None:
+    sim = threaded_sim(fast_sim(rate_count=30, rate_period=0.3, concurrency=4))
+    manifest = write_manifest(tmp_path, 50)
+    out = tmp_path / "out"
+    code = main(run_args(manifest, sim.url, out, "--rate-limit", "30/0.3", "--concurrency", "4"))
+    stats = sim.stats()
+    assert code == 0
+    assert len(images_in(out)) == 50
+    assert stats["rate_limited"] == 0 and stats["concurrency_rejected"] == 0
+    assert stats["max_window"] <= 30
+    assert stats["max_in_flight"] <= 4
+    assert stats["creates"] == 50 and stats["duplicates"] == 0
+    # The request budget binds: at least one create and one poll per job, and the runner did not waste many more.
+    assert 100 <= stats["requests"] <= 200
+
+
+def test_rerun_after_completion_makes_no_request(tmp_path: Path, threaded_sim: SimFactory) -> None:
+    sim = threaded_sim(fast_sim())
+    manifest = write_manifest(tmp_path, 6)
+    out = tmp_path / "out"
+    assert main(run_args(manifest, sim.url, out)) == 0
+    before = sim.stats()["requests"]
+    assert main(run_args(manifest, sim.url, out)) == 0
+    assert sim.stats()["requests"] == before
+
+
+def test_deleted_output_file_is_made_again(tmp_path: Path, threaded_sim: SimFactory) -> None:
+    sim = threaded_sim(fast_sim())
+    manifest = write_manifest(tmp_path, 3)
+    out = tmp_path / "out"
+    assert main(run_args(manifest, sim.url, out)) == 0
+    images_in(out)[0].unlink()
+    assert main(run_args(manifest, sim.url, out)) == 0
+    assert sim.stats()["creates"] == 4
+    assert len(images_in(out)) == 3
+
+
+def test_wrong_key_ends_after_one_request_with_exit_2(
+    tmp_path: Path, threaded_sim: SimFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sim = threaded_sim(fast_sim(api_key="the-right-key"))
+    manifest = write_manifest(tmp_path, 5)
+    out = tmp_path / "out"
+    assert main(run_args(manifest, sim.url, out)) == 2
+    assert sim.stats()["requests"] == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("batchrunner: ") and "key" in last.lower()
+    assert "Traceback" not in err and SECRET_KEY not in err
+
+
+def test_missing_key_is_a_usage_error_before_any_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("EACHLABS_API_KEY")
+    manifest = write_manifest(tmp_path, 2)
+    assert main(["run", str(manifest), "--output", str(tmp_path / "out"), "--api-url", "http://127.0.0.1:9"]) == 2
+    assert "EACHLABS_API_KEY" in capsys.readouterr().err
+
+
+def test_bad_manifest_exits_2_with_one_line_and_no_request(
+    tmp_path: Path, threaded_sim: SimFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sim = threaded_sim(fast_sim())
+    manifest = tmp_path / "bad.yaml"
+    manifest.write_text('matrix:\n  prompt: ["Make it snow on the roofs"]\n  seed: [1, two]\n', encoding="utf-8")
+    assert main(run_args(manifest, sim.url, tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.yaml:3" in err[0] and "seed" in err[0]
+    assert sim.stats()["requests"] == 0
+
+
+def test_empty_batch_says_so_and_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = tmp_path / "empty.yaml"
+    manifest.write_text("model: flux-kontext-max\njobs: []\n", encoding="utf-8")
+    assert main(["run", str(manifest), "--output", str(tmp_path / "out")]) == 0
+    assert "no jobs" in capsys.readouterr().err
+
+
+def test_failed_jobs_are_retried_up_to_max_attempts_then_exit_1(tmp_path: Path, threaded_sim: SimFactory) -> None:
+    sim = threaded_sim(fast_sim(faults=Faults(provider_rate_limit=1.0)))
+    manifest = write_manifest(tmp_path, 3)
+    out = tmp_path / "out"
+    assert main(run_args(manifest, sim.url, out, "--max-attempts", "2")) == 1
+    assert sim.stats()["creates"] == 6
+    state = read_ledger(out / "ledger.jsonl")
+    assert all(st.attempts == 2 and st.error_code == "PROVIDER_RATE_LIMIT" for st in state.jobs.values())
+    # Out of attempts: a rerun submits nothing.
+    assert main(run_args(manifest, sim.url, out, "--max-attempts", "2")) == 1
+    assert sim.stats()["creates"] == 6
+
+
+def test_permanent_prediction_failure_is_not_retried(tmp_path: Path, threaded_sim: SimFactory) -> None:
+    sim = threaded_sim(fast_sim(faults=Faults(input_error=1.0)))
+    manifest = write_manifest(tmp_path, 2)
+    out = tmp_path / "out"
+    assert main(run_args(manifest, sim.url, out)) == 1
+    assert sim.stats()["creates"] == 2
+    status = read_ledger(out / "ledger.jsonl")
+    assert {st.error_code for st in status.jobs.values()} == {"INPUT_DOWNLOAD_ERROR"}
+
+
+def test_transient_api_faults_still_finish_every_job(tmp_path: Path, threaded_sim: SimFactory) -> None:
+    faults = Faults(
+        server_error_html=0.1,
+        server_error_empty=0.1,
+        reset_before=0.1,
+        rate_limit_no_retry_after=0.05,
+        malformed_json=0.05,
+        truncated_download=0.2,
+    )
+    sim = threaded_sim(fast_sim(faults=faults, seed=3))
+    manifest = write_manifest(tmp_path, 12)
+    out = tmp_path / "out"
+    assert main(run_args(manifest, sim.url, out)) == 0
+    assert len(images_in(out)) == 12
+    stats = sim.stats()
+    state = read_ledger(out / "ledger.jsonl")
+    # Creates whose answer was lost may have been paid twice; nothing else may be.
+    assert stats["duplicates"] <= state.lost_answers
+    assert sum(stats["faults_injected"].values()) > 0
+
+
+def test_key_never_reaches_ledger_logs_or_files(
+    tmp_path: Path, threaded_sim: SimFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sim = threaded_sim(fast_sim(faults=Faults(server_error_html=0.2, input_error=0.3), seed=1))
+    manifest = write_manifest(tmp_path, 8)
+    out = tmp_path / "out"
+    log_file = tmp_path / "run.log"
+    main(run_args(manifest, sim.url, out, "--log-file", str(log_file), "--log-format", "json"))
+    captured = capsys.readouterr()
+    assert SECRET_KEY not in captured.out + captured.err
+    for path in [log_file, *out.rglob("*")]:
+        if path.is_file():
+            assert SECRET_KEY.encode() not in path.read_bytes(), path
+
+
+def test_resume_polls_prediction_left_in_flight_instead_of_creating_it(
+    tmp_path: Path, threaded_sim: SimFactory
+) -> None:
+    import urllib.request
+
+    sim = threaded_sim(fast_sim())
+    manifest_path = write_manifest(tmp_path, 2)
+    manifest = load_manifest(manifest_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    job = manifest.jobs[0]
+    # An earlier run created this prediction and was killed before it saw the result.
+    body = json.dumps({"model": "flux-kontext-max", "version": "0.0.1", "input": {"prompt": job.input["prompt"]}})
+    request = urllib.request.Request(
+        f"{sim.url}/v1/prediction/", data=body.encode(), headers={"X-API-Key": "k", "Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request) as answer:
+        prediction_id = json.load(answer)["predictionID"]
+    now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+    record = {"ts": now, "job": job.id, "fingerprint": job.fingerprint}
+    with open(out / "ledger.jsonl", "w", encoding="utf-8") as fh:
+        fh.write(json.dumps({**record, "event": "submitting", "attempt": 1}) + "\n")
+        fh.write(json.dumps({**record, "event": "submitted", "prediction_id": prediction_id}) + "\n")
+    assert main(run_args(manifest_path, sim.url, out)) == 0
+    stats = sim.stats()
+    assert stats["creates"] == 2  # the one above, and the other job: never the resumed one again
+    state = read_ledger(out / "ledger.jsonl")
+    assert state.jobs[job.fingerprint].file is not None
+
+
+def test_second_run_on_a_locked_output_exits_75_naming_the_holder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = write_manifest(tmp_path, 2)
+    out = OutputDir(tmp_path / "out")
+    out.create()
+    with RunLock(out.lock):
+        assert main(["run", str(manifest), "--output", str(out.path), "--api-url", "http://127.0.0.1:9"]) == 75
+        # status still works while a run holds the lock
+        assert main(["status", str(manifest), "--output", str(out.path), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert f"pid {os.getpid()}" in captured.err
+    assert json.loads(captured.out.strip())["pending"] == 2
+
+
+def test_status_json_counts(tmp_path: Path, threaded_sim: SimFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    sim = threaded_sim(fast_sim())
+    manifest = write_manifest(tmp_path, 4)
+    out = tmp_path / "out"
+    assert main(run_args(manifest, sim.url, out, "--max-jobs", "3")) == 75
+    capsys.readouterr()
+    assert main(["status", str(manifest), "--output", str(out), "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert {k: counts[k] for k in ("total", "succeeded", "failed", "pending", "in_flight")} == {
+        "total": 4,
+        "succeeded": 3,
+        "failed": 0,
+        "pending": 1,
+        "in_flight": 0,
+    }
+
+
+def _start_runner(manifest: Path, url: str, out: Path, *extra: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "EACHLABS_API_KEY": SECRET_KEY}
+    return subprocess.Popen(
+        [sys.executable, "-m", "batchrunner", *run_args(manifest, url, out, *extra)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _wait_for_successes(out: Path, count: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    ledger = out / "ledger.jsonl"
+    while time.monotonic() < deadline:
+        if ledger.exists() and ledger.read_bytes().count(b'"event":"succeeded"') >= count:
+            return
+        if proc.poll() is not None:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the runner made no progress")
+
+
+def test_sigkill_mid_batch_then_rerun_finishes_without_paying_twice(tmp_path: Path, threaded_sim: SimFactory) -> None:
+    sim = threaded_sim(fast_sim(min_seconds=0.05, max_seconds=0.2, rate_count=40, rate_period=0.4, concurrency=3))
+    manifest = write_manifest(tmp_path, 20)
+    out = tmp_path / "out"
+    limits = ("--rate-limit", "40/0.4", "--concurrency", "3")
+    proc = _start_runner(manifest, sim.url, out, *limits)
+    _wait_for_successes(out, 4, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert main(run_args(manifest, sim.url, out, *limits)) == 0
+    assert len(images_in(out)) == 20
+    stats = sim.stats()
+    state = read_ledger(out / "ledger.jsonl")
+    assert stats["duplicates"] <= state.lost_answers
+    assert stats["max_in_flight"] <= 3
+    assert stats["rate_limited"] == 0 and stats["concurrency_rejected"] == 0
+
+
+def test_sigint_stops_submitting_drains_and_exits_130(tmp_path: Path, threaded_sim: SimFactory) -> None:
+    sim = threaded_sim(fast_sim(min_seconds=0.05, max_seconds=0.15, rate_count=30, rate_period=0.5, concurrency=2))
+    manifest = write_manifest(tmp_path, 20)
+    out = tmp_path / "out"
+    limits = ("--rate-limit", "30/0.5", "--concurrency", "2")
+    proc = _start_runner(manifest, sim.url, out, *limits)
+    _wait_for_successes(out, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, err.decode()
+    assert b"Traceback" not in err
+    state = read_ledger(out / "ledger.jsonl")
+    # Drained: nothing left in flight, and not every job was submitted.
+    assert not state.in_flight()
+    assert len(images_in(out)) < 20
+    assert main(run_args(manifest, sim.url, out, *limits)) == 0
+    assert len(images_in(out)) == 20
+    assert sim.stats()["duplicates"] == 0
