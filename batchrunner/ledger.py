@@ -103,6 +103,9 @@ class JobState:
     cost: float | None = None
     submitted_at: float | None = None  # epoch seconds of the `submitted` event
     finished_at: float | None = None  # epoch seconds of the `succeeded`/`failed` event
+    # Epoch seconds of the latest create whose answer may be lost (an intent with no answer yet, or one answered by a
+    # dropped connection): such a prediction may be running, so a resumed run holds an in-flight slot for it a while.
+    doubt_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,12 +187,14 @@ def _apply(state: JobState, name: str, event: dict[str, Any]) -> None:
             # A second intent before any answer to the first: the first answer was lost for good.
             state.lost_answers += 1
         state.status = JobStatus.IN_DOUBT
+        state.doubt_at = _ts(event)
         # A new create abandons any earlier prediction; its id must not be polled as this attempt's.
         state.prediction_id = None
     elif name == SUBMITTED:
         state.status = JobStatus.IN_FLIGHT
         state.prediction_id = event["prediction_id"]
         state.submitted_at = _ts(event)
+        state.doubt_at = None
     elif name == SUCCEEDED:
         state.status = JobStatus.SUCCEEDED
         state.file = event["file"]
@@ -208,12 +213,16 @@ def _apply(state: JobState, name: str, event: dict[str, Any]) -> None:
         state.retryable = event.get("retryable") is True
         state.prediction_id = None
         state.finished_at = _ts(event)
+        state.doubt_at = None
     elif name == CREATE_FAILED:
         state.status = JobStatus.PENDING
         state.prediction_id = None
         state.error = _text(event.get("error"))
         if event.get("in_doubt") is True:
             state.lost_answers += 1
+            state.doubt_at = _ts(event)
+        else:
+            state.doubt_at = None
     elif name == RESET:
         state.attempts = 0
         if state.status is JobStatus.FAILED:

@@ -308,6 +308,16 @@ class Scheduler:
             self.flights[flight.prediction_id] = flight
             self.gate.in_flight += 1
             self.gate.max_seen = max(self.gate.max_seen, self.gate.in_flight)
+        # A create a killed run sent without hearing back may be running on the server: hold its slot for as long as a
+        # prediction would take, so that creating it again cannot push the server past the cap.
+        hold = self._expected_duration()
+        for st in self.state.jobs.values():
+            if st.doubt_at is not None and st.status is not JobStatus.IN_FLIGHT:
+                release_at = now - (wall_now - st.doubt_at) + hold
+                if release_at > now:
+                    self.phantoms.append(release_at)
+                    self.gate.in_flight += 1
+        self.gate.max_seen = max(self.gate.max_seen, self.gate.in_flight)
         if self.request_log is not None:
             # Requests a killed run made in the current window still count: do not burst past them.
             recent = self.request_log.recent(self.config.rate_period + self.window.margin)
