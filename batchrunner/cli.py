@@ -139,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="first poll this long after a create, until prediction times are learnt (3s)",
     )
     run.add_argument("--timeout", type=_duration, default=30.0, help="HTTP timeout per request (30s)")
+    run.add_argument(
+        "--inline-images",
+        action="store_true",
+        help="send local images as base64 data URIs instead of uploading them (for servers that accept them)",
+    )
     run.add_argument("--allow-large", action="store_true", help="allow a manifest of more than 10,000 jobs")
     _logging_options(run)
     _simulator_options(run)
@@ -354,6 +359,7 @@ async def _run_async(args: argparse.Namespace, manifest: Manifest, out: OutputDi
         budget=args.budget,
         price=args.price if args.price is not None else manifest.price,
         poll_initial=poll_initial if poll_initial is not None else 3.0,
+        inline_images=args.inline_images,
     )
     if config.budget is not None and config.price is None:
         raise UsageError("--budget needs a price per prediction: pass --price or set `price:` in the manifest")

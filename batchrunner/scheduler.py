@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, TypeVar
 
 from batchrunner.client import Client, Phase, Prediction
@@ -45,6 +46,7 @@ from batchrunner.ledger import (
     SUBMITTED,
     SUBMITTING,
     SUCCEEDED,
+    UPLOADED,
     JobState,
     JobStatus,
     Ledger,
@@ -65,6 +67,13 @@ MAX_CONSECUTIVE_FAILURES = 12
 MAX_CREATE_RETRIES = 8
 # Attempts at downloading one output within one run; after that the prediction stays in the ledger to fetch next run.
 MAX_DOWNLOAD_TRIES = 6
+# Attempts at uploading one input image within one run; after that its jobs wait for the next run.
+MAX_UPLOAD_TRIES = 5
+# Uploads in progress at once (each is a presign request to the API, then a PUT to the storage host).
+MAX_PARALLEL_UPLOADS = 4
+# How long an upload recorded in the ledger is trusted. The API keeps files 180 days by default; a month stays well
+# inside that, and a file the API lost anyway fails its job with INPUT_DOWNLOAD_ERROR, which makes us upload again.
+UPLOAD_TTL = 30 * 86400.0
 
 
 class StopReason(StrEnum):
@@ -96,6 +105,7 @@ class RunConfig:
     price: float | None = None
     poll_initial: float = 3.0
     poll_min_interval: float = 0.0
+    inline_images: bool = False  # send local images as data URIs instead of uploading them
     download_concurrency: int = 4
     retry_base: float = 0.5
     retry_cap: float = 30.0
@@ -130,6 +140,7 @@ class Counters:
     creates: int = 0
     polls: int = 0
     cancels: int = 0
+    uploads: int = 0
     lost_answers: int = 0  # creates whose answer never came (this run and the ledger's earlier ones)
     rate_limited: int = 0
     spend: float = 0.0
@@ -211,6 +222,7 @@ class Scheduler:
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         on_progress: Callable[[Snapshot], None] | None = None,
+        content_types: Mapping[str, str] | None = None,
     ) -> None:
         self.manifest = manifest
         self.client = client
@@ -247,6 +259,16 @@ class Scheduler:
         self.started = 0.0
         self.deadline: float | None = None
         self._images: dict[str, str] = {}
+        # Uploads: by sha256 of the file's content, so each distinct image is uploaded once, whatever its paths.
+        self.content_types: Mapping[str, str] = content_types or {}
+        self.uploaded: dict[str, str] = {}  # sha256 -> public_url
+        self.fresh_uploads: set[str] = set()  # uploaded by this run
+        self.upload_queue: deque[str] = deque()
+        self.uploading: set[str] = set()
+        self.upload_tries: dict[str, int] = {}
+        self.upload_retry_at: dict[str, float] = {}
+        self.image_paths: dict[str, Path] = {}
+        self.blocked: list[Job] = []  # jobs whose image could not be uploaded this run
         self.pending_reserved = 0  # creates in progress (they hold a gate slot and a budget reservation)
         # Slots held for creates whose answer was lost: the prediction may be running on the server, so it keeps its
         # slot until it would surely have finished (loop times at which to release them).
@@ -291,6 +313,7 @@ class Scheduler:
                 self.counters.failed += 1
             elif verdict == "submit":
                 self.ready.append(job)
+        self._plan_uploads(wall_now)
         # Every prediction an earlier run left in flight is polled first and holds a slot, whether or not the manifest
         # still has its job: it runs (and is billed) on the server all the same.
         for st in self.state.in_flight():
@@ -324,6 +347,49 @@ class Scheduler:
             if recent:
                 history = [now - (wall_now - w) for w in recent]
                 self.window = SlidingWindow(self.config.rate_count, self.config.rate_period, history=history)
+
+    def _plan_uploads(self, wall_now: float) -> None:
+        """Queue each distinct local image pending jobs need, in the order of its first job; reuse fresh uploads."""
+        for digest, upload in self.state.uploads.items():
+            if wall_now - upload.uploaded_at < UPLOAD_TTL:
+                self.uploaded[digest] = upload.public_url
+        if self.config.inline_images:
+            return
+        queued: set[str] = set()
+        for job in self.ready:
+            sha = job.image_sha256
+            if job.image_path is None or sha is None or sha in self.uploaded or sha in queued:
+                continue
+            queued.add(sha)
+            self.image_paths[sha] = job.image_path
+            self.upload_queue.append(sha)
+
+    def _image_ready(self, job: Job) -> bool:
+        return (
+            self.config.inline_images
+            or job.image_path is None
+            or job.image_sha256 is None
+            or job.image_sha256 in self.uploaded
+        )
+
+    def _next_creatable(self) -> Job | None:
+        """The first ready job whose input image is uploaded (jobs behind a slow upload do not hold others back)."""
+        for i, job in enumerate(self.ready):
+            if self._image_ready(job):
+                return job
+            if i >= 256:  # uploads run in job order, so a creatable job is never far back
+                break
+        return None
+
+    def _next_upload(self, now: float, soonest: Callable[[float], None]) -> str | None:
+        if self.stop_reason is not None or len(self.uploading) >= MAX_PARALLEL_UPLOADS:
+            return None
+        for sha in self.upload_queue:
+            at = self.upload_retry_at.get(sha, 0.0)
+            if at <= now:
+                return sha
+            soonest(at)
+        return None
 
     # ----------------------------------------------------------------------------------------------- the run
     async def run(self) -> RunResult:
@@ -419,7 +485,13 @@ class Scheduler:
             self._release_phantoms(now)
             soonest(min(self.phantoms, default=now))
         if self.ready and self._may_submit(now):
-            return ("create", self.ready[0]), None
+            job = self._next_creatable()
+            if job is not None:
+                return ("create", job), None
+        if self.upload_queue:
+            sha = self._next_upload(now, soonest)
+            if sha is not None:
+                return ("presign", sha), None
         if self.delayed and self.stop_reason is None:
             soonest(min(t for t, _ in self.delayed))
         due = min(idle, key=lambda f: f.next_poll_at, default=None)
@@ -482,11 +554,20 @@ class Scheduler:
     def _start(self, kind: str, target: Any, now: float) -> None:
         self.calls_in_progress += 1
         if kind == "create":
-            job: Job = self.ready.popleft()
+            job: Job = target
+            if self.ready[0] is job:
+                self.ready.popleft()
+            else:
+                self.ready.remove(job)
             if not self.gate.try_acquire():  # _may_submit checked it; a failure here is a bug, not a 429
                 raise RuntimeError("in-flight gate refused a create that the dispatcher allowed")
             self.pending_reserved += 1
             self._spawn(self._api_task(self._create(job)))
+        elif kind == "presign":
+            sha: str = target
+            self.upload_queue.remove(sha)
+            self.uploading.add(sha)
+            self._spawn(self._api_task(self._upload(sha)))
         elif kind == "poll":
             flight: Flight = target
             flight.busy = True
@@ -534,7 +615,9 @@ class Scheduler:
 
     def _api_input(self, job: Job) -> dict[str, Any]:
         body = dict(job.input)
-        if job.image_path is not None and job.image_sha256 is not None:
+        if job.image_path is not None and job.image_sha256 is not None and not self.config.inline_images:
+            body["input_image"] = self.uploaded[job.image_sha256]
+        elif job.image_path is not None and job.image_sha256 is not None:
             uri = self._images.get(job.image_sha256)
             if uri is None:
                 uri = data_uri(read_bytes(job.image_path), job.image_path.name)
@@ -632,6 +715,46 @@ class Scheduler:
             return
         self._fail(job.id, job.fingerprint, job, str(exc), retryable=False, error_code=None, prediction_id=None)
 
+    async def _upload(self, sha: str) -> None:
+        """Presign (an API request), PUT the bytes (another host), record the upload; only then may jobs use it."""
+        path = self.image_paths[sha]
+        content_type = self.content_types.get(sha) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        try:
+            presigned = await self._call("presign", self.client.presign(content_type))
+            try:
+                data = await asyncio.to_thread(read_bytes, path)
+            except OSError as exc:
+                raise InputImageError(f"cannot read: {describe_os_error(exc)}", file=str(path)) from exc
+            await self.client.put_upload(presigned, data)
+        except ApiError as exc:
+            self.uploading.discard(sha)
+            self._api_failed(exc)
+            tries = self.upload_tries.get(sha, 0) + 1
+            self.upload_tries[sha] = tries
+            if tries >= MAX_UPLOAD_TRIES:
+                log.error("upload of %s failed %d times (%s); its jobs wait for the next run", path, tries, exc)
+                self._block_image(sha)
+                return
+            log.warning("upload of %s failed (%s); trying again", path, exc)
+            wait = retry_delay(
+                tries, exc.retry_after, base=self.config.retry_base, cap=self.config.retry_cap, rng=self._rng
+            )
+            self.upload_retry_at[sha] = self.now() + wait
+            self.upload_queue.append(sha)
+            return
+        self._api_ok()
+        self.uploading.discard(sha)
+        self.ledger.append(UPLOADED, sha256=sha, public_url=presigned.public_url, file=path.name)
+        self.uploaded[sha] = presigned.public_url
+        self.fresh_uploads.add(sha)
+        self.counters.uploads += 1
+
+    def _block_image(self, sha: str) -> None:
+        keep: deque[Job] = deque()
+        for job in self.ready:
+            (self.blocked if job.image_sha256 == sha else keep).append(job)
+        self.ready = keep
+
     async def _poll(self, flight: Flight) -> None:
         self.counters.polls += 1
         try:
@@ -680,6 +803,16 @@ class Scheduler:
             return
         error = prediction.error or ("finished without an output" if prediction.phase is Phase.SUCCEEDED else "failed")
         retryable = prediction.retryable or prediction.phase is Phase.SUCCEEDED
+        sha = flight.job.image_sha256 if flight.job is not None else None
+        stale = sha is not None and sha in self.uploaded and sha not in self.fresh_uploads
+        if prediction.error_code == "INPUT_DOWNLOAD_ERROR" and sha is not None and stale:
+            # The API could not fetch an image an earlier run uploaded (expired or lost): upload it again and try the
+            # job again. An upload made by this run that fails so is a real input problem: no second try.
+            del self.uploaded[sha]
+            if sha not in self.upload_queue and sha not in self.uploading and flight.job is not None:
+                self.image_paths[sha] = flight.job.image_path or self.image_paths[sha]
+                self.upload_queue.append(sha)
+            retryable = True
         self._fail(
             flight.job_id,
             flight.fingerprint,
@@ -838,7 +971,7 @@ class Scheduler:
     def _result(self) -> RunResult:
         c = self.counters
         in_flight = len(self.flights) + len(self.undownloaded)
-        pending = len(self.ready) + len(self.delayed) + self.pending_reserved
+        pending = len(self.ready) + len(self.delayed) + self.pending_reserved + len(self.blocked)
         stop = self.stop_reason
         if stop is None and (pending or in_flight) and self.fatal is None:
             stop = StopReason.API_DOWN if self.consecutive_failures else None

@@ -107,6 +107,7 @@ class Faults:
     input_error: float = 0.0
     never_finish: float = 0.0
     payment_required_after: int | None = None
+    upload_reset: float = 0.0  # an upload PUT's connection drops halfway: nothing is stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -824,6 +825,10 @@ class Simulator:
             return _json({"error": "Content-Type does not match the presigned request"}, 403)
         if (request.content_length or 0) > MAX_UPLOAD_BYTES:
             return _json({"error": "File too large (max 100 MB)"}, 413)
+        if self._inject("upload_reset", self.config.faults.upload_reset):
+            # Read part of the body, then drop the connection: the upload never completes.
+            await request.content.read(16)
+            return _drop(request)
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.content.iter_chunked(1 << 16):
