@@ -26,18 +26,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import aiohttp
-
 from batchrunner import __version__
-from batchrunner.client import DEFAULT_API_URL, Client
+from batchrunner.client import DEFAULT_API_URL
 from batchrunner.errors import BatchrunnerError, UsageError
-from batchrunner.ledger import Ledger, RequestLog, read_ledger
+from batchrunner.ledger import Ledger, read_ledger
 from batchrunner.limits import parse_duration, parse_rate
 from batchrunner.manifest import Manifest, load_manifest
 from batchrunner.output import OutputDir, RunLock
+from batchrunner.report import write_report
+from batchrunner.runner import Endpoint, check_input_urls, content_types, reset_failed, run_batch
 from batchrunner.scheduler import RunConfig, RunResult, Scheduler, Snapshot, StopReason
 from batchrunner.simulator import Faults, SimConfig, Simulator, serve_forever
-from batchrunner.status import count_status
+from batchrunner.status import count_status, make_plan
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="first poll this long after a create, until prediction times are learnt (3s)",
     )
     run.add_argument("--timeout", type=_duration, default=30.0, help="HTTP timeout per request (30s)")
+    run.add_argument("--check-urls", action="store_true", help="check each input URL once before submitting")
+    run.add_argument("--retry-failed", action="store_true", help="give failed jobs their attempts back first")
     run.add_argument(
         "--inline-images",
         action="store_true",
@@ -155,11 +157,55 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--max-attempts", type=_positive_int, default=3)
     status.add_argument("--allow-large", action="store_true")
 
+    plan = sub.add_parser("plan", help="what a run would do: counts, requests, time and cost (no request is made)")
+    plan.add_argument("manifest", type=Path)
+    _output_option(plan)
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    _limit_options(plan)
+    plan.add_argument("--allow-large", action="store_true")
+
+    validate = sub.add_parser(
+        "validate",
+        help="every check a run makes before spending (manifest, images; URLs with --check-urls), then the plan",
+    )
+    validate.add_argument("manifest", type=Path)
+    _output_option(validate)
+    validate.add_argument("--json", action="store_true", help="machine-readable plan")
+    validate.add_argument("--check-urls", action="store_true", help="check each input URL once (HEAD, then GET)")
+    _limit_options(validate)
+    validate.add_argument("--allow-large", action="store_true")
+
+    retry = sub.add_parser("retry", help="give failed jobs their attempts back, so the next run tries them again")
+    retry.add_argument("manifest", type=Path)
+    _output_option(retry)
+    retry.add_argument("--failed", action="store_true", required=True, help="reset every failed job of the manifest")
+    retry.add_argument("--allow-large", action="store_true")
+
+    report = sub.add_parser("report", help="write <output>/report.html, a contact sheet of inputs and outputs")
+    report.add_argument("manifest", type=Path)
+    _output_option(report)
+    report.add_argument("--max-attempts", type=_positive_int, default=3)
+    report.add_argument("--allow-large", action="store_true")
+
     sim = sub.add_parser("simulate", help="serve the built-in API simulator for experiments")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8787)
     _simulator_options(sim)
     return parser
+
+
+def _limit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--concurrency", type=_positive_int, default=10, help="predictions in flight at most (10)")
+    p.add_argument(
+        "--rate-limit",
+        type=_rate,
+        default=(60, 60.0),
+        metavar="COUNT/SECONDS",
+        help="requests to the API host in any window (60/60)",
+    )
+    p.add_argument("--max-attempts", type=_positive_int, default=3, help="predictions per job at most (3)")
+    p.add_argument("--price", type=_non_negative_float, default=None, help="USD per prediction (or `price:`)")
+    p.add_argument("--inline-images", action="store_true", help="local images go inline, not uploaded")
 
 
 def _logging_options(p: argparse.ArgumentParser) -> None:
@@ -363,64 +409,29 @@ async def _run_async(args: argparse.Namespace, manifest: Manifest, out: OutputDi
     )
     if config.budget is not None and config.price is None:
         raise UsageError("--budget needs a price per prediction: pass --price or set `price:` in the manifest")
+    mode = args.progress
+    if mode == "auto":
+        mode = "bar" if sys.stderr.isatty() and not args.quiet else "lines"
+    progress = _Progress(mode, len(manifest.jobs))
     try:
-        out.create()
-        with RunLock(out.lock):
-            out.prepare()
-            state = read_ledger(out.ledger)
-            mode = args.progress
-            if mode == "auto":
-                mode = "bar" if sys.stderr.isatty() and not args.quiet else "lines"
-            progress = _Progress(mode, len(manifest.jobs))
-            request_log = RequestLog(out.requests)
-            request_log.compact(period + 5.0)
-            try:
-                with Ledger(out.ledger) as ledger:
-                    ledger.append("run_started", pid=os.getpid(), jobs=len(manifest.jobs))
-                    async with aiohttp.ClientSession() as session:
-                        client = Client(session, base_url=base_url, api_key=api_key, timeout=args.timeout)
-                        scheduler = Scheduler(
-                            manifest,
-                            client,
-                            ledger,
-                            out,
-                            state,
-                            config,
-                            request_log=request_log,
-                            on_progress=progress,
-                        )
-                        _install_signals(scheduler)
-                        try:
-                            result = await scheduler.run()
-                        finally:
-                            _remove_signals()
-                    if scheduler.fatal is not None:
-                        raise scheduler.fatal
-                    ledger.append("run_finished", **_result_fields(result))
-            finally:
-                progress.close()
-                request_log.close()
+        result, _ = await run_batch(
+            manifest,
+            out,
+            config,
+            Endpoint(base_url, api_key, args.timeout),
+            retry_failed=args.retry_failed,
+            on_progress=progress,
+            on_scheduler=_install_signals,
+        )
     finally:
+        progress.close()
+        _remove_signals()
         if sim is not None:
             await sim.stop()
     log.warning(_summary(result, out)) if result.failed or not result.complete else log.info(_summary(result, out))
     if args.quiet and not (result.failed or not result.complete):
         print(_summary(result, out), file=sys.stderr)
     return _exit_code(result)
-
-
-def _result_fields(result: RunResult) -> dict[str, Any]:
-    return {
-        "succeeded": result.succeeded,
-        "skipped": result.skipped,
-        "failed": result.failed,
-        "pending": result.pending,
-        "in_flight": result.in_flight,
-        "requests": result.requests,
-        "lost_answers": result.lost_answers,
-        "elapsed": round(result.elapsed, 3),
-        "stop_reason": result.stop_reason.value if result.stop_reason else None,
-    }
 
 
 def _install_signals(scheduler: Scheduler) -> None:
@@ -443,7 +454,8 @@ def _install_signals(scheduler: Scheduler) -> None:
 def _remove_signals() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.remove_signal_handler(sig)
+        with contextlib.suppress(ValueError, RuntimeError):
+            loop.remove_signal_handler(sig)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -452,6 +464,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not manifest.jobs:
         print(f"{args.manifest}: the manifest has no jobs; nothing to do", file=sys.stderr)
         return EXIT_OK
+    if args.check_urls:
+        asyncio.run(check_input_urls(manifest))
     return asyncio.run(_run_async(args, manifest, out))
 
 
@@ -463,6 +477,51 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(counts.to_json()))
     else:
         print(counts.describe(str(out.path)))
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    manifest = _load(args)
+    content_types(manifest)
+    if args.check_urls:
+        asyncio.run(check_input_urls(manifest))
+    return cmd_plan(args, manifest)
+
+
+def cmd_plan(args: argparse.Namespace, manifest: Manifest | None = None) -> int:
+    manifest = manifest or _load(args)
+    out = _output_dir(args)
+    count, period = args.rate_limit
+    plan = make_plan(
+        manifest,
+        read_ledger(out.ledger),
+        out,
+        max_attempts=args.max_attempts,
+        concurrency=args.concurrency,
+        rate_count=count,
+        rate_period=period,
+        price=args.price if args.price is not None else manifest.price,
+        inline_images=args.inline_images,
+    )
+    print(json.dumps(plan.to_json()) if args.json else plan.describe(str(out.path)))
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    manifest = _load(args)
+    out = _output_dir(args)
+    out.create()
+    with RunLock(out.lock), Ledger(out.ledger) as ledger:
+        count = reset_failed(manifest, read_ledger(out.ledger), ledger)
+    print(f"{count} failed jobs will be tried again by the next run", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    manifest = _load(args)
+    out = _output_dir(args)
+    path = write_report(manifest, read_ledger(out.ledger), out, max_attempts=args.max_attempts)
+    print(path)
     return EXIT_OK
 
 
@@ -483,11 +542,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if hasattr(args, "log_format"):
             _setup_logging(args, sys.stderr)
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "status":
-            return cmd_status(args)
-        return cmd_simulate(args)
+        commands = {
+            "run": cmd_run,
+            "status": cmd_status,
+            "plan": cmd_plan,
+            "validate": cmd_validate,
+            "retry": cmd_retry,
+            "report": cmd_report,
+            "simulate": cmd_simulate,
+        }
+        return commands[args.command](args)
     except BatchrunnerError as exc:
         print(f"batchrunner: {exc}", file=sys.stderr)
         return exc.exit_code

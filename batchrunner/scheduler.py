@@ -274,6 +274,7 @@ class Scheduler:
         # slot until it would surely have finished (loop times at which to release them).
         self.phantoms: list[float] = []
         self.undownloaded: list[str] = []
+        self._window_seeded = False
         # Until the API has answered once, one request at a time: a wrong key then costs one request, not ten.
         self.key_checked = False
         self.calls_in_progress = 0
@@ -341,6 +342,14 @@ class Scheduler:
                     self.phantoms.append(release_at)
                     self.gate.in_flight += 1
         self.gate.max_seen = max(self.gate.max_seen, self.gate.in_flight)
+        self._seed_window()
+
+    def _seed_window(self) -> None:
+        """Count the requests a killed run made in the current window (once, before the first request)."""
+        if self._window_seeded:
+            return
+        self._window_seeded = True
+        now, wall_now = self.now(), self._wall()
         if self.request_log is not None:
             # Requests a killed run made in the current window still count: do not burst past them.
             recent = self.request_log.recent(self.config.rate_period + self.window.margin)
@@ -405,6 +414,14 @@ class Scheduler:
             await self._cancel_tasks()
         return self._result()
 
+    async def fetch_schema(self, slug: str) -> Mapping[str, Any] | None:
+        """Fetch a model's input schema before the run, within the same request window."""
+        self._seed_window()
+        granted = await self.window.acquire(self.now)
+        if self.request_log is not None:
+            self.request_log.record(self._wall() - (self.now() - granted))
+        return await self._call("schema", self.client.model_schema(slug))
+
     def request_stop(self, reason: StopReason, *, drain: float | None = None) -> None:
         """Stop submitting; finish what is in flight for ``drain`` seconds (default: the configured drain timeout)."""
         if self.stop_reason is None:
@@ -448,10 +465,13 @@ class Scheduler:
             if kind == "poll":
                 self.pacer.take(now)
             if counts:
-                self.window.take(now)
-                if self.request_log is not None:
-                    self.request_log.record(self._wall())
+                self._take_grant(now)
             self._start(kind, target, now)
+
+    def _take_grant(self, now: float) -> None:
+        self.window.take(now)
+        if self.request_log is not None:
+            self.request_log.record(self._wall())
 
     def _has_work(self) -> bool:
         if self.stop_reason is not None:

@@ -109,3 +109,100 @@ def count_status(
         spend=state.spend,
         failures=tuple(f for _, f in failures[:recent]),
     )
+
+
+# With no prediction times in the ledger yet, plans assume the documented typical latency (8-15 s per image).
+TYPICAL_PREDICTION_SECONDS = 12.0
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a run would do, computed without a single request."""
+
+    counts: StatusCounts
+    retryable_failed: int  # failed jobs a run would try again (counted in pending)
+    to_submit: int
+    uploads: int  # distinct local images not yet uploaded
+    requests: int  # expected requests to the API host
+    seconds: float  # expected duration at the configured limits
+    cost: float | None  # expected cost at the price, when there is one
+    mean_prediction: float  # seconds, from the ledger or the typical figure
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.counts.to_json(),
+            "new": self.to_submit - self.retryable_failed,
+            "retry": self.retryable_failed,
+            "uploads": self.uploads,
+            "expected_requests": self.requests,
+            "expected_seconds": round(self.seconds, 1),
+            "expected_cost": None if self.cost is None else round(self.cost, 4),
+            "mean_prediction_seconds": round(self.mean_prediction, 2),
+        }
+
+    def describe(self, where: str) -> str:
+        c = self.counts
+        cost = "unknown (no price: pass --price or set `price:`)" if self.cost is None else f"${self.cost:.2f}"
+        lines = [
+            f"{where}: {c.total} jobs: {c.succeeded} done, {self.to_submit - self.retryable_failed} new, "
+            f"{self.retryable_failed} to retry, {c.failed} failed for good, {c.in_flight} in flight"
+            + (f", {c.orphans} in the ledger but no longer in the manifest" if c.orphans else ""),
+            f"a run would make about {self.requests} requests ({self.to_submit} creates, {self.uploads} uploads) "
+            f"and take about {_human(self.seconds)} at the configured limits; cost {cost}",
+        ]
+        return "\n".join(lines)
+
+
+def _human(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def make_plan(
+    manifest: Manifest,
+    state: LedgerState,
+    out: OutputDir,
+    *,
+    max_attempts: int,
+    concurrency: int,
+    rate_count: int,
+    rate_period: float,
+    price: float | None,
+    inline_images: bool = False,
+    polls_per_job: float | None = None,
+) -> Plan:
+    """Estimate a run: requests from one create and the expected polls per job, time from the tighter limit."""
+    counts = count_status(manifest, state, out, max_attempts=max_attempts)
+    retryable_failed = 0
+    images: set[str] = set()
+    to_submit = 0
+    for job in manifest.jobs:
+        st = state.jobs.get(job.fingerprint)
+        present = st is not None and out.has_file(st.file)
+        if classify(st, file_present=present, max_attempts=max_attempts) != "submit":
+            continue
+        to_submit += 1
+        if st is not None and st.status is JobStatus.FAILED:
+            retryable_failed += 1
+        if job.image_sha256 is not None and job.image_sha256 not in state.uploads and not inline_images:
+            images.add(job.image_sha256)
+    durations = state.durations[-500:]
+    mean = sum(durations) / len(durations) if durations else TYPICAL_PREDICTION_SECONDS
+    polls = polls_per_job if polls_per_job is not None else 2.0
+    requests = round(to_submit * (1 + polls) + counts.in_flight * polls + len(images))
+    by_requests = rate_period * max(0, -(-requests // rate_count) - 1) if requests else 0.0
+    # Slots run in rounds of `concurrency` predictions; even one job takes one prediction time.
+    by_slots = -(-(to_submit + counts.in_flight) // concurrency) * mean
+    return Plan(
+        counts=counts,
+        retryable_failed=retryable_failed,
+        to_submit=to_submit,
+        uploads=len(images),
+        requests=requests,
+        seconds=max(by_requests, by_slots),
+        cost=None if price is None else to_submit * price,
+        mean_prediction=mean,
+    )

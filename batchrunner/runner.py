@@ -1,0 +1,178 @@
+"""One run of a manifest, wired together: checks before spending, the lock, the ledger, the client, the scheduler.
+
+The command line parses arguments and reports; the scheduler decides; this module owns the order in which a run's
+resources are opened and closed, so that every check that can fail does so before the first paid request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from batchrunner.client import Client
+from batchrunner.errors import ApiError, ManifestError, UsageError
+from batchrunner.images import check_urls, local_images, url_inputs
+from batchrunner.ledger import RESET, JobStatus, Ledger, LedgerState, RequestLog, read_ledger
+from batchrunner.manifest import DEFAULT_MODEL, Manifest
+from batchrunner.output import OutputDir, RunLock
+from batchrunner.scheduler import RunConfig, RunResult, Scheduler, Snapshot
+from batchrunner.schema import load_cached_schema, save_cached_schema, validate_input
+
+log = logging.getLogger("batchrunner")
+
+# Stands in for a local image when an input is checked against a model's schema: the API will see an uploaded URL.
+PLACEHOLDER_URL = "https://uploads.invalid/placeholder.png"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where the API is and how to authenticate to it."""
+
+    base_url: str
+    api_key: str
+    timeout: float = 30.0
+
+
+def content_types(manifest: Manifest) -> dict[str, str]:
+    """Check every local image before anything is spent (``InputImageError`` names the file and its jobs)."""
+    return {sha: image.content_type for sha, image in local_images(manifest).items()}
+
+
+def reset_failed(manifest: Manifest, state: LedgerState, ledger: Ledger) -> int:
+    """Append a ``reset`` for every failed job of the manifest; replay then gives them their attempts back."""
+    count = 0
+    for job in manifest.jobs:
+        st = state.jobs.get(job.fingerprint)
+        if st is not None and st.status is JobStatus.FAILED:
+            ledger.append(RESET, job=job.id, fingerprint=job.fingerprint)
+            count += 1
+    return count
+
+
+def schema_problems(manifest: Manifest, schema: Mapping[str, Any]) -> ManifestError | None:
+    """The first job whose input the model's JSON Schema refuses, as a manifest error."""
+    for job in manifest.jobs:
+        body = dict(job.input)
+        if job.image_path is not None:
+            body["input_image"] = PLACEHOLDER_URL
+        problems = validate_input(body, schema)
+        if problems:
+            return ManifestError(f"{problems[0]} (the model's schema)", file=manifest.path, job=job.id, line=job.line)
+    return None
+
+
+async def check_schema(manifest: Manifest, out: OutputDir, scheduler: Scheduler) -> None:
+    """For models other than flux-kontext-max (checked by the manifest itself), check inputs against the model's
+    published JSON Schema, cached in the output folder. When it cannot be had, warn and pass through."""
+    if manifest.model == DEFAULT_MODEL:
+        return
+    schema = load_cached_schema(out.path, manifest.model)
+    if schema is None:
+        try:
+            schema = await scheduler.fetch_schema(manifest.model)
+        except ApiError as exc:
+            log.warning("cannot fetch the schema of model %r (%s); inputs go unchecked", manifest.model, exc)
+            return
+        if schema is None:
+            log.warning("model %r publishes no input schema; inputs go unchecked", manifest.model)
+            return
+        save_cached_schema(out.path, manifest.model, schema)
+    problem = schema_problems(manifest, schema)
+    if problem is not None:
+        raise problem
+
+
+async def check_input_urls(manifest: Manifest) -> None:
+    """Reach each input URL once (HEAD, falling back to a ranged GET); an unreachable one is a usage error."""
+    urls = url_inputs(manifest)
+    if not urls:
+        return
+    async with aiohttp.ClientSession() as session:
+        answers = await check_urls(session, urls)
+    problems = {url: why for url, why in answers.items() if why}
+    if problems:
+        url, why = next(iter(problems.items()))
+        more = f" (and {len(problems) - 1} more URLs)" if len(problems) > 1 else ""
+        raise UsageError(f"{manifest.path}: input_image {url} is unreachable: {why}; used by {urls[url][0]}{more}")
+    log.info("all %d input URLs answer", len(urls))
+
+
+async def run_batch(
+    manifest: Manifest,
+    out: OutputDir,
+    config: RunConfig,
+    endpoint: Endpoint,
+    *,
+    retry_failed: bool = False,
+    on_progress: Callable[[Snapshot], None] | None = None,
+    on_scheduler: Callable[[Scheduler], None] | None = None,
+) -> tuple[RunResult, Scheduler]:
+    """Run a manifest's batch into ``out``; raises the error tree for what ends a run early."""
+    types = content_types(manifest)
+    out.create()
+    with RunLock(out.lock):
+        out.prepare()
+        state = read_ledger(out.ledger)
+        request_log = RequestLog(out.requests)
+        request_log.compact(config.rate_period + 5.0)
+        try:
+            with Ledger(out.ledger) as ledger:
+                if retry_failed and reset_failed(manifest, state, ledger):
+                    state = read_ledger(out.ledger)
+                ledger.append("run_started", pid=os.getpid(), jobs=len(manifest.jobs))
+                async with aiohttp.ClientSession() as session:
+                    client = Client(
+                        session, base_url=endpoint.base_url, api_key=endpoint.api_key, timeout=endpoint.timeout
+                    )
+                    scheduler = Scheduler(
+                        manifest,
+                        client,
+                        ledger,
+                        out,
+                        state,
+                        config,
+                        request_log=request_log,
+                        on_progress=on_progress,
+                        content_types=types,
+                    )
+                    if on_scheduler is not None:
+                        on_scheduler(scheduler)
+                    await check_schema(manifest, out, scheduler)
+                    result = await scheduler.run()
+                if scheduler.fatal is not None:
+                    raise scheduler.fatal
+                ledger.append("run_finished", **result_fields(result))
+        finally:
+            request_log.close()
+    return result, scheduler
+
+
+def result_fields(result: RunResult) -> dict[str, Any]:
+    """The summary of a run as ledger fields."""
+    return {
+        "succeeded": result.succeeded,
+        "skipped": result.skipped,
+        "failed": result.failed,
+        "pending": result.pending,
+        "in_flight": result.in_flight,
+        "requests": result.requests,
+        "lost_answers": result.lost_answers,
+        "elapsed": round(result.elapsed, 3),
+        "stop_reason": result.stop_reason.value if result.stop_reason else None,
+    }
+
+
+__all__ = [
+    "Endpoint",
+    "check_input_urls",
+    "check_schema",
+    "content_types",
+    "reset_failed",
+    "result_fields",
+    "run_batch",
+]
