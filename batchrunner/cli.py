@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="first poll this long after a create, until prediction times are learnt (3s)",
     )
+    run.add_argument(
+        "--poll-min-interval",
+        type=_duration,
+        default=None,
+        help="never poll one prediction more often than this (default 1s with --rate-limit-scope creates, else 0)",
+    )
     run.add_argument("--timeout", type=_duration, default=30.0, help="HTTP timeout per request (30s)")
     run.add_argument("--check-urls", action="store_true", help="check each input URL once before submitting")
     run.add_argument("--retry-failed", action="store_true", help="give failed jobs their attempts back first")
@@ -309,6 +315,10 @@ class _Progress:
 
     def __call__(self, snap: Snapshot) -> None:
         if self._bar is not None:
+            now = time.monotonic()
+            if now - self._last < 0.1 and snap.done + snap.failed < snap.total:
+                return  # redraw at most ten times a second: the dispatcher calls this on every decision
+            self._last = now
             self._bar.n = snap.done + snap.failed
             rpm = snap.requests / snap.elapsed * 60 if snap.elapsed > 1 else 0.0
             self._bar.set_postfix_str(
@@ -406,6 +416,11 @@ async def _run_async(args: argparse.Namespace, manifest: Manifest, out: OutputDi
         price=args.price if args.price is not None else manifest.price,
         poll_initial=poll_initial if poll_initial is not None else 3.0,
         inline_images=args.inline_images,
+        poll_min_interval=(
+            args.poll_min_interval
+            if args.poll_min_interval is not None
+            else (1.0 if args.rate_limit_scope == "creates" else 0.0)
+        ),
     )
     if config.budget is not None and config.price is None:
         raise UsageError("--budget needs a price per prediction: pass --price or set `price:` in the manifest")

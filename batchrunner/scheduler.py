@@ -238,10 +238,12 @@ class Scheduler:
         self.counters = Counters()
         self.window = SlidingWindow(config.rate_count, config.rate_period)
         self.gate = InFlightGate(config.concurrency)
+        # Polls are paced at the window's sustainable rate; when only creates count, at what the per-prediction minimum
+        # interval allows for a full set of slots.
         pace = config.rate_count / config.rate_period
-        self.pacer = PollPacer(
-            pace if config.rate_scope == "all" else max(pace, 1.0 / max(config.poll_min_interval, 0.05))
-        )
+        if config.rate_scope != "all":
+            pace = config.concurrency / max(config.poll_min_interval, 0.05)
+        self.pacer = PollPacer(pace)
         self.flights: dict[str, Flight] = {}
         self.ready: deque[Job] = deque()
         self.delayed: list[tuple[float, Job]] = []
