@@ -407,18 +407,26 @@ def _status_error(
     return RequestRejected(message, **extra)
 
 
-def _json_object(body: bytes, headers: Mapping[str, str], secret: str) -> dict[str, Any]:
-    """The JSON object of a 2xx answer; anything else (empty, HTML, not JSON, not an object) fails."""
+def _json_object(body: bytes, headers: Mapping[str, str], secret: str, status: int | None = None) -> dict[str, Any]:
+    """The JSON object of a 2xx answer; anything else (empty, HTML, not JSON, not an object) fails.
+
+    The error carries the 2xx ``status``: the server said yes to something we could not read, so a create answered so
+    may well exist (the scheduler counts it as a lost answer).
+    """
     request_id = headers.get("X-Request-Id")
     if not body.strip():
-        raise ServerError("empty answer from the API", request_id=request_id)
+        raise ServerError("empty answer from the API", status=status, request_id=request_id)
     try:
         data = json.loads(body)
     except ValueError:
         kind = "HTML" if body.lstrip()[:1] == b"<" else "not JSON"
-        raise ServerError(f"API answer is {kind}: {_snippet(body, secret)}", request_id=request_id) from None
+        raise ServerError(
+            f"API answer is {kind}: {_snippet(body, secret)}", status=status, request_id=request_id
+        ) from None
     if not isinstance(data, dict):
-        raise ServerError(f"API answer is not a JSON object: {_snippet(body, secret)}", request_id=request_id)
+        raise ServerError(
+            f"API answer is not a JSON object: {_snippet(body, secret)}", status=status, request_id=request_id
+        )
     return data
 
 
@@ -516,7 +524,7 @@ class Client:
         )
         if error is not None:
             raise error
-        return _json_object(body, response.headers, self._key) if want_body else {}
+        return _json_object(body, response.headers, self._key, response.status) if want_body else {}
 
     async def create(self, model: str, version: str, input: Mapping[str, Any]) -> str:
         """Submit a prediction; returns its id. Counts as one ``create`` request."""
@@ -528,7 +536,8 @@ class Client:
             if isinstance(value, str | int) and not isinstance(value, bool) and str(value).strip():
                 return str(value).strip()
         said = _text(body.get("message")) or json.dumps(body)
-        raise ServerError(f"create answer has no prediction id: {_snippet(said, self._key)}")
+        # A 2xx without an id: the prediction may exist all the same (the scheduler counts a lost answer).
+        raise ServerError(f"create answer has no prediction id: {_snippet(said, self._key)}", status=200)
 
     async def get(self, prediction_id: str) -> Prediction:
         """The current state of a prediction. Counts as one ``poll`` request."""

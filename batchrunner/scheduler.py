@@ -125,6 +125,8 @@ class Flight:
     next_poll_at: float = 0.0
     busy: bool = False
     poll_failures: int = 0
+    # Taken over from an earlier run: its age includes the time no run was watching, so it teaches no duration.
+    resumed: bool = False
 
 
 @dataclass(slots=True)
@@ -277,6 +279,7 @@ class Scheduler:
         self.phantoms: list[float] = []
         self.undownloaded: list[str] = []
         self._window_seeded = False
+        self.creates_paused_until = 0.0
         # Until the API has answered once, one request at a time: a wrong key then costs one request, not ten.
         self.key_checked = False
         self.calls_in_progress = 0
@@ -330,13 +333,14 @@ class Scheduler:
                 created_at=now - age,
                 job=jobs_by_fp.get(st.fingerprint),
                 next_poll_at=now,
+                resumed=True,
             )
             self.flights[flight.prediction_id] = flight
             self.gate.in_flight += 1
             self.gate.max_seen = max(self.gate.max_seen, self.gate.in_flight)
         # A create a killed run sent without hearing back may be running on the server: hold its slot for as long as a
         # prediction would take, so that creating it again cannot push the server past the cap.
-        hold = self._expected_duration()
+        hold = self._doubt_hold()
         for st in self.state.jobs.values():
             if st.doubt_at is not None and st.status is not JobStatus.IN_FLIGHT:
                 release_at = now - (wall_now - st.doubt_at) + hold
@@ -516,6 +520,8 @@ class Scheduler:
                 return ("presign", sha), None
         if self.delayed and self.stop_reason is None:
             soonest(min(t for t, _ in self.delayed))
+        if self.ready and self.creates_paused_until > now and self.stop_reason is None:
+            soonest(self.creates_paused_until)
         due = min(idle, key=lambda f: f.next_poll_at, default=None)
         if due is not None:
             if due.next_poll_at <= now:
@@ -543,7 +549,7 @@ class Scheduler:
         self.delayed = keep
 
     def _may_submit(self, now: float) -> bool:
-        if self.stop_reason is not None or self.gate.free() <= 0:
+        if self.stop_reason is not None or self.gate.free() <= 0 or now < self.creates_paused_until:
             return False
         cfg = self.config
         if cfg.max_jobs is not None and self.creates_this_run + self.pending_reserved >= cfg.max_jobs:
@@ -568,6 +574,16 @@ class Scheduler:
             ordered = sorted(self.durations)
             return ordered[int(0.9 * (len(ordered) - 1))] * 1.2
         return self.config.poll_initial * 3
+
+    def _doubt_hold(self) -> float:
+        """How long a create whose answer was lost keeps its slot: as long as its prediction may run.
+
+        With prediction times known, the longest seen and half again; before that, ten first-poll intervals (30 s by
+        default), since a slot freed too early lets the runner push the account past its cap.
+        """
+        if len(self.durations) >= 3:
+            return max(self.durations) * 1.5
+        return max(1.0, self.config.poll_initial * 10)
 
     def _check_deadline(self, now: float) -> None:
         if self.deadline is not None and now >= self.deadline and self.stopping_at is None:
@@ -659,6 +675,8 @@ class Scheduler:
             return
         if exc.status is not None:
             self.key_checked = True  # the API answered and did not refuse the key
+        if exc.status == 429:
+            return  # busy, not down
         self.consecutive_failures += 1
         if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES and self.stop_reason is None:
             log.error("the API failed %d times in a row (last: %s); stopping", self.consecutive_failures, exc)
@@ -702,14 +720,16 @@ class Scheduler:
         self.flights[prediction_id] = flight
 
     def _create_failed(self, job: Job, exc: ApiError) -> None:
-        in_doubt = isinstance(exc, NetworkError) and exc.sent
+        # In doubt: the request may have been acted on and no usable answer came back — the connection dropped after
+        # sending, or the server said 2xx with a body we could not read.
+        in_doubt = (isinstance(exc, NetworkError) and exc.sent) or (exc.status is not None and 200 <= exc.status < 300)
         if isinstance(exc, TransientError | PaymentRequired):
             self.ledger.append(
                 CREATE_FAILED, job=job.id, fingerprint=job.fingerprint, error=str(exc), in_doubt=in_doubt
             )
             if in_doubt:
                 self.counters.lost_answers += 1
-                self.phantoms.append(self.now() + self._expected_duration())
+                self.phantoms.append(self.now() + self._doubt_hold())
             else:
                 self.gate.release()
             if isinstance(exc, PaymentRequired):
@@ -717,9 +737,16 @@ class Scheduler:
                 self.ready.appendleft(job)
                 self.request_stop(StopReason.PAYMENT)
                 return
-            self.counters.rate_limited += int(exc.status == 429)
-            self._api_failed(exc)
             tries = self.create_retries.get(job.fingerprint, 0) + 1
+            self._api_failed(exc)
+            if exc.status == 429:
+                # The API is up and busy (its window, or more predictions running on the account than we know of):
+                # no outage, but no create for anyone until it has had its pause.
+                self.counters.rate_limited += 1
+                pause = retry_delay(
+                    tries, exc.retry_after, base=self.config.retry_base, cap=self.config.retry_cap, rng=self._rng
+                )
+                self.creates_paused_until = max(self.creates_paused_until, self.now() + pause)
             self.create_retries[job.fingerprint] = tries
             if tries > MAX_CREATE_RETRIES:
                 log.warning("job %s: create failed %d times (%s); left for the next run", job.id, tries, exc)
@@ -818,8 +845,10 @@ class Scheduler:
             flight.busy = False
             return
         self._finish_flight(flight)
-        self._learn(observed_duration(age, flight.last_running_age))
-        duration = round(age, 3)
+        duration: float | None = None
+        if not flight.resumed:
+            self._learn(observed_duration(age, flight.last_running_age))
+            duration = round(age, 3)
         if prediction.phase is Phase.SUCCEEDED and prediction.urls:
             self._spawn(self._download(flight, prediction, duration))
             return
@@ -865,7 +894,7 @@ class Scheduler:
             prediction_id=flight.prediction_id,
         )
 
-    async def _download(self, flight: Flight, prediction: Prediction, duration: float) -> None:
+    async def _download(self, flight: Flight, prediction: Prediction, duration: float | None) -> None:
         url = prediction.urls[0]
         last: ApiError | None = None
         for attempt in range(1, MAX_DOWNLOAD_TRIES + 1):

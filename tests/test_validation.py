@@ -23,7 +23,7 @@ def manifest_with(folder: Path, images: list[str], *, model: str = "flux-kontext
     quoted = ", ".join(images)
     path = folder / "m.yaml"
     path.write_text(
-        f"model: {model}\n{extra}matrix:\n  input_image: [{quoted}]\n  prompt: [\"Make it a snowy evening scene\"]\n",
+        f'model: {model}\n{extra}matrix:\n  input_image: [{quoted}]\n  prompt: ["Make it a snowy evening scene"]\n',
         encoding="utf-8",
     )
     return path
