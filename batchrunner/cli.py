@@ -303,8 +303,9 @@ def _setup_logging(args: argparse.Namespace, stream: TextIO) -> None:
 class _Progress:
     """A tqdm bar on a terminal; otherwise a plain log line every few seconds."""
 
-    def __init__(self, mode: str, total: int, *, interval: float = 10.0) -> None:
+    def __init__(self, mode: str, total: int, *, window: str = "", interval: float = 10.0) -> None:
         self.mode = mode
+        self.window = window  # the rate limit, e.g. "60/60s": the bar shows the requests in the current window
         self.interval = interval
         self._last = 0.0
         self._bar: Any = None
@@ -320,9 +321,9 @@ class _Progress:
                 return  # redraw at most ten times a second: the dispatcher calls this on every decision
             self._last = now
             self._bar.n = snap.done + snap.failed
-            rpm = snap.requests / snap.elapsed * 60 if snap.elapsed > 1 else 0.0
             self._bar.set_postfix_str(
-                f"done={snap.done} failed={snap.failed} in-flight={snap.in_flight} req/min={rpm:.0f}",
+                f"done={snap.done} failed={snap.failed} in-flight={snap.in_flight} "
+                f"requests={snap.window_used}/{self.window}",
                 refresh=False,
             )
             self._bar.refresh()
@@ -427,7 +428,7 @@ async def _run_async(args: argparse.Namespace, manifest: Manifest, out: OutputDi
     mode = args.progress
     if mode == "auto":
         mode = "bar" if sys.stderr.isatty() and not args.quiet else "lines"
-    progress = _Progress(mode, len(manifest.jobs))
+    progress = _Progress(mode, len(manifest.jobs), window=f"{count}/{period:g}s")
     try:
         result, _ = await run_batch(
             manifest,

@@ -160,6 +160,7 @@ class Snapshot:
     pending: int
     requests: int
     elapsed: float
+    window_used: int = 0  # requests in the current rate window (at most the limit's COUNT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1013,6 +1014,7 @@ class Scheduler:
             pending=len(self.ready) + len(self.delayed),
             requests=c.requests,
             elapsed=(self.now() - self.started) if self.started else 0.0,
+            window_used=self.window.used(self.now()),
         )
 
     def _progress(self) -> None:

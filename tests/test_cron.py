@@ -178,3 +178,14 @@ def test_cron_line_overlapping_then_sequential_runs(tmp_path: Path, threaded_sim
     assert sequential.returncode == 0, sequential.stderr.decode()
     assert images_in(out) == 10
     assert sim.stats()["duplicates"] == 0
+
+
+def test_progress_bar_shows_counts_and_the_requests_in_the_window(capsys: pytest.CaptureFixture[str]) -> None:
+    from batchrunner.cli import _Progress
+    from batchrunner.scheduler import Snapshot
+
+    bar = _Progress("bar", 10, window="60/60s")
+    bar(Snapshot(total=10, done=3, failed=1, in_flight=4, pending=2, requests=20, elapsed=5.0, window_used=20))
+    bar.close()
+    err = capsys.readouterr().err
+    assert "4/10" in err and "done=3 failed=1 in-flight=4 requests=20/60/60s" in err
