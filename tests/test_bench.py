@@ -1,0 +1,110 @@
+"""The benchmark's bound arithmetic by table, and one tiny run of its machinery against the simulator."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from batchrunner.bench import (
+    Measurement,
+    Regime,
+    bound,
+    efficiency,
+    format_row,
+    max_in_window,
+    measure,
+    request_bound,
+    slot_bound,
+)
+
+
+@pytest.mark.parametrize(
+    ("n_jobs", "count", "period", "per_job", "expected"),
+    [
+        (0, 60, 6.0, 2, 0.0),
+        (1, 60, 6.0, 2, 0.0),  # 2 requests fit in the first window
+        (30, 60, 6.0, 2, 0.0),  # exactly 60 requests: still one window
+        (31, 60, 6.0, 2, 6.0),  # the 61st request waits a full period
+        (100, 60, 6.0, 2, 18.0),  # 200 requests: ceil(200/60) - 1 = 3 periods
+        (100, 60, 6.0, 1, 6.0),  # creates only: 100 requests, 2 windows
+        (90, 60, 60.0, 2, 120.0),
+        (5, 1, 1.0, 2, 9.0),  # one request per second: request k at k-1 s
+    ],
+)
+def test_request_bound_counts_periods_between_full_windows(
+    n_jobs: int, count: int, period: float, per_job: int, expected: float
+) -> None:
+    assert request_bound(n_jobs, count, period, per_job=per_job) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("durations", "concurrency", "expected"),
+    [
+        ([], 10, 0.0),
+        ([3.0], 10, 3.0),
+        ([1.0, 2.0, 3.0], 3, 3.0),  # one per slot
+        ([1.0, 1.0, 1.0, 1.0], 2, 2.0),
+        ([5.0, 1.0, 1.0, 1.0], 2, 5.0),  # the short ones queue behind each other in the free slot
+        ([1.0, 1.0, 5.0], 2, 6.0),  # list order, not sorted: the long job starts late
+        ([2.0, 2.0, 2.0], 1, 6.0),
+        ([0.5] * 100, 10, 5.0),
+    ],
+)
+def test_slot_bound_packs_greedily_in_list_order(durations: Sequence[float], concurrency: int, expected: float) -> None:
+    assert slot_bound(durations, concurrency) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("durations", "count", "period", "concurrency", "per_job", "expected"),
+    [
+        ([0.5] * 100, 60, 6.0, 10, 2, 18.0),  # request-bound
+        ([5.0] * 100, 60, 6.0, 10, 2, 50.0),  # slot-bound
+        ([5.0] * 100, 60, 6.0, 10, 1, 50.0),
+        ([0.1] * 100, 60, 6.0, 10, 1, 6.0),
+    ],
+)
+def test_bound_is_the_larger_of_requests_and_slots(
+    durations: Sequence[float], count: int, period: float, concurrency: int, per_job: int, expected: float
+) -> None:
+    assert bound(durations, count, period, concurrency, per_job=per_job) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("bound_s", "makespan", "expected"),
+    [(18.0, 20.0, 0.9), (10.0, 10.0, 1.0), (0.0, 0.0, 1.0), (5.0, 0.0, 0.0), (0.0, 3.0, 0.0)],
+)
+def test_efficiency_is_bound_over_makespan(bound_s: float, makespan: float, expected: float) -> None:
+    assert efficiency(bound_s, makespan) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("times", "period", "expected"),
+    [
+        ([], 1.0, 0),
+        ([0.0, 0.5, 0.99], 1.0, 3),
+        ([0.0, 1.0, 2.0], 1.0, 1),  # half-open: a request exactly one period later is in a new window
+        ([2.0, 0.0, 0.1, 1.05], 1.0, 2),  # unsorted input
+    ],
+)
+def test_max_in_window_counts_the_busiest_half_open_window(
+    times: Sequence[float], period: float, expected: int
+) -> None:
+    assert max_in_window(times, period) == expected
+
+
+TINY = Regime("tiny", 40, 0.4, 4, 0.01, 0.05, poll_initial=0.01, baseline_poll=0.1)
+
+
+@pytest.mark.parametrize("who", ["runner", "baseline"])
+async def test_tiny_run_measures_every_job_against_the_simulator(who: str, tmp_path: Path) -> None:
+    m = await measure(TINY, who, 8, 3, tmp_path)
+    assert isinstance(m, Measurement)
+    assert (m.client, m.jobs, m.succeeded, m.creates) == (who, 8, 8, 8)
+    assert m.makespan > 0 and m.slot_bound > 0 and m.bound >= m.slot_bound
+    assert 0 < m.efficiency <= 1.0
+    assert m.requests >= 16 and m.requests_per_job == m.requests / 8
+    assert m.max_in_flight <= 4
+    assert m.detect >= 0 and m.tail >= 0 and m.cpu > 0
+    assert format_row(m).split()[1] == who
