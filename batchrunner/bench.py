@@ -201,9 +201,9 @@ def sim_config(regime: Regime, seed: int) -> SimConfig:
 def prediction_records(sim: Simulator) -> list[tuple[str, float, float, float]]:
     """(id, created_at, duration, finish_at) of every prediction, in creation order.
 
-    Read from the simulator's private ``_predictions``: it has no public accessor for them yet.
+    Read through the simulator's ``prediction_times()``.
     """
-    return [(p.id, p.created_at, p.duration, p.finish_at) for p in sim._predictions.values()]
+    return sim.prediction_times()
 
 
 def _measure(regime: Regime, who: str, jobs: int, sim: Simulator, run: _Run, cpu: float) -> Measurement:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -188,3 +188,21 @@ class PollPacer:
         """Spend one token for a poll sent at ``now``."""
         self._refill(now)
         self._tokens -= 1.0
+
+
+def done_probability(samples: Sequence[float], age: float, checked_age: float) -> float:
+    """The chance a prediction is done now, at ``age``, given it was still running at ``checked_age``.
+
+    ``samples`` are observed prediction times, sorted. With F the empirical distribution,
+    P(done by age | not done by checked_age) = (F(age) - F(checked_age)) / (1 - F(checked_age)). Past the longest
+    sample the distribution says nothing (the samples are censored: the slow ones are still running), so the chance
+    grows with the time since the last check, reaching 1 after a fifth of the longest sample.
+    """
+    n = len(samples)
+    if n == 0:
+        return 0.0
+    f_now = bisect_right(samples, age) / n
+    f_then = bisect_right(samples, checked_age) / n
+    if f_then >= 1.0:
+        return min(1.0, (age - checked_age) / max(samples[-1] * 0.2, 1e-3))
+    return max(0.0, (f_now - f_then) / (1.0 - f_then))

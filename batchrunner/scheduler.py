@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import mimetypes
 import random
@@ -56,7 +55,16 @@ from batchrunner.ledger import (
 from batchrunner.limits import InFlightGate, SlidingWindow
 from batchrunner.manifest import Job, Manifest
 from batchrunner.output import OutputDir, describe_os_error, read_bytes, save_download
-from batchrunner.policy import PollPacer, PollPlan, backoff, observed_duration, plan_polls, retry_delay
+from batchrunner.policy import (
+    MIN_SAMPLES,
+    PollPacer,
+    PollPlan,
+    backoff,
+    done_probability,
+    observed_duration,
+    plan_polls,
+    retry_delay,
+)
 
 log = logging.getLogger("batchrunner")
 T = TypeVar("T")
@@ -67,6 +75,8 @@ MAX_CONSECUTIVE_FAILURES = 12
 MAX_CREATE_RETRIES = 8
 # Attempts at downloading one output within one run; after that the prediction stays in the ledger to fetch next run.
 MAX_DOWNLOAD_TRIES = 6
+# An early poll, beyond the plan, is spent only on a prediction at least this likely to be done.
+OPPORTUNISTIC_MIN_PROBABILITY = 0.1
 # Attempts at uploading one input image within one run; after that its jobs wait for the next run.
 MAX_UPLOAD_TRIES = 5
 # Uploads in progress at once (each is a presign request to the API, then a PUT to the storage host).
@@ -254,6 +264,7 @@ class Scheduler:
         self.create_retries: dict[str, int] = {}
         self.durations: list[float] = list(state.durations[-500:])
         self.plan: PollPlan = self._new_plan()
+        self.sorted_durations: list[float] = sorted(self.durations)
         self.stop_reason: StopReason | None = None
         self.stopping_at: float | None = None
         self.fatal: BatchrunnerError | None = None
@@ -281,6 +292,7 @@ class Scheduler:
         self.undownloaded: list[str] = []
         self._window_seeded = False
         self.creates_paused_until = 0.0
+        self._last_progress = -1.0
         # Until the API has answered once, one request at a time: a wrong key then costs one request, not ten.
         self.key_checked = False
         self.calls_in_progress = 0
@@ -446,7 +458,9 @@ class Scheduler:
         while True:
             self.wake.clear()
             now = self.now()
-            self._progress()
+            if now - self._last_progress >= 0.1:
+                self._last_progress = now
+                self._progress()
             if self.fatal is not None:
                 return
             self._check_deadline(now)
@@ -464,12 +478,15 @@ class Scheduler:
                 continue
             counts = kind == "create" or self.config.rate_scope == "all"
             delay = self.window.delay(now) if counts else 0.0
-            if kind == "poll":
+            # While jobs remain to be created, polls are paced so they cannot drain the window a create needs; after
+            # that the window alone limits them.
+            paced = kind == "poll" and bool(self.ready or self.delayed or self.upload_queue)
+            if paced:
                 delay = max(delay, self.pacer.delay(now))
             if delay > 0:
                 await self._sleep(now + delay, now)
                 continue
-            if kind == "poll":
+            if paced:
                 self.pacer.take(now)
             if counts:
                 self._take_grant(now)
@@ -490,8 +507,16 @@ class Scheduler:
         if self.stopping_at is not None:
             until_stop = max(0.0, self.stopping_at - now)
             timeout = until_stop if timeout is None else min(timeout, until_stop)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wake.wait(), timeout)
+        if timeout is not None and timeout <= 0:
+            await asyncio.sleep(0)
+            return
+        # A timer that sets the wake event is far cheaper than wait_for (no task, no cancellation per turn).
+        timer = None if timeout is None else asyncio.get_running_loop().call_later(timeout, self.wake.set)
+        try:
+            await self.wake.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _choose(self, now: float) -> tuple[tuple[str, Any] | None, float | None]:
         """The next action and, when there is none, when to look again. Pure apart from reading state."""
@@ -525,12 +550,45 @@ class Scheduler:
             soonest(self.creates_paused_until)
         due = min(idle, key=lambda f: f.next_poll_at, default=None)
         if due is not None:
+            # When no create can use a request, it goes to the prediction most likely done, planned or not.
+            early = self._opportunistic_poll(now, idle, soonest)
+            if early is not None:
+                return ("poll", early), None
             if due.next_poll_at <= now:
                 return ("poll", due), None
             soonest(due.next_poll_at)
         if self.deadline is not None:
             soonest(self.deadline)
         return None, wake_at
+
+    def _creates_possible(self) -> bool:
+        return self.stop_reason is None and self.gate.free() > 0 and bool(self.ready or self.delayed)
+
+    def _opportunistic_poll(self, now: float, idle: list[Flight], soonest: Callable[[float], None]) -> Flight | None:
+        """A poll ahead of the plan, when a request spent now costs no create.
+
+        That is when no create can use it (every slot is taken, or nothing is left to create) and the window has room.
+        The plan alone rations polls for the request-bound case; when slots bind, spare requests go to the prediction
+        most likely done, which shortens the time a finished prediction holds its slot unseen.
+        """
+        if self._creates_possible() or len(self.sorted_durations) < MIN_SAMPLES:
+            return None
+        if self.config.rate_scope == "all" and self.window.remaining(now) <= 0:
+            return None
+        best, best_p = None, 0.0
+        for flight in idle:
+            checked = flight.last_running_age if flight.last_running_age is not None else 0.0
+            if now - flight.created_at - checked < self.config.poll_min_interval:
+                continue
+            p = done_probability(self.sorted_durations, now - flight.created_at, checked)
+            if p > best_p:
+                best, best_p = flight, p
+        if best is not None and best_p >= OPPORTUNISTIC_MIN_PROBABILITY:
+            return best
+        if idle:
+            # Probabilities grow with age: look again a little later.
+            soonest(now + max(0.01, self.sorted_durations[len(self.sorted_durations) // 2] / 20))
+        return None
 
     def _release_phantoms(self, now: float) -> None:
         expired = [t for t in self.phantoms if t <= now]
@@ -957,6 +1015,7 @@ class Scheduler:
         # Re-plan on the first few samples, then now and again: the plan changes slowly once it has data.
         if n <= 20 or n % 10 == 0:
             self.plan = self._new_plan()
+            self.sorted_durations = sorted(self.durations)
 
     def _state_of(self, job_id: str, fingerprint: str) -> JobState:
         st = self.state.jobs.get(fingerprint)

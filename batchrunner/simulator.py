@@ -550,6 +550,10 @@ class Simulator:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    def prediction_times(self) -> list[tuple[str, float, float, float]]:
+        """(id, created_at, duration, finish_at) of every prediction, in creation order, on the simulator's clock."""
+        return [(p.id, p.created_at, p.duration, p.finish_at) for p in self._predictions.values()]
+
     def in_flight(self) -> int:
         """Predictions running now by the server's clock."""
         return self._running_count(self._clock())

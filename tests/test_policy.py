@@ -12,6 +12,7 @@ from batchrunner.policy import (
     PollPacer,
     PollPlan,
     backoff,
+    done_probability,
     observed_duration,
     plan_polls,
     prior_plan,
@@ -149,3 +150,26 @@ def state(status: JobStatus, *, attempts: int = 0, retryable: bool = True) -> Jo
 )
 def test_classify_decides_what_a_run_does_with_a_job(st: JobState | None, file_present: bool, expected: str) -> None:
     assert classify(st, file_present=file_present, max_attempts=3) == expected
+
+
+SAMPLES = [1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize(
+    ("age", "checked", "expected"),
+    [
+        (0.5, 0.0, 0.0),  # younger than every prediction seen
+        (2.0, 0.0, 0.5),  # half the samples are done by 2 s
+        (4.0, 0.0, 1.0),
+        (3.0, 2.0, 0.5),  # of the two left running at 2 s, one is done by 3 s
+        (2.5, 2.0, 0.0),
+        (4.4, 4.0, 0.5),  # past every sample: grows with time since the check, 1 after a fifth of 4 s
+        (5.0, 4.0, 1.0),
+    ],
+)
+def test_done_probability_is_conditional_on_the_last_check(age: float, checked: float, expected: float) -> None:
+    assert done_probability(SAMPLES, age, checked) == pytest.approx(expected)
+
+
+def test_done_probability_without_samples_is_zero() -> None:
+    assert done_probability([], 10.0, 0.0) == 0.0
