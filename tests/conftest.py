@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -62,36 +63,41 @@ class ThreadedSimulator:
         return result
 
 
+@contextlib.contextmanager
+def serve_in_thread(config: SimConfig | None = None) -> Iterator[ThreadedSimulator]:
+    """A simulator on 127.0.0.1 in its own thread and loop, for as long as the ``with`` block lasts."""
+    loop = asyncio.new_event_loop()
+    sim = Simulator(config or SimConfig())
+    ready = threading.Event()
+    box: dict[str, str] = {}
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        box["url"] = loop.run_until_complete(sim.start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(10), "simulator did not start"
+    try:
+        yield ThreadedSimulator(sim, box["url"], loop)
+    finally:
+        asyncio.run_coroutine_threadsafe(sim.stop(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
 @pytest.fixture
 def threaded_sim() -> Iterator[Callable[..., ThreadedSimulator]]:
     """Factory: ``threaded_sim(SimConfig(...))`` starts a simulator on 127.0.0.1 in a thread; all stop at teardown."""
-    started: list[tuple[ThreadedSimulator, threading.Thread]] = []
+    with contextlib.ExitStack() as stack:
 
-    def start(config: SimConfig | None = None) -> ThreadedSimulator:
-        loop = asyncio.new_event_loop()
-        sim = Simulator(config or SimConfig())
-        ready = threading.Event()
-        box: dict[str, str] = {}
+        def start(config: SimConfig | None = None) -> ThreadedSimulator:
+            return stack.enter_context(serve_in_thread(config))
 
-        def serve() -> None:
-            asyncio.set_event_loop(loop)
-            box["url"] = loop.run_until_complete(sim.start())
-            ready.set()
-            loop.run_forever()
-
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        assert ready.wait(10), "simulator did not start"
-        handle = ThreadedSimulator(sim, box["url"], loop)
-        started.append((handle, thread))
-        return handle
-
-    yield start
-    for handle, thread in started:
-        asyncio.run_coroutine_threadsafe(handle.sim.stop(), handle.loop).result(timeout=10)
-        handle.loop.call_soon_threadsafe(handle.loop.stop)
-        thread.join(timeout=10)
-        handle.loop.close()
+        yield start
 
 
 def fast_sim(**overrides: Any) -> SimConfig:

@@ -8,12 +8,9 @@ from there completes with every image and without creating again a job whose pre
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import shutil
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -30,37 +27,11 @@ from PIL import Image
 from batchrunner.cli import main
 from batchrunner.ledger import SUBMITTING, JobStatus, read_ledger, replay
 from batchrunner.manifest import load_manifest
-from batchrunner.simulator import Faults, SimConfig, Simulator
-from tests.conftest import SECRET_KEY, ThreadedSimulator, fast_sim, run_args, write_manifest
+from batchrunner.simulator import Faults
+from tests.conftest import SECRET_KEY, ThreadedSimulator, fast_sim, run_args, serve_in_thread, write_manifest
 from tests.torture import evaluate, torture
 
 JOBS = 6
-
-
-@contextlib.contextmanager
-def serve_in_thread(config: SimConfig) -> Iterator[ThreadedSimulator]:
-    """The ``threaded_sim`` fixture's simulator for a whole module: its prediction ids stay valid throughout."""
-    loop = asyncio.new_event_loop()
-    sim = Simulator(config)
-    ready = threading.Event()
-    box: dict[str, str] = {}
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        box["url"] = loop.run_until_complete(sim.start())
-        ready.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    assert ready.wait(10), "simulator did not start"
-    try:
-        yield ThreadedSimulator(sim, box["url"], loop)
-    finally:
-        asyncio.run_coroutine_threadsafe(sim.stop(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        loop.close()
 
 
 @pytest.fixture(scope="module", autouse=True)
