@@ -444,9 +444,10 @@ async def _run_async(args: argparse.Namespace, manifest: Manifest, out: OutputDi
         _remove_signals()
         if sim is not None:
             await sim.stop()
-    log.warning(_summary(result, out)) if result.failed or not result.complete else log.info(_summary(result, out))
-    if args.quiet and not (result.failed or not result.complete):
-        print(_summary(result, out), file=sys.stderr)
+    # The summary line is always written: a warning when something is left to look at, else info (which --quiet
+    # hides, so it is logged at warning level there too: cron mail should still say what happened).
+    clean = result.complete and not result.failed
+    log.log(logging.INFO if clean and not args.quiet else logging.WARNING, _summary(result, out))
     return _exit_code(result)
 
 

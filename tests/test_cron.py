@@ -189,3 +189,13 @@ def test_progress_bar_shows_counts_and_the_requests_in_the_window(capsys: pytest
     bar.close()
     err = capsys.readouterr().err
     assert "4/10" in err and "done=3 failed=1 in-flight=4 requests=20/60/60s" in err
+
+
+def test_quiet_run_prints_only_the_summary(
+    tmp_path: Path, threaded_sim: SimFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sim = threaded_sim(fast_sim())
+    manifest = write_manifest(tmp_path, 3, image=False)
+    assert main(run_args(manifest, sim.url, tmp_path / "out", "--quiet")) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "summary: 3/3 done" in lines[0]
