@@ -125,7 +125,7 @@ class SimConfig:
     api_key: str | None = None
     seed: int = 0
     faults: Faults = Faults()
-    long_poll: float = 0.0
+    long_poll: float = 0.0  # when > 0, a GET of a running prediction blocks up to this long until it ends
     image_size: int = 256
 
 
@@ -756,8 +756,8 @@ class Simulator:
         prediction = self._predictions.get(request.match_info["id"])
         if prediction is None:
             return _Answer(404, {"error": "Prediction not found"})
-        wait = request.query.get("wait", "").lower() in ("1", "true", "yes")
-        if wait and self.config.long_poll > 0:
+        # A long-polling server holds every GET until the prediction ends (or long_poll passes): clients need not ask.
+        if self.config.long_poll > 0:
             await self._await_terminal(prediction)
         return _Answer(200, prediction.view(self._clock(), self.base_url))
 

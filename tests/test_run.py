@@ -292,3 +292,45 @@ def test_sigint_stops_submitting_drains_and_exits_130(tmp_path: Path, threaded_s
     assert main(run_args(manifest, sim.url, out, *limits)) == 0
     assert len(images_in(out)) == 20
     assert sim.stats()["duplicates"] == 0
+
+
+def max_in_window(times: list[float], period: float) -> int:
+    times = sorted(times)
+    return max((sum(1 for u in times[i:] if u < t + period) for i, t in enumerate(times)), default=0)
+
+
+def test_rate_scope_creates_limits_creates_only(tmp_path: Path, threaded_sim: SimFactory) -> None:
+    sim = threaded_sim(fast_sim(min_seconds=0.05, max_seconds=0.1))
+    manifest = write_manifest(tmp_path, 12, image=False)
+    out = tmp_path / "out"
+    extra = ("--rate-limit", "4/0.4", "--rate-limit-scope", "creates", "--poll-min-interval", "0.02s")
+    assert main(run_args(manifest, sim.url, out, *extra)) == 0
+    created = [created_at for _, created_at, _, _ in sim.sim.prediction_times()]
+    assert len(created) == 12
+    assert max_in_window(created, 0.4) <= 4  # creates keep the window...
+    assert sim.stats()["requests"] > 12 + 4  # ...while polls went beyond it
+
+
+def test_long_polling_server_needs_one_poll_per_job(tmp_path: Path, threaded_sim: SimFactory) -> None:
+    sim = threaded_sim(fast_sim(min_seconds=0.1, max_seconds=0.2, long_poll=2.0))
+    manifest = write_manifest(tmp_path, 6, image=False)
+    assert main(run_args(manifest, sim.url, tmp_path / "out")) == 0
+    stats = sim.stats()
+    assert stats["creates"] == 6 and stats["polls"] == 6
+
+
+def test_drain_timeout_bounds_the_wait_after_ctrl_c(tmp_path: Path, threaded_sim: SimFactory) -> None:
+    sim = threaded_sim(fast_sim(min_seconds=30, max_seconds=30, concurrency=2))
+    manifest = write_manifest(tmp_path, 4, image=False)
+    out = tmp_path / "out"
+    proc = _start_runner(manifest, sim.url, out, "--concurrency", "2", "--drain-timeout", "0.3s")
+    deadline = time.monotonic() + 20
+    while b'"submitted"' not in ((out / "ledger.jsonl").read_bytes() if (out / "ledger.jsonl").exists() else b""):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, err.decode()
+    assert time.monotonic() - started < 3
+    assert read_ledger(out / "ledger.jsonl").in_flight()  # left for the next run to poll
