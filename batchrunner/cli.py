@@ -106,21 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     _output_option(run)
     run.add_argument("--simulate", action="store_true", help="run against the built-in simulator (no key, no network)")
     run.add_argument("--api-url", default=None, help=f"API base URL (env EACHLABS_API_URL; default {DEFAULT_API_URL})")
-    run.add_argument("--concurrency", type=_positive_int, default=10, help="predictions in flight at most (10)")
-    run.add_argument(
-        "--rate-limit",
-        type=_rate,
-        default=(60, 60.0),
-        metavar="COUNT/SECONDS",
-        help="requests to the API host in any window (60/60)",
-    )
+    _limit_options(run)
     run.add_argument(
         "--rate-limit-scope",
         choices=("all", "creates"),
         default="all",
         help="which requests the rate limit counts (all)",
     )
-    run.add_argument("--max-attempts", type=_positive_int, default=3, help="predictions per job at most (3)")
     run.add_argument("--job-timeout", type=_duration, default=600.0, help="cancel a prediction after this (10m)")
     run.add_argument(
         "--drain-timeout",
@@ -131,7 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-runtime", type=_duration, default=None, help="stop by this time, resumable (e.g. 14m)")
     run.add_argument("--max-jobs", type=_positive_int, default=None, help="new predictions this run at most")
     run.add_argument("--budget", type=_non_negative_float, default=None, help="USD this manifest may spend in all")
-    run.add_argument("--price", type=_non_negative_float, default=None, help="USD per prediction (or `price:`)")
     run.add_argument(
         "--poll-initial",
         type=_duration,
@@ -147,11 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=_duration, default=30.0, help="HTTP timeout per request (30s)")
     run.add_argument("--check-urls", action="store_true", help="check each input URL once before submitting")
     run.add_argument("--retry-failed", action="store_true", help="give failed jobs their attempts back first")
-    run.add_argument(
-        "--inline-images",
-        action="store_true",
-        help="send local images as base64 data URIs instead of uploading them (for servers that accept them)",
-    )
     run.add_argument("--allow-large", action="store_true", help="allow a manifest of more than 10,000 jobs")
     _logging_options(run)
     _simulator_options(run)
@@ -211,7 +197,11 @@ def _limit_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-attempts", type=_positive_int, default=3, help="predictions per job at most (3)")
     p.add_argument("--price", type=_non_negative_float, default=None, help="USD per prediction (or `price:`)")
-    p.add_argument("--inline-images", action="store_true", help="local images go inline, not uploaded")
+    p.add_argument(
+        "--inline-images",
+        action="store_true",
+        help="send local images as base64 data URIs instead of uploading them (for servers that accept them)",
+    )
 
 
 def _logging_options(p: argparse.ArgumentParser) -> None:
