@@ -48,6 +48,9 @@ EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
 log = logging.getLogger("batchrunner")
+# Between INFO and WARNING: the summary of a clean run, which --quiet still shows.
+NOTICE = 25
+logging.addLevelName(NOTICE, "NOTICE")
 
 
 # --------------------------------------------------------------------------------------------------- arguments
@@ -272,7 +275,7 @@ def _setup_logging(args: argparse.Namespace, stream: TextIO) -> None:
     root = logging.getLogger("batchrunner")
     root.handlers.clear()
     root.propagate = False
-    root.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    root.setLevel(NOTICE if args.quiet else logging.INFO)
     fmt: logging.Formatter
     if args.log_format == "json":
         fmt = _JsonFormatter()
@@ -434,10 +437,9 @@ async def _run_async(args: argparse.Namespace, manifest: Manifest, out: OutputDi
         _remove_signals()
         if sim is not None:
             await sim.stop()
-    # The summary line is always written: a warning when something is left to look at, else info (which --quiet
-    # hides, so it is logged at warning level there too: cron mail should still say what happened).
+    # The summary line is always written (--quiet included): a warning when something is left to look at.
     clean = result.complete and not result.failed
-    log.log(logging.INFO if clean and not args.quiet else logging.WARNING, _summary(result, out))
+    log.log(NOTICE if clean else logging.WARNING, _summary(result, out))
     return _exit_code(result)
 
 
