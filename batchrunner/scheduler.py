@@ -21,7 +21,7 @@ import mimetypes
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -1105,12 +1105,3 @@ class Scheduler:
             max_in_flight=self.gate.max_seen,
             by_kind=dict(c.by_kind),
         )
-
-
-def pending_jobs(manifest: Manifest, state: LedgerState, out: OutputDir, max_attempts: int) -> Iterable[Job]:
-    """The jobs a run would submit (for ``plan``/``status``)."""
-    for job in manifest.jobs:
-        st = state.jobs.get(job.fingerprint)
-        present = st is not None and out.has_file(st.file)
-        if classify(st, file_present=present, max_attempts=max_attempts) == "submit":
-            yield job

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,3 +135,35 @@ def run_args(manifest: Path, url: str, out: Path, *extra: str) -> list[str]:
         "1000/1",
         *extra,
     ]
+
+
+@pytest.fixture
+def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The test key in the environment, and no API URL from the outside world."""
+    monkeypatch.setenv("EACHLABS_API_KEY", SECRET_KEY)
+    monkeypatch.delenv("EACHLABS_API_URL", raising=False)
+    return SECRET_KEY
+
+
+def images_in(out: Path) -> list[Path]:
+    """The result images in an output folder."""
+    return sorted(p for p in out.iterdir() if p.suffix in {".png", ".jpg", ".webp", ".gif"})
+
+
+def start_runner(manifest: Path, url: str, out: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """``batchrunner run`` in a child process, so a test can signal or kill it."""
+    env = {**os.environ, "EACHLABS_API_KEY": SECRET_KEY}
+    args = [sys.executable, "-m", "batchrunner", *run_args(manifest, url, out, *extra)]
+    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_for_ledger(out: Path, needle: bytes, proc: subprocess.Popen[bytes], count: int = 1) -> None:
+    """Wait until the ledger holds ``needle`` ``count`` times (or the runner has ended)."""
+    deadline = time.monotonic() + 20
+    ledger = out / "ledger.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ledger.exists() and ledger.read_bytes().count(needle) >= count:
+            return
+        time.sleep(0.01)
+    if proc.poll() is None:
+        raise AssertionError(f"never saw {needle!r} {count} times")

@@ -6,8 +6,6 @@ import errno
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,18 +15,19 @@ import pytest
 from batchrunner.cli import main
 from batchrunner.ledger import read_ledger
 from batchrunner.simulator import Faults
-from tests.conftest import SECRET_KEY, ThreadedSimulator, fast_sim, run_args, write_manifest
+from tests.conftest import (
+    SECRET_KEY,
+    ThreadedSimulator,
+    fast_sim,
+    images_in,
+    run_args,
+    start_runner,
+    wait_for_ledger,
+    write_manifest,
+)
 
 SimFactory = Callable[..., ThreadedSimulator]
-
-
-@pytest.fixture(autouse=True)
-def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EACHLABS_API_KEY", SECRET_KEY)
-
-
-def images_in(out: Path) -> int:
-    return sum(1 for p in out.iterdir() if p.suffix == ".png")
+pytestmark = pytest.mark.usefixtures("api_key")
 
 
 @pytest.mark.parametrize(
@@ -56,7 +55,7 @@ def test_transient_fault_ends_with_every_image_and_no_unexplained_duplicate(
     err = capsys.readouterr().err
     assert code == 0, err
     assert "Traceback" not in err
-    assert images_in(out) == 8
+    assert len(images_in(out)) == 8
     stats = sim.stats()
     assert sum(stats["faults_injected"].values()) > 0, name
     state = read_ledger(out / "ledger.jsonl")
@@ -75,7 +74,7 @@ def test_slow_answers_past_the_client_timeout_are_retried(tmp_path: Path, thread
     manifest = write_manifest(tmp_path, 6, image=False)
     out = tmp_path / "out"
     assert main(run_args(manifest, sim.url, out, "--timeout", "0.1s")) == 0
-    assert images_in(out) == 6
+    assert len(images_in(out)) == 6
     assert sim.stats()["duplicates"] <= read_ledger(out / "ledger.jsonl").lost_answers
 
 
@@ -88,7 +87,7 @@ def test_payment_required_stops_submitting_finishes_in_flight_and_exits_75(
     assert main(run_args(manifest, sim.url, out)) == 75
     err = capsys.readouterr().err
     assert "out of credit" in err and "Traceback" not in err
-    assert images_in(out) == 3
+    assert len(images_in(out)) == 3
     state = read_ledger(out / "ledger.jsonl")
     assert not state.in_flight()
     assert all(st.attempts == 0 for st in state.jobs.values())  # a 402 is not the job's fault
@@ -127,7 +126,7 @@ def test_disk_full_while_saving_exits_74_and_the_next_run_completes(
     monkeypatch.setenv("EACHLABS_API_KEY", SECRET_KEY)
     creates = sim.stats()["creates"]
     assert main(run_args(manifest, sim.url, out)) == 0
-    assert images_in(out) == 4
+    assert len(images_in(out)) == 4
     # Predictions paid for before the disk filled up were polled again, not created again.
     assert sim.stats()["creates"] - creates <= 4 - len(read_ledger(out / "ledger.jsonl").jobs) + 4
     assert sim.stats()["duplicates"] == 0
@@ -145,28 +144,12 @@ def test_output_folder_that_cannot_be_written_exits_74_with_one_line(
     assert len(err) == 1 and str(blocker) in err[0]
 
 
-def _runner(manifest: Path, url: str, out: Path, *extra: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "EACHLABS_API_KEY": SECRET_KEY}
-    args = [sys.executable, "-m", "batchrunner", *run_args(manifest, url, out, *extra)]
-    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def _wait_for(out: Path, needle: bytes, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and proc.poll() is None:
-        ledger = out / "ledger.jsonl"
-        if ledger.exists() and needle in ledger.read_bytes():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"never saw {needle!r}")
-
-
 def test_sigterm_drains_and_exits_143(tmp_path: Path, threaded_sim: SimFactory) -> None:
     sim = threaded_sim(fast_sim(min_seconds=0.05, max_seconds=0.1, concurrency=2))
     manifest = write_manifest(tmp_path, 30, image=False)
     out = tmp_path / "out"
-    proc = _runner(manifest, sim.url, out, "--concurrency", "2")
-    _wait_for(out, b'"succeeded"', proc)
+    proc = start_runner(manifest, sim.url, out, "--concurrency", "2")
+    wait_for_ledger(out, b'"succeeded"', proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 143, err.decode()
@@ -178,8 +161,8 @@ def test_second_ctrl_c_stops_at_once_with_a_consistent_ledger(tmp_path: Path, th
     sim = threaded_sim(fast_sim(min_seconds=30, max_seconds=30, concurrency=2))
     manifest = write_manifest(tmp_path, 4, image=False)
     out = tmp_path / "out"
-    proc = _runner(manifest, sim.url, out, "--concurrency", "2")
-    _wait_for(out, b'"submitted"', proc)
+    proc = start_runner(manifest, sim.url, out, "--concurrency", "2")
+    wait_for_ledger(out, b'"submitted"', proc)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.2)
     assert proc.poll() is None  # draining: polling the predictions in flight

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,20 +16,19 @@ from batchrunner.ledger import read_ledger
 from batchrunner.manifest import load_manifest
 from batchrunner.output import OutputDir, RunLock
 from batchrunner.simulator import Faults
-from tests.conftest import SECRET_KEY, ThreadedSimulator, fast_sim, run_args, write_manifest
+from tests.conftest import (
+    SECRET_KEY,
+    ThreadedSimulator,
+    fast_sim,
+    images_in,
+    run_args,
+    start_runner,
+    wait_for_ledger,
+    write_manifest,
+)
 
 SimFactory = Callable[..., ThreadedSimulator]
-
-
-@pytest.fixture(autouse=True)
-def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("EACHLABS_API_KEY", SECRET_KEY)
-    monkeypatch.delenv("EACHLABS_API_URL", raising=False)
-    return SECRET_KEY
-
-
-def images_in(out: Path) -> list[Path]:
-    return sorted(p for p in out.iterdir() if p.suffix in {".png", ".jpg", ".webp", ".gif"})
+pytestmark = pytest.mark.usefixtures("api_key")
 
 
 def test_fifty_jobs_under_binding_limits_all_finish_with_zero_429s(tmp_path: Path, threaded_sim: SimFactory) -> None:
@@ -234,35 +231,13 @@ def test_status_json_counts(tmp_path: Path, threaded_sim: SimFactory, capsys: py
     }
 
 
-def _start_runner(manifest: Path, url: str, out: Path, *extra: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "EACHLABS_API_KEY": SECRET_KEY}
-    return subprocess.Popen(
-        [sys.executable, "-m", "batchrunner", *run_args(manifest, url, out, *extra)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
-def _wait_for_successes(out: Path, count: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    ledger = out / "ledger.jsonl"
-    while time.monotonic() < deadline:
-        if ledger.exists() and ledger.read_bytes().count(b'"event":"succeeded"') >= count:
-            return
-        if proc.poll() is not None:
-            return
-        time.sleep(0.01)
-    raise AssertionError("the runner made no progress")
-
-
 def test_sigkill_mid_batch_then_rerun_finishes_without_paying_twice(tmp_path: Path, threaded_sim: SimFactory) -> None:
     sim = threaded_sim(fast_sim(min_seconds=0.05, max_seconds=0.2, rate_count=40, rate_period=0.4, concurrency=3))
     manifest = write_manifest(tmp_path, 20)
     out = tmp_path / "out"
     limits = ("--rate-limit", "40/0.4", "--concurrency", "3")
-    proc = _start_runner(manifest, sim.url, out, *limits)
-    _wait_for_successes(out, 4, proc)
+    proc = start_runner(manifest, sim.url, out, *limits)
+    wait_for_ledger(out, b'"event":"succeeded"', proc, 4)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     assert main(run_args(manifest, sim.url, out, *limits)) == 0
@@ -279,8 +254,8 @@ def test_sigint_stops_submitting_drains_and_exits_130(tmp_path: Path, threaded_s
     manifest = write_manifest(tmp_path, 20)
     out = tmp_path / "out"
     limits = ("--rate-limit", "30/0.5", "--concurrency", "2")
-    proc = _start_runner(manifest, sim.url, out, *limits)
-    _wait_for_successes(out, 2, proc)
+    proc = start_runner(manifest, sim.url, out, *limits)
+    wait_for_ledger(out, b'"event":"succeeded"', proc, 2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 130, err.decode()
@@ -323,7 +298,7 @@ def test_drain_timeout_bounds_the_wait_after_ctrl_c(tmp_path: Path, threaded_sim
     sim = threaded_sim(fast_sim(min_seconds=30, max_seconds=30, concurrency=2))
     manifest = write_manifest(tmp_path, 4, image=False)
     out = tmp_path / "out"
-    proc = _start_runner(manifest, sim.url, out, "--concurrency", "2", "--drain-timeout", "0.3s")
+    proc = start_runner(manifest, sim.url, out, "--concurrency", "2", "--drain-timeout", "0.3s")
     deadline = time.monotonic() + 20
     while b'"submitted"' not in ((out / "ledger.jsonl").read_bytes() if (out / "ledger.jsonl").exists() else b""):
         assert time.monotonic() < deadline and proc.poll() is None

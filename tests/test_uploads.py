@@ -10,14 +10,10 @@ import pytest
 from batchrunner.cli import main
 from batchrunner.ledger import read_ledger
 from batchrunner.simulator import Faults
-from tests.conftest import SECRET_KEY, ThreadedSimulator, fast_sim, make_image, run_args
+from tests.conftest import ThreadedSimulator, fast_sim, make_image, run_args
 
 SimFactory = Callable[..., ThreadedSimulator]
-
-
-@pytest.fixture(autouse=True)
-def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EACHLABS_API_KEY", SECRET_KEY)
+pytestmark = pytest.mark.usefixtures("api_key")
 
 
 def four_images_manifest(folder: Path, prompts: list[str]) -> Path:

@@ -9,14 +9,10 @@ from pathlib import Path
 import pytest
 
 from batchrunner.cli import main
-from tests.conftest import SECRET_KEY, ThreadedSimulator, fast_sim, make_image, run_args
+from tests.conftest import ThreadedSimulator, fast_sim, make_image, run_args
 
 SimFactory = Callable[..., ThreadedSimulator]
-
-
-@pytest.fixture(autouse=True)
-def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EACHLABS_API_KEY", SECRET_KEY)
+pytestmark = pytest.mark.usefixtures("api_key")
 
 
 def manifest_with(folder: Path, images: list[str], *, model: str = "flux-kontext-max", extra: str = "") -> Path:
