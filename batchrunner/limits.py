@@ -7,7 +7,10 @@ them with a fake clock and never wait in real time (the aiolimiter idea, without
 ``SlidingWindow`` is exact by construction: with grants g0 <= g1 <= ... it keeps
 g[i + count] >= g[i] + window, so no half-open interval of length ``window = period + margin`` (hence none
 of length ``period``) ever holds more than ``count`` grants. A token bucket of the same nominal rate would
-let 2 * count through around its first refill.
+let 2 * count through around its first refill. Requests may also be counted at their answers rather
+than at their sends (``take(pending=True)`` then ``settle``): a request on the wire fills a place in every
+window until it is answered, and then counts at its answer, an upper bound on when the server stamped it.
+That keeps the server's count exact under any network jitter with a margin of milliseconds.
 """
 
 from __future__ import annotations
@@ -15,8 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from bisect import bisect_right
-from collections import deque
+from bisect import bisect_right, insort
 from collections.abc import Awaitable, Callable, Iterable
 
 from batchrunner.errors import UsageError
@@ -24,6 +26,7 @@ from batchrunner.errors import UsageError
 __all__ = [
     "InFlightGate",
     "SlidingWindow",
+    "answer_margin",
     "default_margin",
     "parse_duration",
     "parse_rate",
@@ -41,6 +44,17 @@ def default_margin(period: float) -> float:
     losing throughput for nothing. For the default 60/60 it is 0.62 s, about 1 % of the throughput.
     """
     return min(0.01 * period + 0.02, 1.0)
+
+
+def answer_margin(period: float) -> float:
+    """The margin when grants are counted at their answers (``SlidingWindow.settle``): clock drift only.
+
+    The answer comes back after the server stamped the request, so latency and its jitter need no margin.
+    What is left is the two clocks running at slightly different rates: 0.1 % of the period covers a drift
+    of 1,000 ppm (ten times what NTP allows), and 5 ms the event loop's timer resolution. For 60/60 it is
+    65 ms, a tenth of ``default_margin``.
+    """
+    return min(0.001 * period + 0.005, 1.0)
 
 
 def _wait_until(now: float, target: float) -> float:
@@ -61,11 +75,18 @@ class SlidingWindow:
     """At most ``count`` grants in any half-open interval of length ``period`` + ``margin``.
 
     ``history`` holds earlier grant times on the same clock as ``now`` (for example from a killed run's
-    request log); they count like grants taken here. Only the latest ``count`` grants are kept: an older
-    one can never decide a delay. Grants are recorded in time order, so a grant is never allowed before
-    the latest recorded one.
+    request log); they count like grants taken here. Only the latest ``count`` recorded times are kept: an
+    older one can never decide a delay. Grants are taken in time order, so a grant is never allowed before
+    the latest one taken.
 
-    Memory is O(count); ``delay`` and ``take`` are O(1), ``used`` and ``remaining`` O(log count).
+    A grant taken with ``pending=True`` is a request on the wire: it counts as inside every window until
+    ``settle(ticket, at)`` records it at ``at``, the time its answer came back. The server stamped the
+    request somewhere between our send and its answer, so counting it at the answer is never early,
+    whatever the latency and its jitter; the margin then only has to cover the two clocks' drift, not
+    the network (see ``answer_margin``).
+
+    Memory is O(count); ``delay`` is O(1), ``take``, ``settle``, ``used`` and ``remaining`` O(log count)
+    (plus an occasional trim).
     """
 
     def __init__(
@@ -91,35 +112,46 @@ class SlidingWindow:
         if not all(math.isfinite(t) for t in past):
             raise ValueError("history holds a time that is not a finite number")
         past.sort()
-        # Sorted, oldest first; maxlen drops grants that can no longer matter as new ones arrive.
-        self._times: deque[float] = deque(past[-count:], maxlen=count)
+        # Recorded times, sorted, oldest first; answers arrive out of order, so they are inserted in place.
+        self._times: list[float] = past[-count:]
+        self._latest = past[-1] if past else -math.inf  # the latest grant taken (or recorded)
+        self._pending: dict[int, float] = {}  # ticket -> send time, for requests not answered yet
+        self._tickets = 0
 
     @property
     def window(self) -> float:
         """The length of the window we enforce: ``period + margin``."""
         return self.period + self.margin
 
+    @property
+    def pending(self) -> int:
+        """Grants taken with ``pending=True`` and not settled yet."""
+        return len(self._pending)
+
     def _earliest(self) -> float:
-        """The earliest time the next grant may happen, whatever ``now`` is (-inf when nothing limits it)."""
+        """The earliest time the next grant may happen, whatever ``now`` is (-inf when nothing limits it;
+        +inf while pending grants alone fill the window: only an answer can open it)."""
+        room = self.count - len(self._pending)
+        if room <= 0:
+            return math.inf
         times = self._times
-        if not times:
-            return -math.inf
-        latest = times[-1]
-        if len(times) < self.count:
-            return latest
-        # times[0] is the count-th most recent grant: the next one must leave it out of its window.
-        return max(times[0] + self.window, latest)
+        if len(times) < room:
+            return self._latest
+        # times[-room] must leave the window before the next grant: then at most room - 1 recorded
+        # grants and every pending one are inside it.
+        return max(times[-room] + self.window, self._latest)
 
     def delay(self, now: float) -> float:
-        """Seconds until a grant is allowed (0.0 when allowed at ``now``). Pure: calling it changes nothing.
+        """Seconds until a grant is allowed (0.0 when allowed at ``now``; inf while only answers to pending
+        grants can make room). Pure: calling it changes nothing.
 
         ``take(now + delay(now))`` is always allowed. A real sleep may end a little early (the event loop
         wakes timers up to its clock resolution ahead), so ask again after sleeping rather than assume.
         """
         return _wait_until(now, self._earliest())
 
-    def take(self, now: float) -> None:
-        """Record a grant at ``now``.
+    def take(self, now: float, *, pending: bool = False) -> int:
+        """Record a grant at ``now``; return its ticket (for ``settle`` when ``pending``).
 
         Raises RuntimeError when ``delay(now) > 0``: a scheduler bug must fail loudly here, not become a 429.
         """
@@ -127,12 +159,38 @@ class SlidingWindow:
         if wait > 0:
             raise RuntimeError(
                 f"rate window full: grant at {now!r} is {wait:.6f}s early "
-                f"({self.count} per {self.period:g}s + {self.margin:g}s margin)"
+                f"({self.count} per {self.period:g}s + {self.margin:g}s margin, {len(self._pending)} unanswered)"
             )
-        self._times.append(now)
+        self._latest = max(self._latest, now)
+        ticket = self._tickets
+        self._tickets += 1
+        if pending:
+            self._pending[ticket] = now
+        else:
+            self._record(now)
+        return ticket
+
+    def settle(self, ticket: int, at: float) -> None:
+        """Count pending grant ``ticket`` at ``at``, when its answer came (or the request was given up).
+
+        Idempotent: an unknown or already settled ticket changes nothing, so callers may settle in every
+        path that ends a request. A time before the send counts as the send.
+        """
+        sent = self._pending.pop(ticket, None)
+        if sent is not None:
+            self._record(max(at, sent))
+
+    def _record(self, t: float) -> None:
+        times = self._times
+        if not times or t >= times[-1]:
+            times.append(t)
+        else:
+            insort(times, t)
+        if len(times) > 2 * self.count:
+            del times[: len(times) - self.count]
 
     def used(self, now: float) -> int:
-        """Grants in ``(now - period - margin, now]`` (at most ``count``: older history was not kept).
+        """Pending grants plus recorded ones in ``(now - period - margin, now]``.
 
         A grant g is in the window while ``g + window > now``, computed exactly as ``delay`` does, so that
         ``used(now) < count`` holds exactly when ``delay(now) == 0`` (``now - window`` may round otherwise).
@@ -141,27 +199,35 @@ class SlidingWindow:
         times = self._times
         start = bisect_right(times, now, key=lambda g: g + window)
         end = bisect_right(times, now)
-        return max(0, end - start)
+        return min(self.count, max(0, end - start) + len(self._pending))
 
     def remaining(self, now: float) -> int:
         """``count - used(now)``: grants the window still has room for at ``now``."""
         return self.count - self.used(now)
 
     def next_free_times(self, now: float, k: int) -> list[float]:
-        """The earliest times at which the next ``k`` grants could happen if each is taken as soon as allowed.
+        """The earliest times at which the next ``k`` grants could happen if each is taken as soon as allowed
+        (pending grants stay unanswered; inf for grants only an answer could allow).
 
         For planning: the scheduler sees how scarce requests are (e.g. whether a poll now would delay the
-        next create). Nothing is recorded. Each time t has ``delay(t) == 0`` once the ones before are taken.
+        next create). Nothing is recorded. Each finite time t has ``delay(t) == 0`` once the ones before are
+        taken.
         """
         if k < 0:
             raise ValueError(f"k must not be negative, not {k!r}")
         plan = SlidingWindow(self.count, self.period, margin=self.margin)
-        plan._times = self._times.copy()
+        plan._times = list(self._times)
+        plan._latest = self._latest
+        plan._pending = dict(self._pending)
         out: list[float] = []
         t = now
         for _ in range(k):
             t = max(t, plan._earliest())
-            plan._times.append(t)
+            if math.isinf(t):
+                out.append(t)
+                continue
+            plan._record(t)
+            plan._latest = t
             out.append(t)
         return out
 
@@ -187,7 +253,7 @@ class SlidingWindow:
     def __repr__(self) -> str:
         return (
             f"SlidingWindow(count={self.count}, period={self.period:g}, margin={self.margin:g}, "
-            f"recorded={len(self._times)})"
+            f"recorded={len(self._times)}, pending={len(self._pending)})"
         )
 
 

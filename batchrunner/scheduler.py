@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 import mimetypes
 import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -52,7 +54,7 @@ from batchrunner.ledger import (
     LedgerState,
     RequestLog,
 )
-from batchrunner.limits import InFlightGate, SlidingWindow
+from batchrunner.limits import InFlightGate, SlidingWindow, answer_margin, default_margin
 from batchrunner.manifest import Job, Manifest
 from batchrunner.output import OutputDir, describe_os_error, read_bytes, save_download
 from batchrunner.policy import (
@@ -77,6 +79,8 @@ MAX_CREATE_RETRIES = 8
 MAX_DOWNLOAD_TRIES = 6
 # An early poll, beyond the plan, is spent only on a prediction at least this likely to be done.
 OPPORTUNISTIC_MIN_PROBABILITY = 0.1
+# The window ticket of the request a task is making (each task makes one counted request), read by _call.
+_TICKET: ContextVar[int | None] = ContextVar("batchrunner_request_ticket", default=None)
 # Attempts at uploading one input image within one run; after that its jobs wait for the next run.
 MAX_UPLOAD_TRIES = 5
 # Uploads in progress at once (each is a presign request to the API, then a PUT to the storage host).
@@ -249,7 +253,8 @@ class Scheduler:
         self._rng = rng or random.Random()
         self._on_progress = on_progress
         self.counters = Counters()
-        self.window = SlidingWindow(config.rate_count, config.rate_period)
+        # Requests count at their answers (see SlidingWindow.settle), so the margin covers clock drift only.
+        self.window = SlidingWindow(config.rate_count, config.rate_period, margin=answer_margin(config.rate_period))
         self.gate = InFlightGate(config.concurrency)
         # Polls are paced at the window's sustainable rate; when only creates count, at what the per-prediction minimum
         # interval allows for a full set of slots.
@@ -371,10 +376,14 @@ class Scheduler:
         now, wall_now = self.now(), self._wall()
         if self.request_log is not None:
             # Requests a killed run made in the current window still count: do not burst past them.
-            recent = self.request_log.recent(self.config.rate_period + self.window.margin)
+            # The log has send times only: count each as answered within the network margin of its send.
+            late = default_margin(self.config.rate_period)
+            recent = self.request_log.recent(self.config.rate_period + self.window.margin + late)
             if recent:
-                history = [now - (wall_now - w) for w in recent]
-                self.window = SlidingWindow(self.config.rate_count, self.config.rate_period, history=history)
+                history = [now - (wall_now - w) + late for w in recent]
+                self.window = SlidingWindow(
+                    self.config.rate_count, self.config.rate_period, margin=self.window.margin, history=history
+                )
 
     def _plan_uploads(self, wall_now: float) -> None:
         """Queue each distinct local image pending jobs need, in the order of its first job; reuse fresh uploads."""
@@ -436,10 +445,15 @@ class Scheduler:
     async def fetch_schema(self, slug: str) -> Mapping[str, Any] | None:
         """Fetch a model's input schema before the run, within the same request window."""
         self._seed_window()
-        granted = await self.window.acquire(self.now)
-        if self.request_log is not None:
-            self.request_log.record(self._wall() - (self.now() - granted))
-        return await self._call("schema", self.client.model_schema(slug))
+        # Before the run nothing is on the wire, so the delay is finite; a timer may fire a little early: ask again.
+        while (delay := self.window.delay(self.now())) > 0:  # noqa: ASYNC110 - no event to wait for here
+            await asyncio.sleep(delay)
+        ticket = self._take_grant(self.now())
+        token = _TICKET.set(ticket)
+        try:
+            return await self._call("schema", self.client.model_schema(slug))
+        finally:
+            _TICKET.reset(token)
 
     def request_stop(self, reason: StopReason, *, drain: float | None = None) -> None:
         """Stop submitting; finish what is in flight for ``drain`` seconds (default: the configured drain timeout)."""
@@ -484,18 +498,24 @@ class Scheduler:
             if paced:
                 delay = max(delay, self.pacer.delay(now))
             if delay > 0:
-                await self._sleep(now + delay, now)
+                # inf: every place in the window is held by a request on the wire; its answer wakes us.
+                await self._sleep(None if math.isinf(delay) else now + delay, now)
                 continue
             if paced:
                 self.pacer.take(now)
-            if counts:
-                self._take_grant(now)
-            self._start(kind, target, now)
+            ticket = self._take_grant(now) if counts else None
+            self._start(kind, target, now, ticket)
 
-    def _take_grant(self, now: float) -> None:
-        self.window.take(now)
+    def _take_grant(self, now: float) -> int:
+        """Take a window place for a request sent now; it counts from its answer on (``_settle``)."""
+        ticket = self.window.take(now, pending=True)
         if self.request_log is not None:
             self.request_log.record(self._wall())
+        return ticket
+
+    def _settle(self, ticket: int) -> None:
+        self.window.settle(ticket, self.now())
+        self.wake.set()  # the window's next opening moved from "after an answer" to a time
 
     def _has_work(self) -> bool:
         if self.stop_reason is not None:
@@ -648,7 +668,7 @@ class Scheduler:
         if self.deadline is not None and now >= self.deadline and self.stopping_at is None:
             self.request_stop(StopReason.DEADLINE, drain=0.0)
 
-    def _start(self, kind: str, target: Any, now: float) -> None:
+    def _start(self, kind: str, target: Any, now: float, ticket: int | None) -> None:
         self.calls_in_progress += 1
         if kind == "create":
             job: Job = target
@@ -659,20 +679,20 @@ class Scheduler:
             if not self.gate.try_acquire():  # _may_submit checked it; a failure here is a bug, not a 429
                 raise RuntimeError("in-flight gate refused a create that the dispatcher allowed")
             self.pending_reserved += 1
-            self._spawn(self._api_task(self._create(job)))
+            self._spawn(self._api_task(self._create(job), ticket))
         elif kind == "presign":
             sha: str = target
             self.upload_queue.remove(sha)
             self.uploading.add(sha)
-            self._spawn(self._api_task(self._upload(sha)))
+            self._spawn(self._api_task(self._upload(sha), ticket))
         elif kind == "poll":
             flight: Flight = target
             flight.busy = True
-            self._spawn(self._api_task(self._poll(flight)))
+            self._spawn(self._api_task(self._poll(flight), ticket))
         else:
             flight = target
             flight.busy = True
-            self._spawn(self._api_task(self._cancel(flight)))
+            self._spawn(self._api_task(self._cancel(flight), ticket))
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)
@@ -698,17 +718,29 @@ class Scheduler:
 
     # ----------------------------------------------------------------------------------------------- requests
     async def _call(self, kind: str, request: Awaitable[T]) -> T:
-        """Count one API request and await it."""
+        """Count one API request and await it; its window place is settled the moment it ends, however."""
         self.counters.requests += 1
         self.counters.by_kind[kind] = self.counters.by_kind.get(kind, 0) + 1
-        return await request
+        try:
+            return await request
+        finally:
+            ticket = _TICKET.get()
+            if ticket is not None:
+                self._settle(ticket)
 
-    async def _api_task(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run one request's task; ``calls_in_progress`` (raised when it was started) drops however it ends."""
+    async def _api_task(self, work: Coroutine[Any, Any, None], ticket: int | None) -> None:
+        """Run one request's task; ``calls_in_progress`` (raised when it was started) drops however it ends.
+
+        ``ticket`` is the request's window place: ``_call`` settles it at the answer (the task's context carries
+        it there); if the task ends without reaching ``_call`` (cancelled first), it is settled here.
+        """
+        _TICKET.set(ticket)
         try:
             await work
         finally:
             self.calls_in_progress -= 1
+            if ticket is not None:
+                self._settle(ticket)
 
     def _api_input(self, job: Job) -> dict[str, Any]:
         body = dict(job.input)

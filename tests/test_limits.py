@@ -18,6 +18,7 @@ from batchrunner.errors import UsageError
 from batchrunner.limits import (
     InFlightGate,
     SlidingWindow,
+    answer_margin,
     default_margin,
     parse_duration,
     parse_rate,
@@ -211,6 +212,89 @@ def test_greedy_caller_never_gets_two_windows_worth_in_the_first_period(count: i
         now += period / 1000  # ask again almost at once
     assert sum(1 for g in grants if g <= period) == count
     assert sum(1 for g in grants if g < period + limiter.margin) == count
+
+
+# --- counting requests at their answers (take(pending=True) + settle) -------------------------------------
+def test_a_pending_grant_fills_every_window_until_its_answer() -> None:
+    limiter = SlidingWindow(2, 10.0, margin=0.0)
+    first = limiter.take(0.0, pending=True)
+    limiter.take(1.0, pending=True)
+    assert limiter.pending == 2
+    assert limiter.delay(1000.0) == math.inf  # no time opens it: only an answer can
+    assert limiter.used(1000.0) == 2
+    limiter.settle(first, 4.0)  # answered at 4 s: counts from 4 s, not from its send at 0 s
+    assert limiter.pending == 1
+    assert limiter.delay(5.0) == pytest.approx(9.0)  # 4 + 10
+    assert limiter.used(14.0) == 1  # the settled one has left; the pending one still counts
+    assert limiter.delay(14.0) == 0.0
+
+
+def test_settle_is_idempotent_and_never_counts_before_the_send() -> None:
+    limiter = SlidingWindow(1, 10.0, margin=0.0)
+    ticket = limiter.take(5.0, pending=True)
+    limiter.settle(ticket, 3.0)  # a clock read before the send: counts as the send
+    limiter.settle(ticket, 50.0)  # already settled: nothing moves
+    limiter.settle(12345, 1.0)  # unknown ticket: ignored
+    assert limiter.delay(5.0) == pytest.approx(10.0)
+    assert limiter.pending == 0
+
+
+def test_next_free_times_waits_forever_for_what_only_answers_can_free() -> None:
+    limiter = SlidingWindow(2, 10.0, margin=0.0)
+    limiter.take(0.0, pending=True)
+    limiter.take(0.0)
+    assert limiter.next_free_times(1.0, 2) == [10.0, 20.0]  # the pending one holds one place throughout
+    limiter.take(10.0, pending=True)
+    assert limiter.next_free_times(11.0, 2) == [math.inf, math.inf]
+    assert limiter.pending == 2  # planning recorded nothing
+
+
+def test_answer_margin_is_a_tenth_of_the_send_margin_for_a_minute() -> None:
+    assert answer_margin(60.0) == pytest.approx(0.065)
+    assert answer_margin(6.0) == pytest.approx(0.011)
+    assert answer_margin(86400.0) == 1.0
+    assert answer_margin(60.0) < default_margin(60.0) / 9
+
+
+_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("send"), st.floats(0.0, 3.0)),  # wait this long (at least), then send when allowed
+        st.tuples(st.just("answer"), st.integers(0, 30)),  # the answer to the i-th oldest open request arrives
+    ),
+    min_size=1,
+    max_size=120,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(count=st.integers(1, 8), period=st.floats(0.5, 20.0), steps=_steps)
+def test_counting_at_answers_is_exact_whenever_the_server_stamps_each_request(
+    count: int, period: float, steps: list[tuple[str, float]]
+) -> None:
+    """Whatever the latencies, the server stamps request i somewhere in [send_i, answer_i]; the adversary picks
+    the stamps. No choice may put more than ``count`` stamps in a window of ``period``: for every t, at most
+    ``count`` requests have send < t + period and answer >= t (it suffices to check t at each answer)."""
+    limiter = SlidingWindow(count, period, margin=0.0)
+    clock = 0.0
+    open_: list[tuple[int, float]] = []  # (ticket, send)
+    done: list[tuple[float, float]] = []  # (send, answer)
+    for kind, value in steps:
+        if kind == "send":
+            clock += value
+            wait = limiter.delay(clock)
+            if math.isinf(wait):
+                assert len(open_) == count  # only a full set of unanswered requests waits forever
+                continue
+            clock += wait
+            open_.append((limiter.take(clock, pending=True), clock))
+        elif open_:
+            ticket, sent = open_.pop(int(value) % len(open_))
+            clock += 0.01
+            limiter.settle(ticket, clock)
+            done.append((sent, clock))
+    spans = done + [(sent, math.inf) for _, sent in open_]
+    for _, t in done:
+        assert sum(1 for s, a in spans if s < t + period and a >= t) <= count
 
 
 # --- next_free_times ---------------------------------------------------------------------------------
