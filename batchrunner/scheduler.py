@@ -65,6 +65,7 @@ from batchrunner.policy import (
     done_probability,
     observed_duration,
     plan_polls,
+    poll_reserve,
     retry_delay,
 )
 
@@ -497,6 +498,10 @@ class Scheduler:
             paced = kind == "poll" and bool(self.ready or self.delayed or self.upload_queue)
             if paced:
                 delay = max(delay, self.pacer.delay(now))
+            if kind == "poll" and counts:
+                reserve = poll_reserve(creates_waiting=bool(self.ready), slots_free=self.gate.free())
+                if reserve and self.window.remaining(now) <= reserve:
+                    delay = max(delay, self.window.next_free_times(now, reserve + 1)[-1] - now)
             if delay > 0:
                 # inf: every place in the window is held by a request on the wire; its answer wakes us.
                 await self._sleep(None if math.isinf(delay) else now + delay, now)

@@ -15,6 +15,7 @@ from batchrunner.policy import (
     done_probability,
     observed_duration,
     plan_polls,
+    poll_reserve,
     prior_plan,
     retry_delay,
 )
@@ -173,3 +174,18 @@ def test_done_probability_is_conditional_on_the_last_check(age: float, checked: 
 
 def test_done_probability_without_samples_is_zero() -> None:
     assert done_probability([], 10.0, 0.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("creates_waiting", "slots_free", "reserve"),
+    [
+        (True, 0, 1),  # every slot busy, jobs waiting: the next finish needs a create at once
+        (True, 3, 0),  # a slot is free: the create goes before any poll anyway
+        (False, 0, 0),  # nothing left to create: polls may use the whole window
+        (False, 5, 0),
+    ],
+)
+def test_poll_reserve_keeps_a_place_for_the_create_only_while_one_is_coming(
+    creates_waiting: bool, slots_free: int, reserve: int
+) -> None:
+    assert poll_reserve(creates_waiting=creates_waiting, slots_free=slots_free) == reserve
