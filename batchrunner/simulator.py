@@ -28,12 +28,10 @@ time. All randomness comes from ``random.Random`` streams seeded by ``SimConfig.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import heapq
 import hmac
-import io
 import json
 import math
 import random
@@ -46,39 +44,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from functools import cache
 from typing import Any, Final
 
 from aiohttp import web
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+
+from batchrunner.simimages import decode_data_uri, decode_image, render_output, synthetic_image
+from batchrunner.simmodel import MODEL_SLUGS, REQUEST_SCHEMA, create_problem
 
 __all__ = ["Faults", "SimConfig", "SimStats", "Simulator", "input_key", "serve_forever"]
 
-MODEL_SLUGS: Final = ("flux-kontext-max", "flux-kontext-pro")
-ASPECT_RATIOS: Final = (
-    "match_input_image",
-    *("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "4:5", "5:4", "21:9", "9:21", "2:1", "1:2"),
-)
-OUTPUT_FORMATS: Final = ("png", "jpg")
 MAX_UPLOAD_BYTES: Final = 100 * 1024 * 1024
 COST_PER_IMAGE: Final = 0.08
-REQUEST_SCHEMA: Final[dict[str, Any]] = {
-    "type": "object",
-    "title": "Input",
-    "required": ["prompt"],
-    "properties": {
-        "prompt": {"type": "string", "minLength": 1, "description": "Text description of the edit to make"},
-        "input_image": {
-            "type": "string",
-            "format": "uri",
-            "description": "Image to edit (jpeg, png, gif, webp)",
-        },
-        "aspect_ratio": {"type": "string", "enum": list(ASPECT_RATIOS), "default": "match_input_image"},
-        "seed": {"type": "integer", "description": "Random seed; omit for a new result each time"},
-        "safety_tolerance": {"type": "integer", "minimum": 0, "maximum": 6, "default": 2},
-        "output_format": {"type": "string", "enum": list(OUTPUT_FORMATS), "default": "png"},
-    },
-}
 _HTML_502: Final = (
     "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center>"
     "<hr><center>nginx</center></body></html>"
@@ -162,7 +139,7 @@ def input_key(model: str, inputs: Mapping[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Pure parts: validation, windows, prediction state, images.
+# Pure parts: auth, windows, prediction state.
 
 
 def auth_problem(headers: Mapping[str, str], expected: str | None) -> str | None:
@@ -175,41 +152,6 @@ def auth_problem(headers: Mapping[str, str], expected: str | None) -> str | None
         return "Missing API key"
     if expected is not None and not hmac.compare_digest(key.encode(), expected.encode()):
         return "Invalid API key"
-    return None
-
-
-def create_problem(body: Any) -> str | None:
-    """What is wrong with a create body, or None when it is acceptable."""
-    if not isinstance(body, dict):
-        return "Request body must be a JSON object"
-    model = body.get("model")
-    if not isinstance(model, str) or not model.strip():
-        return "model is required"
-    inputs = body.get("input")
-    if inputs is None:
-        return "input is required"
-    if not isinstance(inputs, dict):
-        return "input must be an object"
-    prompt = inputs.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        return "input.prompt is required"
-    image = inputs.get("input_image")
-    if image is not None and not isinstance(image, str):
-        return "input.input_image must be a URL string"
-    aspect = inputs.get("aspect_ratio")
-    if aspect is not None and aspect not in ASPECT_RATIOS:
-        return f"input.aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}"
-    seed = inputs.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        return "input.seed must be an integer"
-    tolerance = inputs.get("safety_tolerance")
-    if tolerance is not None and (
-        not isinstance(tolerance, int) or isinstance(tolerance, bool) or not 0 <= tolerance <= 6
-    ):
-        return "input.safety_tolerance must be an integer from 0 to 6"
-    fmt = inputs.get("output_format")
-    if fmt is not None and fmt not in OUTPUT_FORMATS:
-        return "input.output_format must be png or jpg"
     return None
 
 
@@ -330,102 +272,6 @@ def shaped_output(url: str, shape: str) -> Any:
     if shape == "object":
         return {"image": url}
     return url
-
-
-def parse_ratio(aspect: Any) -> float | None:
-    """Width over height of an ``aspect_ratio`` like "16:9"; None for match_input_image or anything else."""
-    if not isinstance(aspect, str) or aspect.count(":") != 1:
-        return None
-    width, height = aspect.split(":")
-    try:
-        w, h = float(width), float(height)
-    except ValueError:
-        return None
-    return w / h if w > 0 and h > 0 else None
-
-
-def aspect_size(ratio: float, longest: int) -> tuple[int, int]:
-    """The (width, height) of the given ratio whose longest side is ``longest``."""
-    if ratio >= 1:
-        return longest, max(1, round(longest / ratio))
-    return max(1, round(longest * ratio)), longest
-
-
-def center_crop(image: Image.Image, ratio: float) -> Image.Image:
-    """The largest centred part of ``image`` with the given width/height ratio."""
-    width, height = image.size
-    if width / height > ratio:
-        new_width = max(1, min(width, round(height * ratio)))
-        left = (width - new_width) // 2
-        return image.crop((left, 0, left + new_width, height))
-    new_height = max(1, min(height, round(width / ratio)))
-    top = (height - new_height) // 2
-    return image.crop((0, top, width, top + new_height))
-
-
-def synthetic_image(key: str, longest: int) -> tuple[Image.Image, float]:
-    """A gradient with a disc, seeded by ``key``: the stand-in for inputs the simulator cannot fetch."""
-    digest = hashlib.sha256(key.encode()).digest()
-    ratio = (4 / 3, 3 / 4, 1.0, 16 / 9, 2 / 3)[digest[0] % 5]
-    size = aspect_size(ratio, longest)
-    mask = Image.linear_gradient("L").rotate(digest[7] * 360 / 256).resize(size)
-    image = Image.composite(
-        Image.new("RGB", size, (digest[1], digest[2], digest[3])),
-        Image.new("RGB", size, (digest[4], digest[5], digest[6])),
-        mask,
-    )
-    width, height = size
-    cx, cy, r = width * digest[8] / 255, height * digest[9] / 255, min(size) * (0.15 + digest[10] / 1024)
-    ImageDraw.Draw(image).ellipse((cx - r, cy - r, cx + r, cy + r), fill=(digest[11], digest[12], digest[13]))
-    return image, ratio
-
-
-def tint_colour(prompt: str, seed: Any) -> tuple[int, int, int]:
-    """A colour derived from (prompt, seed), so outputs of different jobs look different."""
-    digest = hashlib.sha256(f"{prompt}\0{seed}".encode()).digest()
-    return digest[0], digest[1], digest[2]
-
-
-@cache
-def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default()
-
-
-def render_output(source: Image.Image, source_ratio: float, inputs: Mapping[str, Any], longest: int) -> bytes:
-    """The output PNG: ``source`` cropped to the requested ratio, scaled, tinted, labelled (seed, prompt)."""
-    ratio = parse_ratio(inputs.get("aspect_ratio")) or source_ratio
-    prompt = str(inputs.get("prompt", ""))
-    seed = inputs.get("seed")
-    image = center_crop(source, ratio).resize(aspect_size(ratio, longest), Image.Resampling.BILINEAR)
-    image = Image.blend(image, Image.new("RGB", image.size, tint_colour(prompt, seed)), 0.35)
-    words = prompt.split()
-    label = f"seed {'-' if seed is None else seed}\n{' '.join(words[:4])}{' ...' if len(words) > 4 else ''}"
-    draw = ImageDraw.Draw(image)
-    left, top, right, bottom = draw.multiline_textbbox((4, 4), label, font=_font())
-    draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=(0, 0, 0))
-    draw.multiline_text((4, 4), label, fill=(255, 255, 255), font=_font())
-    buffer = io.BytesIO()
-    # Fast compression: the benchmark downloads every output, and size hardly matters on loopback.
-    image.save(buffer, "PNG", compress_level=1)
-    return buffer.getvalue()
-
-
-def decode_data_uri(uri: str) -> bytes:
-    """The bytes of a ``data:`` URI (base64 or percent-encoded)."""
-    header, _, payload = uri.partition(",")
-    if header.endswith(";base64"):
-        return base64.b64decode(payload)
-    return urllib.parse.unquote_to_bytes(payload)
-
-
-def _decode_image(data: bytes, longest: int) -> tuple[Image.Image, float]:
-    opened = Image.open(io.BytesIO(data))
-    ratio = opened.width / opened.height
-    # draft() lets JPEG decode at a reduced scale: large inputs cost little.
-    opened.draft("RGB", (2 * longest, 2 * longest))
-    image = opened.convert("RGB")
-    image.thumbnail((2 * longest, 2 * longest))
-    return image, ratio
 
 
 # --------------------------------------------------------------------------------------------------
@@ -915,7 +761,7 @@ class Simulator:
         found = self._inputs.get(key)
         if found is None:
             try:
-                found = _decode_image(data, longest)
+                found = decode_image(data, longest)
             except Exception:  # any undecodable input still yields a picture, as documented above
                 found = synthetic_image(key, longest)
             self._inputs[key] = found

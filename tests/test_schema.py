@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from batchrunner.errors import OutputError
 from batchrunner.schema import cached_schema_path, load_cached_schema, save_cached_schema, validate_input
-from batchrunner.simulator import REQUEST_SCHEMA
+from batchrunner.simmodel import REQUEST_SCHEMA
 
 # The simulator's flux-kontext schema, closed to unknown fields as a strict model's schema would be.
 FLUX: dict[str, Any] = {**REQUEST_SCHEMA, "additionalProperties": False}
