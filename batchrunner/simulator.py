@@ -12,7 +12,8 @@ Decisions the API leaves open, made here once:
   window of everything a client sent, so a client that honours the limit shows ``max_window <= rate_count``.
   Requests answered 401 count nowhere (a window belongs to a key). Windows are half-open: ``(t - period, t]``.
 - In flight means created, not cancelled, and not yet at its finish time on the injected clock.
-- Check order for an API request: auth, window, spurious faults (reset_before, 429s, 5xx), then the action
+- Check order for an API request: auth, late_arrival (the request is stamped late, as if slow on the wire),
+  window, spurious faults (reset_before, 429s, 5xx), then the action
   (for creates: 400 validation, 402, concurrency 429), then slow / malformed_json / reset_after on the answer.
 - A create whose answer never reaches the client (reset_after, malformed_json, or slow past the client's
   timeout) was still acted on and counts in ``lost_answers``.
@@ -21,8 +22,8 @@ Decisions the API leaves open, made here once:
 - Counters ``polls``, ``cancels``, ``presigns`` count requests acted on; ``creates`` counts predictions
   created; ``uploads`` completed PUTs; ``downloads`` output images served (truncated ones included).
 
-Prediction progress, windows and expiry read the injected clock; only ``slow`` and long polls wait in real
-time. All randomness comes from ``random.Random`` streams seeded by ``SimConfig.seed``.
+Prediction progress, windows and expiry read the injected clock; only ``slow``, ``late_arrival`` and long polls
+wait in real time. All randomness comes from ``random.Random`` streams seeded by ``SimConfig.seed``.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class Faults:
     never_finish: float = 0.0
     payment_required_after: int | None = None
     upload_reset: float = 0.0  # an upload PUT's connection drops halfway: nothing is stored
+    late_arrival: float = 0.0  # a request is slow on its way in: stamped (and counted) this late
+    late_arrival_seconds: float = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,6 +445,8 @@ class Simulator:
         problem = auth_problem(request.headers, self.config.api_key)
         if problem is not None:
             return _json({"error": problem}, 401)
+        if self._inject("late_arrival", self.config.faults.late_arrival):
+            await self._pause(self.config.faults.late_arrival_seconds)
         now = self._clock()
         self.stats.max_window = max(self.stats.max_window, self._seen.record(now))
         retry_after = self._window.admit(now)

@@ -47,6 +47,23 @@ def test_fifty_jobs_under_binding_limits_all_finish_with_zero_429s(tmp_path: Pat
     assert 100 <= stats["requests"] <= 200
 
 
+def test_requests_slow_on_the_wire_never_push_a_window_past_its_count(tmp_path: Path, threaded_sim: SimFactory) -> None:
+    # Half the requests reach the server 60 ms late: far more than a send-time margin would cover at 10/0.2 s
+    # (22 ms), so counting requests at their sends would let request k+10 be stamped less than 0.2 s after
+    # request k. Counted at their answers, the window holds whatever the latency.
+    faults = Faults(late_arrival=0.5, late_arrival_seconds=0.06)
+    sim = threaded_sim(fast_sim(rate_count=10, rate_period=0.2, concurrency=4, faults=faults, seed=3))
+    manifest = write_manifest(tmp_path, 20, image=False)
+    out = tmp_path / "out"
+    code = main(run_args(manifest, sim.url, out, "--rate-limit", "10/0.2", "--concurrency", "4"))
+    stats = sim.stats()
+    assert code == 0
+    assert len(images_in(out)) == 20
+    assert stats["faults_injected"].get("late_arrival", 0) > 10
+    assert stats["rate_limited"] == 0
+    assert stats["max_window"] <= 10
+
+
 def test_rerun_after_completion_makes_no_request(tmp_path: Path, threaded_sim: SimFactory) -> None:
     sim = threaded_sim(fast_sim())
     manifest = write_manifest(tmp_path, 6)
