@@ -31,12 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+from PIL import Image
 
 from batchrunner.client import Client, Phase, Prediction
 from batchrunner.errors import RateLimited
 from batchrunner.ledger import Ledger, RequestLog, read_ledger
 from batchrunner.manifest import Job, Manifest, load_manifest
-from batchrunner.output import OutputDir, save_download
+from batchrunner.output import OutputDir, image_extension, save_download
 from batchrunner.scheduler import RunConfig, Scheduler, Snapshot, classify
 from batchrunner.simulator import SimConfig, Simulator
 
@@ -331,11 +332,12 @@ async def measure(regime: Regime, who: str, jobs: int, seed: int, folder: Path) 
 
 
 # ----------------------------------------------------------------------------------------------- scale checks
-def cpu_per_job_external(regime: Regime, jobs: int, seed: int) -> tuple[float, float]:
+def cpu_per_job_external(regime: Regime, jobs: int, seed: int, image_size: int = 32) -> tuple[float, float]:
     """(runner CPU ms per job, makespan s) with the simulator in its own process (``batchrunner simulate``)."""
     cmd = [sys.executable, "-m", "batchrunner", "simulate", "--port", "0"]
     cmd += ["--sim-rate-limit", f"{regime.rate_count}/{regime.rate_period:g}", "--sim-seed", str(seed)]
     cmd += ["--sim-min-seconds", str(regime.min_seconds), "--sim-max-seconds", str(regime.max_seconds)]
+    cmd += ["--sim-image-size", str(image_size)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
@@ -351,6 +353,22 @@ def cpu_per_job_external(regime: Regime, jobs: int, seed: int) -> tuple[float, f
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def output_check_ms(size: int = 1024, repeat: int = 5) -> float:
+    """CPU ms to check one ``size``-pixel square PNG output the way a download is checked (a full Pillow decode).
+
+    Reported apart from the runner's CPU: it grows with the image, not with the scheduling, and runs in a worker
+    thread. The bench's runs use 32-pixel outputs so that the runner's own work is what they measure.
+    """
+    with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
+        path = Path(tmp) / "out.png"
+        Image.effect_noise((size, size), 64).convert("RGB").save(path)
+        image_extension(path)  # warm: plugin registration is a one-off
+        cpu0 = time.process_time()
+        for _ in range(repeat):
+            image_extension(path)
+        return (time.process_time() - cpu0) / repeat * 1000
 
 
 def write_scale_inputs(folder: Path, jobs: int = 100_000, present: int = 10) -> tuple[Path, Path]:
@@ -490,6 +508,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"(makespan {span:.1f} s) -> {verdict} (< 2 ms)",
                 flush=True,
             )
+        print(
+            f"  checking one 1024x1024 PNG output (Pillow decode, in a worker thread): {output_check_ms():.1f} ms "
+            "CPU per job, on top of the above (runs above use 32-pixel outputs)",
+            flush=True,
+        )
     return 0
 
 

@@ -227,6 +227,9 @@ def _simulator_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sim-failure-rate", type=_non_negative_float, default=0.0)
     p.add_argument("--sim-seed", type=int, default=0)
     p.add_argument(
+        "--sim-image-size", type=_positive_int, default=256, metavar="PIXELS", help="longest side of output images"
+    )
+    p.add_argument(
         "--sim-fault",
         action="append",
         default=[],
@@ -255,6 +258,7 @@ def _sim_config(args: argparse.Namespace) -> SimConfig:
         max_seconds=max(args.sim_min_seconds, args.sim_max_seconds),
         failure_rate=args.sim_failure_rate,
         seed=args.sim_seed,
+        image_size=args.sim_image_size,
         faults=Faults(**faults),
     )
 

@@ -15,6 +15,7 @@ from batchrunner.bench import (
     format_row,
     max_in_window,
     measure,
+    output_check_ms,
     request_bound,
     slot_bound,
 )
@@ -108,3 +109,8 @@ async def test_tiny_run_measures_every_job_against_the_simulator(who: str, tmp_p
     assert m.max_in_flight <= 4
     assert m.detect >= 0 and m.tail >= 0 and m.cpu > 0
     assert format_row(m).split()[1] == who
+
+
+def test_output_check_cost_is_measured_by_decoding_a_real_png() -> None:
+    small, large = output_check_ms(16, repeat=2), output_check_ms(512, repeat=2)
+    assert 0 <= small < large  # a decode, not a constant: it grows with the image
