@@ -32,7 +32,7 @@ from batchrunner.errors import OutputError
 from batchrunner.ledger import JobState, LedgerState
 from batchrunner.manifest import Job, Manifest
 from batchrunner.output import OutputDir, describe_os_error
-from batchrunner.scheduler import classify
+from batchrunner.runstate import classify
 
 __all__ = ["REPORT_NAME", "STATUS_LABELS", "Card", "build_report", "job_card", "thumbnail_data_uri", "write_report"]
 

@@ -10,31 +10,29 @@ Write-ahead order, so that a kill at any instant replays to a state the next run
 ``submitting`` (intent) -> create -> ``submitted`` (prediction id) -> poll ... -> download, fsync, rename ->
 ``succeeded``. A create whose answer never came back is recorded as a lost answer: the job is submitted again, and the
 summary counts it as possibly paid twice.
+
+Two collaborators, owned by the scheduler, hold their own state: ``Uploads`` (which input images to upload, their
+uploads, the request bodies) and ``Results`` (downloading a finished prediction's output, and the success or failure
+bookkeeping that follows). The dispatcher decides when their requests run; they never take a window place themselves.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import math
-import mimetypes
 import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from enum import StrEnum
-from pathlib import Path
 from typing import Any, TypeVar
 
-from batchrunner.client import Client, Phase, Prediction
+from batchrunner.client import Client, Phase
 from batchrunner.errors import (
     ApiError,
     AuthError,
     BatchrunnerError,
-    DownloadRejected,
     InputImageError,
     NetworkError,
     NotFound,
@@ -43,12 +41,8 @@ from batchrunner.errors import (
 )
 from batchrunner.ledger import (
     CREATE_FAILED,
-    FAILED,
     SUBMITTED,
     SUBMITTING,
-    SUCCEEDED,
-    UPLOADED,
-    JobState,
     JobStatus,
     Ledger,
     LedgerState,
@@ -56,18 +50,23 @@ from batchrunner.ledger import (
 )
 from batchrunner.limits import InFlightGate, SlidingWindow, answer_margin, default_margin
 from batchrunner.manifest import Job, Manifest
-from batchrunner.output import OutputDir, describe_os_error, read_bytes, save_download
+from batchrunner.output import OutputDir, describe_os_error
 from batchrunner.policy import (
     MIN_SAMPLES,
     PollPacer,
     PollPlan,
-    backoff,
     done_probability,
     observed_duration,
     plan_polls,
     poll_reserve,
     retry_delay,
 )
+from batchrunner.results import Results
+from batchrunner.runstate import Counters, Flight, RunConfig, RunResult, Snapshot, StopReason, classify, job_state
+from batchrunner.uploads import Uploads, data_uri
+
+# What callers import from here, including the run's records (runstate.py) and data_uri (uploads.py) re-exported.
+__all__ = ["RunConfig", "RunResult", "Scheduler", "Snapshot", "StopReason", "classify", "data_uri"]
 
 log = logging.getLogger("batchrunner")
 T = TypeVar("T")
@@ -76,151 +75,10 @@ T = TypeVar("T")
 MAX_CONSECUTIVE_FAILURES = 12
 # Transient failures of one create within one run before the job is left for a later run.
 MAX_CREATE_RETRIES = 8
-# Attempts at downloading one output within one run; after that the prediction stays in the ledger to fetch next run.
-MAX_DOWNLOAD_TRIES = 6
 # An early poll, beyond the plan, is spent only on a prediction at least this likely to be done.
 OPPORTUNISTIC_MIN_PROBABILITY = 0.1
 # The window ticket of the request a task is making (each task makes one counted request), read by _call.
 _TICKET: ContextVar[int | None] = ContextVar("batchrunner_request_ticket", default=None)
-# Attempts at uploading one input image within one run; after that its jobs wait for the next run.
-MAX_UPLOAD_TRIES = 5
-# Uploads in progress at once (each is a presign request to the API, then a PUT to the storage host).
-MAX_PARALLEL_UPLOADS = 4
-# How long an upload recorded in the ledger is trusted. The API keeps files 180 days by default; a month stays well
-# inside that, and a file the API lost anyway fails its job with INPUT_DOWNLOAD_ERROR, which makes us upload again.
-UPLOAD_TTL = 30 * 86400.0
-
-
-class StopReason(StrEnum):
-    """Why a run stopped before the batch was done."""
-
-    INTERRUPTED = "interrupted"
-    TERMINATED = "terminated"
-    DEADLINE = "deadline"
-    MAX_JOBS = "max_jobs"
-    BUDGET = "budget"
-    PAYMENT = "payment_required"
-    API_DOWN = "api_unavailable"
-
-
-@dataclass(frozen=True, slots=True)
-class RunConfig:
-    """Everything the scheduler needs to know about limits and policies."""
-
-    concurrency: int = 10
-    rate_count: int = 60
-    rate_period: float = 60.0
-    rate_scope: str = "all"  # "all": every API-host request counts; "creates": only creates do
-    max_attempts: int = 3
-    job_timeout: float = 600.0
-    drain_timeout: float = 60.0
-    max_runtime: float | None = None
-    max_jobs: int | None = None
-    budget: float | None = None
-    price: float | None = None
-    poll_initial: float = 3.0
-    poll_min_interval: float = 0.0
-    inline_images: bool = False  # send local images as data URIs instead of uploading them
-    download_concurrency: int = 4
-    retry_base: float = 0.5
-    retry_cap: float = 30.0
-
-
-@dataclass(slots=True)
-class Flight:
-    """A prediction created and not yet seen finished."""
-
-    job_id: str
-    fingerprint: str
-    prediction_id: str
-    created_at: float  # loop time
-    job: Job | None  # None for a prediction an earlier run left whose job the manifest no longer has
-    polls: int = 0
-    last_running_age: float | None = None
-    next_poll_at: float = 0.0
-    busy: bool = False
-    poll_failures: int = 0
-    # Taken over from an earlier run: its age includes the time no run was watching, so it teaches no duration.
-    resumed: bool = False
-
-
-@dataclass(slots=True)
-class Counters:
-    """What this run did, for progress lines and the summary."""
-
-    total: int = 0
-    skipped: int = 0
-    succeeded: int = 0
-    failed: int = 0  # failed for good (no attempts left or not retryable)
-    retried: int = 0
-    requests: int = 0
-    creates: int = 0
-    polls: int = 0
-    cancels: int = 0
-    uploads: int = 0
-    lost_answers: int = 0  # creates whose answer never came (this run and the ledger's earlier ones)
-    rate_limited: int = 0
-    spend: float = 0.0
-    by_kind: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """The state of a run at one moment, for the progress bar and log lines."""
-
-    total: int
-    done: int
-    failed: int
-    in_flight: int
-    pending: int
-    requests: int
-    elapsed: float
-    window_used: int = 0  # requests in the current rate window (at most the limit's COUNT)
-
-
-@dataclass(frozen=True, slots=True)
-class RunResult:
-    """How a run ended."""
-
-    total: int
-    skipped: int
-    succeeded: int
-    failed: int
-    pending: int
-    in_flight: int
-    requests: int
-    creates: int
-    polls: int
-    lost_answers: int
-    rate_limited: int
-    spend: float
-    elapsed: float
-    stop_reason: StopReason | None
-    max_in_flight: int
-    by_kind: Mapping[str, int]
-
-    @property
-    def complete(self) -> bool:
-        return self.pending == 0 and self.in_flight == 0
-
-
-def classify(state: JobState | None, *, file_present: bool, max_attempts: int) -> str:
-    """What a run does with a job, given what the ledger says: ``done``, ``poll``, ``submit`` or ``failed``."""
-    if state is None:
-        return "submit"
-    if state.status is JobStatus.SUCCEEDED:
-        return "done" if file_present else "submit"
-    if state.status is JobStatus.IN_FLIGHT:
-        return "poll"
-    if state.status is JobStatus.FAILED:
-        return "submit" if state.retryable and state.attempts < max_attempts else "failed"
-    return "submit"  # pending, or in doubt (a lost answer: submitted again, counted as possibly paid twice)
-
-
-def data_uri(data: bytes, path_name: str) -> str:
-    """A base64 data URI for a local image (the inline path, until uploads replace it)."""
-    mime = mimetypes.guess_type(path_name)[0] or "application/octet-stream"
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 class Scheduler:
@@ -277,25 +135,14 @@ class Scheduler:
         self.consecutive_failures = 0
         self.wake = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
-        self.downloads = asyncio.Semaphore(config.download_concurrency)
         self.started = 0.0
         self.deadline: float | None = None
-        self._images: dict[str, str] = {}
-        # Uploads: by sha256 of the file's content, so each distinct image is uploaded once, whatever its paths.
-        self.content_types: Mapping[str, str] = content_types or {}
-        self.uploaded: dict[str, str] = {}  # sha256 -> public_url
-        self.fresh_uploads: set[str] = set()  # uploaded by this run
-        self.upload_queue: deque[str] = deque()
-        self.uploading: set[str] = set()
-        self.upload_tries: dict[str, int] = {}
-        self.upload_retry_at: dict[str, float] = {}
-        self.image_paths: dict[str, Path] = {}
-        self.blocked: list[Job] = []  # jobs whose image could not be uploaded this run
+        self.uploads = Uploads(config, ledger, content_types, rng=self._rng, clock=self.now)
+        self.results = Results(ledger, state, self.counters, config, rng=self._rng, retry=self._retry_later)
         self.pending_reserved = 0  # creates in progress (they hold a gate slot and a budget reservation)
         # Slots held for creates whose answer was lost: the prediction may be running on the server, so it keeps its
         # slot until it would surely have finished (loop times at which to release them).
         self.phantoms: list[float] = []
-        self.undownloaded: list[str] = []
         self._window_seeded = False
         self.creates_paused_until = 0.0
         self._last_progress = -1.0
@@ -338,7 +185,7 @@ class Scheduler:
                 self.counters.failed += 1
             elif verdict == "submit":
                 self.ready.append(job)
-        self._plan_uploads(wall_now)
+        self.uploads.plan(self.state.uploads, self.ready, wall_now)
         # Every prediction an earlier run left in flight is polled first and holds a slot, whether or not the manifest
         # still has its job: it runs (and is billed) on the server all the same.
         for st in self.state.in_flight():
@@ -386,47 +233,13 @@ class Scheduler:
                     self.config.rate_count, self.config.rate_period, margin=self.window.margin, history=history
                 )
 
-    def _plan_uploads(self, wall_now: float) -> None:
-        """Queue each distinct local image pending jobs need, in the order of its first job; reuse fresh uploads."""
-        for digest, upload in self.state.uploads.items():
-            if wall_now - upload.uploaded_at < UPLOAD_TTL:
-                self.uploaded[digest] = upload.public_url
-        if self.config.inline_images:
-            return
-        queued: set[str] = set()
-        for job in self.ready:
-            sha = job.image_sha256
-            if job.image_path is None or sha is None or sha in self.uploaded or sha in queued:
-                continue
-            queued.add(sha)
-            self.image_paths[sha] = job.image_path
-            self.upload_queue.append(sha)
-
-    def _image_ready(self, job: Job) -> bool:
-        return (
-            self.config.inline_images
-            or job.image_path is None
-            or job.image_sha256 is None
-            or job.image_sha256 in self.uploaded
-        )
-
     def _next_creatable(self) -> Job | None:
         """The first ready job whose input image is uploaded (jobs behind a slow upload do not hold others back)."""
         for i, job in enumerate(self.ready):
-            if self._image_ready(job):
+            if self.uploads.ready_for(job):
                 return job
             if i >= 256:  # uploads run in job order, so a creatable job is never far back
                 break
-        return None
-
-    def _next_upload(self, now: float, soonest: Callable[[float], None]) -> str | None:
-        if self.stop_reason is not None or len(self.uploading) >= MAX_PARALLEL_UPLOADS:
-            return None
-        for sha in self.upload_queue:
-            at = self.upload_retry_at.get(sha, 0.0)
-            if at <= now:
-                return sha
-            soonest(at)
         return None
 
     # ----------------------------------------------------------------------------------------------- the run
@@ -495,7 +308,7 @@ class Scheduler:
             delay = self.window.delay(now) if counts else 0.0
             # While jobs remain to be created, polls are paced so they cannot drain the window a create needs; after
             # that the window alone limits them.
-            paced = kind == "poll" and bool(self.ready or self.delayed or self.upload_queue)
+            paced = kind == "poll" and bool(self.ready or self.delayed or self.uploads.queue)
             if paced:
                 delay = max(delay, self.pacer.delay(now))
             if kind == "poll" and counts:
@@ -565,8 +378,8 @@ class Scheduler:
             job = self._next_creatable()
             if job is not None:
                 return ("create", job), None
-        if self.upload_queue:
-            sha = self._next_upload(now, soonest)
+        if self.uploads.queue and self.stop_reason is None:
+            sha = self.uploads.next_due(now, soonest)
             if sha is not None:
                 return ("presign", sha), None
         if self.delayed and self.stop_reason is None:
@@ -687,8 +500,7 @@ class Scheduler:
             self._spawn(self._api_task(self._create(job), ticket))
         elif kind == "presign":
             sha: str = target
-            self.upload_queue.remove(sha)
-            self.uploading.add(sha)
+            self.uploads.start(sha)
             self._spawn(self._api_task(self._upload(sha), ticket))
         elif kind == "poll":
             flight: Flight = target
@@ -747,20 +559,6 @@ class Scheduler:
             if ticket is not None:
                 self._settle(ticket)
 
-    def _api_input(self, job: Job) -> dict[str, Any]:
-        body = dict(job.input)
-        if job.image_path is not None and job.image_sha256 is not None and not self.config.inline_images:
-            body["input_image"] = self.uploaded[job.image_sha256]
-        elif job.image_path is not None and job.image_sha256 is not None:
-            uri = self._images.get(job.image_sha256)
-            if uri is None:
-                uri = data_uri(read_bytes(job.image_path), job.image_path.name)
-                if len(self._images) >= 8:  # a few recent images: a matrix usually repeats one image many times
-                    self._images.pop(next(iter(self._images)))
-                self._images[job.image_sha256] = uri
-            body["input_image"] = uri
-        return body
-
     def _api_ok(self) -> None:
         self.key_checked = True
         self.consecutive_failures = 0
@@ -782,7 +580,7 @@ class Scheduler:
         st = self.state.jobs.get(job.fingerprint)
         attempt = (st.attempts if st is not None else 0) + 1
         try:
-            body = self._api_input(job)
+            body = self.uploads.api_input(job)
         except OSError as exc:
             self.pending_reserved -= 1
             self.gate.release()
@@ -803,7 +601,7 @@ class Scheduler:
         self._api_ok()
         self.creates_this_run += 1
         self.ledger.append(SUBMITTED, job=job.id, fingerprint=job.fingerprint, prediction_id=prediction_id)
-        self._state_of(job.id, job.fingerprint).status = JobStatus.IN_FLIGHT
+        job_state(self.state, job.id, job.fingerprint).status = JobStatus.IN_FLIGHT
         now = self.now()
         flight = Flight(
             job_id=job.id,
@@ -850,7 +648,7 @@ class Scheduler:
             delay = retry_delay(
                 tries, exc.retry_after, base=self.config.retry_base, cap=self.config.retry_cap, rng=self._rng
             )
-            self.delayed.append((self.now() + delay, job))
+            self._retry_later(job, delay)
             return
         self.gate.release()
         if isinstance(exc, AuthError):
@@ -858,47 +656,20 @@ class Scheduler:
             self.ready.appendleft(job)
             self.fatal = exc
             return
-        self._fail(job.id, job.fingerprint, job, str(exc), retryable=False, error_code=None, prediction_id=None)
+        self.results.fail(job.id, job.fingerprint, job, str(exc), retryable=False, error_code=None, prediction_id=None)
 
     async def _upload(self, sha: str) -> None:
         """Presign (an API request), PUT the bytes (another host), record the upload; only then may jobs use it."""
-        path = self.image_paths[sha]
-        content_type = self.content_types.get(sha) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         try:
-            presigned = await self._call("presign", self.client.presign(content_type))
-            try:
-                data = await asyncio.to_thread(read_bytes, path)
-            except OSError as exc:
-                raise InputImageError(f"cannot read: {describe_os_error(exc)}", file=str(path)) from exc
-            await self.client.put_upload(presigned, data)
+            presigned = await self.uploads.send(sha, self.client, self._call)
         except ApiError as exc:
-            self.uploading.discard(sha)
             self._api_failed(exc)
-            tries = self.upload_tries.get(sha, 0) + 1
-            self.upload_tries[sha] = tries
-            if tries >= MAX_UPLOAD_TRIES:
-                log.error("upload of %s failed %d times (%s); its jobs wait for the next run", path, tries, exc)
-                self._block_image(sha)
-                return
-            log.warning("upload of %s failed (%s); trying again", path, exc)
-            wait = retry_delay(
-                tries, exc.retry_after, base=self.config.retry_base, cap=self.config.retry_cap, rng=self._rng
-            )
-            self.upload_retry_at[sha] = self.now() + wait
-            self.upload_queue.append(sha)
+            if not self.uploads.retry_later(sha, exc):
+                self.ready = self.uploads.block(sha, self.ready)
             return
         self._api_ok()
-        self.uploading.discard(sha)
-        self.ledger.append(UPLOADED, sha256=sha, public_url=presigned.public_url, file=path.name)
-        self.uploaded[sha] = presigned.public_url
-        self.fresh_uploads.add(sha)
+        self.uploads.record(sha, presigned)
         self.counters.uploads += 1
-
-    def _block_image(self, sha: str) -> None:
-        keep: deque[Job] = deque()
-        for job in self.ready:
-            (self.blocked if job.image_sha256 == sha else keep).append(job)
-        self.ready = keep
 
     async def _poll(self, flight: Flight) -> None:
         self.counters.polls += 1
@@ -907,7 +678,7 @@ class Scheduler:
         except NotFound as exc:
             self._api_ok()
             self._finish_flight(flight)
-            self._fail(
+            self.results.fail(
                 flight.job_id,
                 flight.fingerprint,
                 flight.job,
@@ -946,21 +717,16 @@ class Scheduler:
             self._learn(observed_duration(age, flight.last_running_age))
             duration = round(age, 3)
         if prediction.phase is Phase.SUCCEEDED and prediction.urls:
-            self._spawn(self._download(flight, prediction, duration))
+            self._spawn(self.results.download(flight, prediction, duration, client=self.client, out=self.out))
             return
         error = prediction.error or ("finished without an output" if prediction.phase is Phase.SUCCEEDED else "failed")
         retryable = prediction.retryable or prediction.phase is Phase.SUCCEEDED
-        sha = flight.job.image_sha256 if flight.job is not None else None
-        stale = sha is not None and sha in self.uploaded and sha not in self.fresh_uploads
-        if prediction.error_code == "INPUT_DOWNLOAD_ERROR" and sha is not None and stale:
-            # The API could not fetch an image an earlier run uploaded (expired or lost): upload it again and try the
-            # job again. An upload made by this run that fails so is a real input problem: no second try.
-            del self.uploaded[sha]
-            if sha not in self.upload_queue and sha not in self.uploading and flight.job is not None:
-                self.image_paths[sha] = flight.job.image_path or self.image_paths[sha]
-                self.upload_queue.append(sha)
+        job = flight.job
+        if prediction.error_code == "INPUT_DOWNLOAD_ERROR" and job is not None and self.uploads.forget_stale(job):
+            # The API could not fetch an image an earlier run uploaded (expired or lost): it is uploaded again and the
+            # job tried again.
             retryable = True
-        self._fail(
+        self.results.fail(
             flight.job_id,
             flight.fingerprint,
             flight.job,
@@ -980,7 +746,7 @@ class Scheduler:
             # Best effort: the API may already have finished it; we stop waiting either way.
             log.warning("job %s: cancel of %s failed: %s", flight.job_id, flight.prediction_id, exc)
         self._finish_flight(flight)
-        self._fail(
+        self.results.fail(
             flight.job_id,
             flight.fingerprint,
             flight.job,
@@ -989,55 +755,6 @@ class Scheduler:
             error_code="TIMEOUT",
             prediction_id=flight.prediction_id,
         )
-
-    async def _download(self, flight: Flight, prediction: Prediction, duration: float | None) -> None:
-        url = prediction.urls[0]
-        last: ApiError | None = None
-        for attempt in range(1, MAX_DOWNLOAD_TRIES + 1):
-            try:
-                async with self.downloads:
-                    name = await save_download(self.out, flight.job_id, lambda sink: self.client.download(url, sink))
-            except DownloadRejected as exc:
-                self._fail(
-                    flight.job_id,
-                    flight.fingerprint,
-                    flight.job,
-                    f"unusable output: {exc}",
-                    retryable=True,
-                    error_code=None,
-                    prediction_id=flight.prediction_id,
-                    cost=prediction.cost,
-                    duration=duration,
-                )
-                return
-            except TransientError as exc:
-                last = exc
-                await asyncio.sleep(backoff(attempt, base=0.2, cap=5.0, rng=self._rng))
-                continue
-            cost = prediction.cost if prediction.cost is not None else self.config.price
-            self.ledger.append(
-                SUCCEEDED,
-                job=flight.job_id,
-                fingerprint=flight.fingerprint,
-                prediction_id=flight.prediction_id,
-                file=name,
-                cost=cost,
-                duration=duration,
-            )
-            st = self._state_of(flight.job_id, flight.fingerprint)
-            st.status, st.file = JobStatus.SUCCEEDED, name
-            self.counters.succeeded += 1
-            self.counters.spend += cost or 0.0
-            return
-        # The prediction is paid and its output may still be there: leave it in flight in the ledger, so the next run
-        # polls it again and downloads it, instead of paying for a new one.
-        log.warning(
-            "job %s: download failed %d times (%s); the next run fetches it",
-            flight.job_id,
-            MAX_DOWNLOAD_TRIES,
-            last,
-        )
-        self.undownloaded.append(flight.job_id)
 
     # ----------------------------------------------------------------------------------------------- state changes
     def _finish_flight(self, flight: Flight) -> None:
@@ -1054,50 +771,8 @@ class Scheduler:
             self.plan = self._new_plan()
             self.sorted_durations = sorted(self.durations)
 
-    def _state_of(self, job_id: str, fingerprint: str) -> JobState:
-        st = self.state.jobs.get(fingerprint)
-        if st is None:
-            st = JobState(fingerprint=fingerprint, job=job_id)
-            self.state.jobs[fingerprint] = st
-        return st
-
-    def _fail(
-        self,
-        job_id: str,
-        fingerprint: str,
-        job: Job | None,
-        error: str,
-        *,
-        retryable: bool,
-        error_code: str | None,
-        prediction_id: str | None,
-        cost: float | None = None,
-        duration: float | None = None,
-    ) -> None:
-        fields: dict[str, Any] = {"error": error, "retryable": retryable}
-        if error_code is not None:
-            fields["error_code"] = error_code
-        if prediction_id is not None:
-            fields["prediction_id"] = prediction_id
-        if cost is not None:
-            fields["cost"] = cost
-            self.counters.spend += cost
-        if duration is not None:
-            fields["duration"] = duration
-        self.ledger.append(FAILED, job=job_id, fingerprint=fingerprint, **fields)
-        st = self._state_of(job_id, fingerprint)
-        st.status = JobStatus.FAILED
-        st.attempts += 1
-        st.retryable = retryable
-        st.error = error
-        st.error_code = error_code
-        if retryable and st.attempts < self.config.max_attempts and job is not None:
-            self.counters.retried += 1
-            log.warning("job %s: attempt %d failed: %s; trying again", job_id, st.attempts, error)
-            self.delayed.append((self.now() + backoff(st.attempts, rng=self._rng), job))
-        else:
-            self.counters.failed += 1
-            log.error("job %s failed: %s%s", job_id, error, f" [{error_code}]" if error_code else "")
+    def _retry_later(self, job: Job, delay: float) -> None:
+        self.delayed.append((self.now() + delay, job))
 
     # ----------------------------------------------------------------------------------------------- reporting
     def snapshot(self) -> Snapshot:
@@ -1119,8 +794,8 @@ class Scheduler:
 
     def _result(self) -> RunResult:
         c = self.counters
-        in_flight = len(self.flights) + len(self.undownloaded)
-        pending = len(self.ready) + len(self.delayed) + self.pending_reserved + len(self.blocked)
+        in_flight = len(self.flights) + len(self.results.undownloaded)
+        pending = len(self.ready) + len(self.delayed) + self.pending_reserved + len(self.uploads.blocked)
         stop = self.stop_reason
         if stop is None and (pending or in_flight) and self.fatal is None:
             stop = StopReason.API_DOWN if self.consecutive_failures else None

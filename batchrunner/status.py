@@ -8,7 +8,7 @@ from typing import Any
 from batchrunner.ledger import JobStatus, LedgerState
 from batchrunner.manifest import Manifest
 from batchrunner.output import OutputDir
-from batchrunner.scheduler import classify
+from batchrunner.runstate import classify
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from batchrunner.policy import (
     prior_plan,
     retry_delay,
 )
-from batchrunner.scheduler import classify
+from batchrunner.runstate import classify
 
 
 @pytest.mark.parametrize(

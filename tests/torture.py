@@ -46,8 +46,8 @@ from PIL import Image
 
 from batchrunner.ledger import SUCCEEDED, UPLOADED, JobStatus, LedgerState, read_ledger, replay
 from batchrunner.manifest import Manifest, load_manifest
-from batchrunner.scheduler import data_uri
 from batchrunner.simulator import input_key
+from batchrunner.uploads import data_uri
 
 # The fault mix of ``--faults``: lost, garbled and late answers, cut-off downloads, gateway errors.
 FAULTS: tuple[str, ...] = (

@@ -1,0 +1,141 @@
+"""What follows a finished prediction: its output downloaded and saved, or its failure recorded.
+
+Both end in the ledger (``succeeded`` once the file is fsynced and renamed into place, or ``failed``), in the replayed
+job state and in the run's counters. A failed attempt that deserves another is handed back to the scheduler through
+its ``retry`` callback, with the backoff to wait; the scheduler decides when it is created again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+from batchrunner.client import Client, Prediction
+from batchrunner.errors import ApiError, DownloadRejected, TransientError
+from batchrunner.ledger import FAILED, SUCCEEDED, JobStatus, Ledger, LedgerState
+from batchrunner.manifest import Job
+from batchrunner.output import OutputDir, save_download
+from batchrunner.policy import backoff
+from batchrunner.runstate import Counters, Flight, RunConfig, job_state
+
+log = logging.getLogger("batchrunner")
+
+# Attempts at downloading one output within one run; after that the prediction stays in the ledger to fetch next run.
+MAX_DOWNLOAD_TRIES = 6
+
+
+class Results:
+    """Records how each attempt at a job ended; owned by the scheduler, one per run."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        state: LedgerState,
+        counters: Counters,
+        config: RunConfig,
+        *,
+        rng: random.Random,
+        retry: Callable[[Job, float], None],
+    ) -> None:
+        self.ledger = ledger
+        self.state = state
+        self.counters = counters
+        self.config = config
+        self._rng = rng
+        self._retry = retry  # try the job again after this many seconds
+        self.downloads = asyncio.Semaphore(config.download_concurrency)
+        self.undownloaded: list[str] = []  # jobs whose prediction succeeded but whose output could not be fetched
+
+    async def download(
+        self, flight: Flight, prediction: Prediction, duration: float | None, *, client: Client, out: OutputDir
+    ) -> None:
+        """Fetch a succeeded prediction's output into ``out`` and record it; a paid output is never given up as lost."""
+        url = prediction.urls[0]
+        last: ApiError | None = None
+        for attempt in range(1, MAX_DOWNLOAD_TRIES + 1):
+            try:
+                async with self.downloads:
+                    name = await save_download(out, flight.job_id, lambda sink: client.download(url, sink))
+            except DownloadRejected as exc:
+                self.fail(
+                    flight.job_id,
+                    flight.fingerprint,
+                    flight.job,
+                    f"unusable output: {exc}",
+                    retryable=True,
+                    error_code=None,
+                    prediction_id=flight.prediction_id,
+                    cost=prediction.cost,
+                    duration=duration,
+                )
+                return
+            except TransientError as exc:
+                last = exc
+                await asyncio.sleep(backoff(attempt, base=0.2, cap=5.0, rng=self._rng))
+                continue
+            cost = prediction.cost if prediction.cost is not None else self.config.price
+            self.ledger.append(
+                SUCCEEDED,
+                job=flight.job_id,
+                fingerprint=flight.fingerprint,
+                prediction_id=flight.prediction_id,
+                file=name,
+                cost=cost,
+                duration=duration,
+            )
+            st = job_state(self.state, flight.job_id, flight.fingerprint)
+            st.status, st.file = JobStatus.SUCCEEDED, name
+            self.counters.succeeded += 1
+            self.counters.spend += cost or 0.0
+            return
+        # The prediction is paid and its output may still be there: leave it in flight in the ledger, so the next run
+        # polls it again and downloads it, instead of paying for a new one.
+        log.warning(
+            "job %s: download failed %d times (%s); the next run fetches it",
+            flight.job_id,
+            MAX_DOWNLOAD_TRIES,
+            last,
+        )
+        self.undownloaded.append(flight.job_id)
+
+    def fail(
+        self,
+        job_id: str,
+        fingerprint: str,
+        job: Job | None,
+        error: str,
+        *,
+        retryable: bool,
+        error_code: str | None,
+        prediction_id: str | None,
+        cost: float | None = None,
+        duration: float | None = None,
+    ) -> None:
+        """Record a failed attempt; the job is tried again (after a backoff) while it is retryable and has attempts."""
+        fields: dict[str, Any] = {"error": error, "retryable": retryable}
+        if error_code is not None:
+            fields["error_code"] = error_code
+        if prediction_id is not None:
+            fields["prediction_id"] = prediction_id
+        if cost is not None:
+            fields["cost"] = cost
+            self.counters.spend += cost
+        if duration is not None:
+            fields["duration"] = duration
+        self.ledger.append(FAILED, job=job_id, fingerprint=fingerprint, **fields)
+        st = job_state(self.state, job_id, fingerprint)
+        st.status = JobStatus.FAILED
+        st.attempts += 1
+        st.retryable = retryable
+        st.error = error
+        st.error_code = error_code
+        if retryable and st.attempts < self.config.max_attempts and job is not None:
+            self.counters.retried += 1
+            log.warning("job %s: attempt %d failed: %s; trying again", job_id, st.attempts, error)
+            self._retry(job, backoff(st.attempts, rng=self._rng))
+        else:
+            self.counters.failed += 1
+            log.error("job %s failed: %s%s", job_id, error, f" [{error_code}]" if error_code else "")

@@ -1,0 +1,149 @@
+"""The records of one run: its configuration, the predictions it watches, its counters and its account.
+
+Plain data and one pure decision (``classify``), shared by the scheduler and its collaborators (``uploads.py``,
+``results.py``) and read by the reports; nothing here does I/O or reads a clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from batchrunner.ledger import JobState, JobStatus, LedgerState
+from batchrunner.manifest import Job
+
+
+class StopReason(StrEnum):
+    """Why a run stopped before the batch was done."""
+
+    INTERRUPTED = "interrupted"
+    TERMINATED = "terminated"
+    DEADLINE = "deadline"
+    MAX_JOBS = "max_jobs"
+    BUDGET = "budget"
+    PAYMENT = "payment_required"
+    API_DOWN = "api_unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class RunConfig:
+    """Everything the scheduler needs to know about limits and policies."""
+
+    concurrency: int = 10
+    rate_count: int = 60
+    rate_period: float = 60.0
+    rate_scope: str = "all"  # "all": every API-host request counts; "creates": only creates do
+    max_attempts: int = 3
+    job_timeout: float = 600.0
+    drain_timeout: float = 60.0
+    max_runtime: float | None = None
+    max_jobs: int | None = None
+    budget: float | None = None
+    price: float | None = None
+    poll_initial: float = 3.0
+    poll_min_interval: float = 0.0
+    inline_images: bool = False  # send local images as data URIs instead of uploading them
+    download_concurrency: int = 4
+    retry_base: float = 0.5
+    retry_cap: float = 30.0
+
+
+@dataclass(slots=True)
+class Flight:
+    """A prediction created and not yet seen finished."""
+
+    job_id: str
+    fingerprint: str
+    prediction_id: str
+    created_at: float  # loop time
+    job: Job | None  # None for a prediction an earlier run left whose job the manifest no longer has
+    polls: int = 0
+    last_running_age: float | None = None
+    next_poll_at: float = 0.0
+    busy: bool = False
+    poll_failures: int = 0
+    # Taken over from an earlier run: its age includes the time no run was watching, so it teaches no duration.
+    resumed: bool = False
+
+
+@dataclass(slots=True)
+class Counters:
+    """What this run did, for progress lines and the summary."""
+
+    total: int = 0
+    skipped: int = 0
+    succeeded: int = 0
+    failed: int = 0  # failed for good (no attempts left or not retryable)
+    retried: int = 0
+    requests: int = 0
+    creates: int = 0
+    polls: int = 0
+    cancels: int = 0
+    uploads: int = 0
+    lost_answers: int = 0  # creates whose answer never came (this run and the ledger's earlier ones)
+    rate_limited: int = 0
+    spend: float = 0.0
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The state of a run at one moment, for the progress bar and log lines."""
+
+    total: int
+    done: int
+    failed: int
+    in_flight: int
+    pending: int
+    requests: int
+    elapsed: float
+    window_used: int = 0  # requests in the current rate window (at most the limit's COUNT)
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """How a run ended."""
+
+    total: int
+    skipped: int
+    succeeded: int
+    failed: int
+    pending: int
+    in_flight: int
+    requests: int
+    creates: int
+    polls: int
+    lost_answers: int
+    rate_limited: int
+    spend: float
+    elapsed: float
+    stop_reason: StopReason | None
+    max_in_flight: int
+    by_kind: Mapping[str, int]
+
+    @property
+    def complete(self) -> bool:
+        return self.pending == 0 and self.in_flight == 0
+
+
+def classify(state: JobState | None, *, file_present: bool, max_attempts: int) -> str:
+    """What a run does with a job, given what the ledger says: ``done``, ``poll``, ``submit`` or ``failed``."""
+    if state is None:
+        return "submit"
+    if state.status is JobStatus.SUCCEEDED:
+        return "done" if file_present else "submit"
+    if state.status is JobStatus.IN_FLIGHT:
+        return "poll"
+    if state.status is JobStatus.FAILED:
+        return "submit" if state.retryable and state.attempts < max_attempts else "failed"
+    return "submit"  # pending, or in doubt (a lost answer: submitted again, counted as possibly paid twice)
+
+
+def job_state(state: LedgerState, job_id: str, fingerprint: str) -> JobState:
+    """The replayed state of a job, created (as pending) the first time the run changes it."""
+    st = state.jobs.get(fingerprint)
+    if st is None:
+        st = JobState(fingerprint=fingerprint, job=job_id)
+        state.jobs[fingerprint] = st
+    return st
