@@ -218,3 +218,20 @@ def done_probability(samples: Sequence[float], age: float, checked_age: float) -
     if f_then >= 1.0:
         return min(1.0, (age - checked_age) / max(samples[-1] * 0.2, 1e-3))
     return max(0.0, (f_now - f_then) / (1.0 - f_then))
+
+
+def likely_done_age(samples: Sequence[float], checked_age: float, threshold: float) -> float:
+    """The youngest age at which ``done_probability(samples, age, checked_age) >= threshold`` (0 < threshold <= 1).
+
+    So a caller waiting for a prediction to become likely done can set one timer for it instead of looking again
+    and again. Inverse of :func:`done_probability`: within the samples, the first sample age at which the empirical
+    distribution has risen by ``threshold`` of what was left at ``checked_age``; past the longest sample, the linear
+    growth of the censored case. ``samples`` sorted and non-empty.
+    """
+    n = len(samples)
+    f_then = bisect_right(samples, checked_age) / n
+    if f_then >= 1.0:
+        return checked_age + threshold * max(samples[-1] * 0.2, 1e-3)
+    target = f_then + threshold * (1.0 - f_then)
+    k = min(n, max(1, math.ceil(target * n - 1e-9)))
+    return max(checked_age, samples[k - 1])

@@ -56,6 +56,7 @@ from batchrunner.policy import (
     PollPacer,
     PollPlan,
     done_probability,
+    likely_done_age,
     observed_duration,
     plan_polls,
     poll_reserve,
@@ -405,14 +406,15 @@ class Scheduler:
     def _opportunistic_poll(self, now: float, idle: list[Flight], soonest: Callable[[float], None]) -> Flight | None:
         """A poll ahead of the plan, when a request spent now costs no create.
 
-        That is when no create can use it (every slot is taken, or nothing is left to create) and the window has room.
+        That is when no create can use it (every slot is taken, or nothing is left to create).
         The plan alone rations polls for the request-bound case; when slots bind, spare requests go to the prediction
         most likely done, which shortens the time a finished prediction holds its slot unseen.
         """
         if self._creates_possible() or len(self.sorted_durations) < MIN_SAMPLES:
             return None
-        if self.config.rate_scope == "all" and self.window.remaining(now) <= 0:
-            return None
+        # A full window is no reason to fall back on the plan: the dispatcher waits for the window and asks again
+        # (a create, if one became possible meanwhile, still goes first). Falling back let the last prediction of a
+        # batch wait for its next planned poll, seconds away, while the window freed within a tenth of a second.
         best, best_p = None, 0.0
         for flight in idle:
             checked = flight.last_running_age if flight.last_running_age is not None else 0.0
@@ -421,11 +423,14 @@ class Scheduler:
             p = done_probability(self.sorted_durations, now - flight.created_at, checked)
             if p > best_p:
                 best, best_p = flight, p
-        if best is not None and best_p >= OPPORTUNISTIC_MIN_PROBABILITY:
+        # The tolerance matches likely_done_age's rounding, so a timer set by it always finds its flight due.
+        if best is not None and best_p >= OPPORTUNISTIC_MIN_PROBABILITY - 1e-9:
             return best
-        if idle:
-            # Probabilities grow with age: look again a little later.
-            soonest(now + max(0.01, self.sorted_durations[len(self.sorted_durations) // 2] / 20))
+        # None is likely done yet: wake when the first one will be (one timer, not a look every few ticks).
+        for flight in idle:
+            checked = flight.last_running_age if flight.last_running_age is not None else 0.0
+            age = likely_done_age(self.sorted_durations, checked, OPPORTUNISTIC_MIN_PROBABILITY)
+            soonest(flight.created_at + max(age, checked + self.config.poll_min_interval))
         return None
 
     def _release_phantoms(self, now: float) -> None:

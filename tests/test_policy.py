@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batchrunner.ledger import JobState, JobStatus
 from batchrunner.policy import (
@@ -13,6 +16,7 @@ from batchrunner.policy import (
     PollPlan,
     backoff,
     done_probability,
+    likely_done_age,
     observed_duration,
     plan_polls,
     poll_reserve,
@@ -189,3 +193,34 @@ def test_poll_reserve_keeps_a_place_for_the_create_only_while_one_is_coming(
     creates_waiting: bool, slots_free: int, reserve: int
 ) -> None:
     assert poll_reserve(creates_waiting=creates_waiting, slots_free=slots_free) == reserve
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    samples=st.lists(st.floats(0.01, 100.0), min_size=1, max_size=60).map(sorted),
+    checked=st.floats(0.0, 120.0),
+    threshold=st.floats(0.01, 1.0),
+)
+def test_likely_done_age_is_the_first_age_at_which_the_chance_reaches_the_threshold(
+    samples: list[float], checked: float, threshold: float
+) -> None:
+    age = likely_done_age(samples, checked, threshold)
+    assert age >= checked
+    assert done_probability(samples, age, checked) >= threshold - 1e-9
+    # Any younger age falls short: a timer set for ``age`` is not late.
+    younger = max(checked, math.nextafter(age, 0.0))
+    if younger < age:
+        assert done_probability(samples, younger, checked) < threshold + 1e-9
+
+
+@pytest.mark.parametrize(
+    ("samples", "checked", "threshold", "age"),
+    [
+        ([1.0, 2.0, 3.0, 4.0], 0.0, 0.25, 1.0),  # a quarter of the samples by 1 s
+        ([1.0, 2.0, 3.0, 4.0], 0.0, 0.3, 2.0),  # the next step up
+        ([1.0, 2.0, 3.0, 4.0], 2.0, 0.5, 3.0),  # given still running at 2 s: half of what is left
+        ([1.0, 2.0, 3.0, 4.0], 5.0, 0.1, 5.08),  # past every sample: 0.1 of a fifth of the longest
+    ],
+)
+def test_likely_done_age_table(samples: list[float], checked: float, threshold: float, age: float) -> None:
+    assert likely_done_age(samples, checked, threshold) == pytest.approx(age)

@@ -1,0 +1,73 @@
+"""What the dispatcher picks for the next request slot, from a scheduler on a fake clock (no request is sent)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from batchrunner.client import Client
+from batchrunner.ledger import Ledger, read_ledger
+from batchrunner.manifest import load_manifest
+from batchrunner.output import OutputDir
+from batchrunner.runstate import Flight, RunConfig
+from batchrunner.scheduler import Scheduler
+from tests.conftest import write_manifest
+
+
+class Clock:
+    t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+async def scheduler(tmp_path: Path) -> AsyncIterator[tuple[Scheduler, Clock]]:
+    """A scheduler for a 1-job batch with 2 slots and a 2-per-10 s window, that knows six prediction times (1-1.5 s)
+    and has every job already created (nothing left to create: the end of a batch)."""
+    manifest = load_manifest(write_manifest(tmp_path, 1, image=False))
+    out = OutputDir(tmp_path / "out")
+    out.create()
+    out.prepare()
+    state = read_ledger(out.ledger)
+    state.durations.extend([1.0, 1.1, 1.2, 1.3, 1.4, 1.5])
+    clock = Clock()
+    config = RunConfig(concurrency=2, rate_count=2, rate_period=10.0, poll_initial=1.0)
+    with Ledger(out.ledger) as ledger:
+        async with aiohttp.ClientSession() as session:
+            client = Client(session, base_url="http://127.0.0.1:9", api_key="unused")
+            yield Scheduler(manifest, client, ledger, out, state, config, clock=clock), clock
+
+
+async def test_a_full_window_keeps_the_likely_done_prediction_next_not_its_far_planned_poll(
+    scheduler: tuple[Scheduler, Clock],
+) -> None:
+    sched, clock = scheduler
+    job = sched.manifest.jobs[0]
+    # Still running when last polled at 1.45 s; its plan would not poll it again until 100 s.
+    flight = Flight(job.id, job.fingerprint, "p-1", created_at=0.0, job=job, last_running_age=1.45, next_poll_at=100.0)
+    sched.flights[flight.prediction_id] = flight
+    clock.t = 1.0
+    sched.window.take(clock.t)
+    sched.window.take(clock.t)  # the window is full until 11 s
+    clock.t = 1.6  # every known prediction time has passed: it is surely done
+    action, _ = sched._choose(clock.t)
+    # The poll is chosen now and the dispatcher waits for the window (11 s), not for the plan (100 s).
+    assert action == ("poll", flight)
+    assert sched.window.delay(clock.t) == pytest.approx(11.0 - 1.6 + sched.window.margin)
+
+
+async def test_a_prediction_not_yet_likely_done_sets_one_timer_for_when_it_will_be(
+    scheduler: tuple[Scheduler, Clock],
+) -> None:
+    sched, clock = scheduler
+    job = sched.manifest.jobs[0]
+    flight = Flight(job.id, job.fingerprint, "p-1", created_at=0.0, job=job, last_running_age=0.5, next_poll_at=100.0)
+    sched.flights[flight.prediction_id] = flight
+    clock.t = 0.6
+    action, wake_at = sched._choose(clock.t)
+    assert action is None
+    assert wake_at == pytest.approx(1.0)  # the shortest known prediction time: a 1-in-6 chance, above 0.1
