@@ -60,6 +60,7 @@ from batchrunner.policy import (
     observed_duration,
     plan_polls,
     poll_reserve,
+    poll_value,
     retry_delay,
 )
 from batchrunner.results import Results
@@ -407,24 +408,29 @@ class Scheduler:
         """A poll ahead of the plan, when a request spent now costs no create.
 
         That is when no create can use it (every slot is taken, or nothing is left to create).
-        The plan alone rations polls for the request-bound case; when slots bind, spare requests go to the prediction
-        most likely done, which shortens the time a finished prediction holds its slot unseen.
+        The plan alone rations polls for the request-bound case; when slots bind, spare requests go to a prediction
+        likely done, the one whose poll is worth most, which shortens the time a finished prediction holds its slot
+        unseen.
         """
         if self._creates_possible() or len(self.sorted_durations) < MIN_SAMPLES:
             return None
         # A full window is no reason to fall back on the plan: the dispatcher waits for the window and asks again
         # (a create, if one became possible meanwhile, still goes first). Falling back let the last prediction of a
         # batch wait for its next planned poll, seconds away, while the window freed within a tenth of a second.
-        best, best_p = None, 0.0
+        # Among the predictions likely done (the tolerance matches likely_done_age's rounding, so a timer set by it
+        # always finds its flight due), the one whose poll is worth most: see policy.poll_value.
+        best, best_value = None, -1.0
         for flight in idle:
             checked = flight.last_running_age if flight.last_running_age is not None else 0.0
-            if now - flight.created_at - checked < self.config.poll_min_interval:
+            age = now - flight.created_at
+            if age - checked < self.config.poll_min_interval:
                 continue
-            p = done_probability(self.sorted_durations, now - flight.created_at, checked)
-            if p > best_p:
-                best, best_p = flight, p
-        # The tolerance matches likely_done_age's rounding, so a timer set by it always finds its flight due.
-        if best is not None and best_p >= OPPORTUNISTIC_MIN_PROBABILITY - 1e-9:
+            if done_probability(self.sorted_durations, age, checked) < OPPORTUNISTIC_MIN_PROBABILITY - 1e-9:
+                continue
+            value = poll_value(self.sorted_durations, age, checked)
+            if value > best_value:
+                best, best_value = flight, value
+        if best is not None:
             return best
         # None is likely done yet: wake when the first one will be (one timer, not a look every few ticks).
         for flight in idle:

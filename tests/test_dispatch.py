@@ -71,3 +71,19 @@ async def test_a_prediction_not_yet_likely_done_sets_one_timer_for_when_it_will_
     action, wake_at = sched._choose(clock.t)
     assert action is None
     assert wake_at == pytest.approx(1.0)  # the shortest known prediction time: a 1-in-6 chance, above 0.1
+
+
+async def test_the_spare_request_goes_to_the_poll_worth_most_not_to_the_likeliest(
+    scheduler: tuple[Scheduler, Clock],
+) -> None:
+    sched, clock = scheduler
+    job = sched.manifest.jobs[0]
+    # Known times 1.0-1.5 s. At 1.5 s the old one (created at 0, still running at 1.3 s) is surely done, the young one
+    # (created at 0.3 s, never checked) only even odds; but the young one may have sat finished for up to 1.2 s, the
+    # old one for 0.2 s: the poll of the young one is worth more (0.5 x 1.2 against 1 x 0.2).
+    old = Flight(job.id, job.fingerprint, "old", created_at=0.0, job=job, last_running_age=1.3, next_poll_at=100.0)
+    young = Flight(job.id, job.fingerprint, "young", created_at=0.3, job=job, next_poll_at=100.0)
+    sched.flights.update({"old": old, "young": young})
+    clock.t = 1.5
+    action, _ = sched._choose(clock.t)
+    assert action == ("poll", young)

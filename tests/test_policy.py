@@ -20,6 +20,7 @@ from batchrunner.policy import (
     observed_duration,
     plan_polls,
     poll_reserve,
+    poll_value,
     prior_plan,
     retry_delay,
 )
@@ -224,3 +225,27 @@ def test_likely_done_age_is_the_first_age_at_which_the_chance_reaches_the_thresh
 )
 def test_likely_done_age_table(samples: list[float], checked: float, threshold: float, age: float) -> None:
     assert likely_done_age(samples, checked, threshold) == pytest.approx(age)
+
+
+SAMPLES_1_TO_6 = [1.0 + 0.5 * k for k in range(11)]  # 1.0, 1.5, ..., 6.0
+
+
+@pytest.mark.parametrize(
+    ("age", "checked", "value"),
+    [
+        (2.0, 0.0, 3 / 11 * 2.0),  # never checked: P(done by 2 s) = 3/11, unseen for up to 2 s
+        (6.0, 5.5, 1.0 * 0.5),  # old and just checked: surely done, little time recovered
+        (3.0, 3.0, 0.0),  # checked this instant: nothing to gain
+        (0.5, 0.0, 0.0),  # younger than any prediction seen
+    ],
+)
+def test_poll_value_is_the_chance_done_since_the_check_times_the_time_since(
+    age: float, checked: float, value: float
+) -> None:
+    assert poll_value(SAMPLES_1_TO_6, age, checked) == pytest.approx(value)
+
+
+def test_poll_value_prefers_a_young_prediction_left_unchecked_to_an_old_one_just_checked() -> None:
+    young, old = (2.5, 0.0), (6.0, 5.5)
+    assert done_probability(SAMPLES_1_TO_6, *young) < done_probability(SAMPLES_1_TO_6, *old)
+    assert poll_value(SAMPLES_1_TO_6, *young) > poll_value(SAMPLES_1_TO_6, *old)
