@@ -457,11 +457,13 @@ def format_row(m: Measurement) -> str:
     )
 
 
-async def _bench(regimes: Sequence[Regime], jobs: int, seed: int, repeat: int) -> list[Measurement]:
+async def _bench(
+    regimes: Sequence[Regime], jobs: int, seed: int, repeat: int, clients: Sequence[str] = ("runner", "baseline")
+) -> list[Measurement]:
     rows: list[Measurement] = []
     for regime in regimes:
         for k in range(repeat):
-            for who in ("runner", "baseline"):
+            for who in clients:
                 with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
                     m = await measure(regime, who, jobs, seed + k, Path(tmp))
                 rows.append(m)
@@ -475,7 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=100)
     p.add_argument("--regimes", default="a,b,c", help="comma-separated, from: " + ", ".join(REGIMES))
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=1, help="runs per regime, with seeds SEED, SEED+1, ...")
+    p.add_argument("--clients", default="runner,baseline", help="comma-separated, from: runner, baseline")
     p.add_argument("--scale", action="store_true", help="also run the scale and CPU checks")
     p.add_argument("--scale-child", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -483,16 +486,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _scale_child(args.scale_child)
     names = [n.strip() for n in args.regimes.split(",") if n.strip()]
     unknown = [n for n in names if n not in REGIMES]
+    clients = [c.strip() for c in args.clients.split(",") if c.strip()]
     if unknown or args.jobs < 1 or args.repeat < 1:
         p.error(f"unknown regime(s) {unknown}" if unknown else "--jobs and --repeat must be at least 1")
+    if not clients or any(c not in ("runner", "baseline") for c in clients):
+        p.error(f"--clients: expected runner and/or baseline, not {args.clients!r}")
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; times in seconds (scaled x10); seed {args.seed}")
     print(HEADER, flush=True)
-    rows = asyncio.run(_bench([REGIMES[n] for n in names], args.jobs, args.seed, args.repeat))
+    rows = asyncio.run(_bench([REGIMES[n] for n in names], args.jobs, args.seed, args.repeat, clients))
     print(LEGEND)
     if args.repeat > 1:
         print("means:")
         for regime in names:
-            for who in ("runner", "baseline"):
+            for who in clients:
                 sel = [m for m in rows if m.regime == REGIMES[regime].name and m.client == who]
                 eff = sum(m.efficiency for m in sel) / len(sel)
                 print(f"  {REGIMES[regime].name:<16} {who:<8} efficiency {eff:.3f} over {len(sel)} runs")

@@ -13,6 +13,7 @@ from batchrunner.bench import (
     bound,
     efficiency,
     format_row,
+    main,
     max_in_window,
     measure,
     output_check_ms,
@@ -114,3 +115,9 @@ async def test_tiny_run_measures_every_job_against_the_simulator(who: str, tmp_p
 def test_output_check_cost_is_measured_by_decoding_a_real_png() -> None:
     small, large = output_check_ms(16, repeat=2), output_check_ms(512, repeat=2)
     assert 0 <= small < large  # a decode, not a constant: it grows with the image
+
+
+def test_clients_option_refuses_an_unknown_client() -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--clients", "runner,nope"])
+    assert exc.value.code == 2
