@@ -190,6 +190,26 @@ class PollPacer:
         self._tokens -= 1.0
 
 
+def expected_duration(durations: Sequence[float], poll_initial: float) -> float:
+    """A pessimistic time for one prediction (for deadlines): the 90th percentile seen and a fifth again, else three
+    first-poll intervals."""
+    if len(durations) >= 3:
+        ordered = sorted(durations)
+        return ordered[int(0.9 * (len(ordered) - 1))] * 1.2
+    return poll_initial * 3
+
+
+def doubt_hold(durations: Sequence[float], poll_initial: float) -> float:
+    """How long a create whose answer was lost keeps its slot: as long as its prediction may run.
+
+    With prediction times known, the longest seen and half again; before that, ten first-poll intervals (30 s by
+    default), since a slot freed too early lets the runner push the account past its cap.
+    """
+    if len(durations) >= 3:
+        return max(durations) * 1.5
+    return max(1.0, poll_initial * 10)
+
+
 def poll_reserve(*, creates_waiting: bool, slots_free: int) -> int:
     """Places in the request window a poll must leave free: one while every slot is busy and jobs wait.
 

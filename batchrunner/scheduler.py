@@ -56,6 +56,8 @@ from batchrunner.policy import (
     PollPacer,
     PollPlan,
     done_probability,
+    doubt_hold,
+    expected_duration,
     likely_done_age,
     observed_duration,
     plan_polls,
@@ -208,7 +210,7 @@ class Scheduler:
             self.gate.max_seen = max(self.gate.max_seen, self.gate.in_flight)
         # A create a killed run sent without hearing back may be running on the server: hold its slot for as long as a
         # prediction would take, so that creating it again cannot push the server past the cap.
-        hold = self._doubt_hold()
+        hold = doubt_hold(self.durations, self.config.poll_initial)
         for st in self.state.jobs.values():
             if st.doubt_at is not None and st.status is not JobStatus.IN_FLIGHT:
                 release_at = now - (wall_now - st.doubt_at) + hold
@@ -470,28 +472,11 @@ class Scheduler:
                 self.request_stop(StopReason.BUDGET)
                 return False
         if self.deadline is not None:
-            expected = self._expected_duration()
+            expected = expected_duration(self.durations, self.config.poll_initial)
             if now + expected >= self.deadline:
                 self.request_stop(StopReason.DEADLINE, drain=max(0.0, self.deadline - now))
                 return False
         return True
-
-    def _expected_duration(self) -> float:
-        """A pessimistic time for one prediction: the 90th percentile seen, else a multiple of the first poll."""
-        if len(self.durations) >= 3:
-            ordered = sorted(self.durations)
-            return ordered[int(0.9 * (len(ordered) - 1))] * 1.2
-        return self.config.poll_initial * 3
-
-    def _doubt_hold(self) -> float:
-        """How long a create whose answer was lost keeps its slot: as long as its prediction may run.
-
-        With prediction times known, the longest seen and half again; before that, ten first-poll intervals (30 s by
-        default), since a slot freed too early lets the runner push the account past its cap.
-        """
-        if len(self.durations) >= 3:
-            return max(self.durations) * 1.5
-        return max(1.0, self.config.poll_initial * 10)
 
     def _check_deadline(self, now: float) -> None:
         if self.deadline is not None and now >= self.deadline and self.stopping_at is None:
@@ -634,7 +619,7 @@ class Scheduler:
             )
             if in_doubt:
                 self.counters.lost_answers += 1
-                self.phantoms.append(self.now() + self._doubt_hold())
+                self.phantoms.append(self.now() + doubt_hold(self.durations, self.config.poll_initial))
             else:
                 self.gate.release()
             if isinstance(exc, PaymentRequired):

@@ -16,6 +16,8 @@ from batchrunner.policy import (
     PollPlan,
     backoff,
     done_probability,
+    doubt_hold,
+    expected_duration,
     likely_done_age,
     observed_duration,
     plan_polls,
@@ -249,3 +251,18 @@ def test_poll_value_prefers_a_young_prediction_left_unchecked_to_an_old_one_just
     young, old = (2.5, 0.0), (6.0, 5.5)
     assert done_probability(SAMPLES_1_TO_6, *young) < done_probability(SAMPLES_1_TO_6, *old)
     assert poll_value(SAMPLES_1_TO_6, *young) > poll_value(SAMPLES_1_TO_6, *old)
+
+
+@pytest.mark.parametrize(
+    ("durations", "poll_initial", "expected", "hold"),
+    [
+        ([], 3.0, 9.0, 30.0),  # nothing known: three first polls to finish, ten to hold a doubtful slot
+        ([2.0, 4.0], 0.05, 0.15, 1.0),  # too few samples; the hold is at least a second
+        ([1.0, 2.0, 3.0, 4.0, 10.0], 3.0, 4.0 * 1.2, 15.0),  # 90th percentile (index 3) x 1.2; longest x 1.5
+    ],
+)
+def test_expected_duration_and_doubt_hold_by_table(
+    durations: list[float], poll_initial: float, expected: float, hold: float
+) -> None:
+    assert expected_duration(durations, poll_initial) == pytest.approx(expected)
+    assert doubt_hold(durations, poll_initial) == pytest.approx(hold)
