@@ -8,9 +8,11 @@ start), and time advances in 10 ms steps. Each step it sends creates while a slo
 as the policy says. Printed: efficiency (bound / makespan, the benchmark's definition), polls per job and the mean
 time a finished prediction waits to be seen.
 
+Every policy's polls are paced at the window's rate and leave one window place for the next create, as the runner's.
 Policies:
-- ``greedy``: poll the flight most likely done since its last check, if that chance is at least a threshold; polls
-  paced at the window's rate and one window place kept for the next create (what the runner does);
+- ``greedy``: poll the flight most likely done since its last check, if that chance is at least a threshold;
+- ``value``: among the flights at least a threshold likely done, the one with the highest chance x time since its
+  last check (what the runner does since ``policy.poll_value``);
 - ``dp``: poll each flight at the ages of the single-flight optimal schedule (dynamic programming over check times
   for a price per poll), the most overdue first.
 
@@ -59,6 +61,21 @@ def greedy(threshold: float) -> Policy:
             p = (cdf(now - created) - cdf(checked)) / max(1e-12, 1.0 - cdf(checked))
             if p >= best_p:
                 best, best_p = job, p
+        return best
+
+    return choose
+
+
+def valued(threshold: float) -> Policy:
+    """Among flights at least ``threshold`` likely done, the one with the highest chance x time since its check."""
+
+    def choose(now: float, flights: Flights) -> int | None:
+        best, best_value = None, -1.0
+        for job, (created, _, checked) in flights.items():
+            p = (cdf(now - created) - cdf(checked)) / max(1e-12, 1.0 - cdf(checked))
+            value = p * (now - created - checked)
+            if p >= threshold and value > best_value:
+                best, best_value = job, value
         return best
 
     return choose
@@ -150,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rngs = [random.Random(seed) for seed in range(args.seeds)]
     batches = [[rng.uniform(LO, HI) for _ in range(JOBS)] for rng in rngs]
     policies: dict[str, Policy] = {f"greedy p>={t}": greedy(t) for t in (0.05, 0.1, 0.2, 0.3)}
+    policies.update({f"value, p>={t}": valued(t) for t in (0.05, 0.1, 0.2)})
     for price in (0.15, 0.2, 0.25):
         policies[f"dp schedule, price {price}"] = by_schedule(optimal_schedule(price)[0])
     print(f"{'policy':<24} {'efficiency':>10} {'min':>6} {'polls/job':>9} {'delay s':>8}")
