@@ -42,14 +42,28 @@ async def scheduler(tmp_path: Path) -> AsyncIterator[tuple[Scheduler, Clock]]:
             yield Scheduler(manifest, client, ledger, out, state, config, clock=clock), clock
 
 
+def watch(sched: Scheduler, prediction_id: str, *, created_at: float, checked: float | None = None) -> Flight:
+    """Put a prediction in flight, last seen running at age ``checked``; its plan would poll it next at 100 s."""
+    job = sched.manifest.jobs[0]
+    flight = Flight(
+        job.id,
+        job.fingerprint,
+        prediction_id,
+        created_at=created_at,
+        job=job,
+        last_running_age=checked,
+        next_poll_at=100.0,
+    )
+    sched.flights[prediction_id] = flight
+    return flight
+
+
 async def test_a_full_window_keeps_the_likely_done_prediction_next_not_its_far_planned_poll(
     scheduler: tuple[Scheduler, Clock],
 ) -> None:
     sched, clock = scheduler
-    job = sched.manifest.jobs[0]
     # Still running when last polled at 1.45 s; its plan would not poll it again until 100 s.
-    flight = Flight(job.id, job.fingerprint, "p-1", created_at=0.0, job=job, last_running_age=1.45, next_poll_at=100.0)
-    sched.flights[flight.prediction_id] = flight
+    flight = watch(sched, "p-1", created_at=0.0, checked=1.45)
     clock.t = 1.0
     sched.window.take(clock.t)
     sched.window.take(clock.t)  # the window is full until 11 s
@@ -64,9 +78,7 @@ async def test_a_prediction_not_yet_likely_done_sets_one_timer_for_when_it_will_
     scheduler: tuple[Scheduler, Clock],
 ) -> None:
     sched, clock = scheduler
-    job = sched.manifest.jobs[0]
-    flight = Flight(job.id, job.fingerprint, "p-1", created_at=0.0, job=job, last_running_age=0.5, next_poll_at=100.0)
-    sched.flights[flight.prediction_id] = flight
+    watch(sched, "p-1", created_at=0.0, checked=0.5)
     clock.t = 0.6
     action, wake_at = sched._choose(clock.t)
     assert action is None
@@ -77,13 +89,11 @@ async def test_the_spare_request_goes_to_the_poll_worth_most_not_to_the_likelies
     scheduler: tuple[Scheduler, Clock],
 ) -> None:
     sched, clock = scheduler
-    job = sched.manifest.jobs[0]
     # Known times 1.0-1.5 s. At 1.5 s the old one (created at 0, still running at 1.3 s) is surely done, the young one
     # (created at 0.3 s, never checked) only even odds; but the young one may have sat finished for up to 1.2 s, the
     # old one for 0.2 s: the poll of the young one is worth more (0.5 x 1.2 against 1 x 0.2).
-    old = Flight(job.id, job.fingerprint, "old", created_at=0.0, job=job, last_running_age=1.3, next_poll_at=100.0)
-    young = Flight(job.id, job.fingerprint, "young", created_at=0.3, job=job, next_poll_at=100.0)
-    sched.flights.update({"old": old, "young": young})
+    watch(sched, "old", created_at=0.0, checked=1.3)
+    young = watch(sched, "young", created_at=0.3)
     clock.t = 1.5
     action, _ = sched._choose(clock.t)
     assert action == ("poll", young)
