@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import heapq
 import json
 import math
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -332,27 +333,56 @@ async def measure(regime: Regime, who: str, jobs: int, seed: int, folder: Path) 
 
 
 # ----------------------------------------------------------------------------------------------- scale checks
-def cpu_per_job_external(regime: Regime, jobs: int, seed: int, image_size: int = 32) -> tuple[float, float]:
-    """(runner CPU ms per job, makespan s) with the simulator in its own process (``batchrunner simulate``)."""
-    cmd = [sys.executable, "-m", "batchrunner", "simulate", "--port", "0"]
-    cmd += ["--sim-rate-limit", f"{regime.rate_count}/{regime.rate_period:g}", "--sim-seed", str(seed)]
-    cmd += ["--sim-min-seconds", str(regime.min_seconds), "--sim-max-seconds", str(regime.max_seconds)]
-    cmd += ["--sim-image-size", str(image_size)]
+@contextlib.contextmanager
+def external_simulator(args: Sequence[str]) -> Iterator[str]:
+    """``batchrunner simulate`` in its own process (so its CPU is not ours); yields its base URL."""
+    cmd = [sys.executable, "-m", "batchrunner", "simulate", "--port", "0", *args]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
         line = proc.stderr.readline()  # "simulator listening on URL (Ctrl-C to stop)"
         if "listening on" not in line:
             raise RuntimeError(f"simulator did not start: {line.strip()}")
-        url = line.split("listening on ", 1)[1].split()[0]
-        with tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp:
-            cpu0 = time.process_time()
-            run = asyncio.run(run_runner(regime, jobs, url, Path(tmp)))
-            cpu = time.process_time() - cpu0
-        return cpu / jobs * 1000, max(run.successes, default=run.started) - run.started
+        yield line.split("listening on ", 1)[1].split()[0]
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def cpu_per_job_external(regime: Regime, jobs: int, seed: int, image_size: int = 32) -> tuple[float, float]:
+    """(runner CPU ms per job, makespan s) with the simulator in its own process (``batchrunner simulate``)."""
+    args = ["--sim-rate-limit", f"{regime.rate_count}/{regime.rate_period:g}", "--sim-seed", str(seed)]
+    args += ["--sim-min-seconds", str(regime.min_seconds), "--sim-max-seconds", str(regime.max_seconds)]
+    args += ["--sim-image-size", str(image_size)]
+    with external_simulator(args) as url, tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp:
+        cpu0 = time.process_time()
+        run = asyncio.run(run_runner(regime, jobs, url, Path(tmp)))
+        cpu = time.process_time() - cpu0
+    return cpu / jobs * 1000, max(run.successes, default=run.started) - run.started
+
+
+def request_cpu_ms(gaps: Sequence[float] = (0.0, 0.1), count: int = 100) -> list[float]:
+    """CPU ms of this process per bare poll (``Client.get``) to an external simulator, sent back to back (gap 0) or
+    with the process idle ``gap`` seconds between requests, as a paced runner is. The floor under the runner's CPU."""
+
+    async def measure_gaps(url: str) -> list[float]:
+        out = []
+        async with aiohttp.ClientSession() as session:
+            client = Client(session, base_url=url, api_key=KEY)
+            pid = await client.create("flux-kontext-max", "0.0.1", {"prompt": "a poll target for the CPU floor"})
+            for _ in range(10):
+                await client.get(pid)  # warm the connection
+            for gap in gaps:
+                cpu0 = time.process_time()
+                for _ in range(count):
+                    await client.get(pid)
+                    if gap:
+                        await asyncio.sleep(gap)
+                out.append((time.process_time() - cpu0) / count * 1000)
+        return out
+
+    with external_simulator(["--sim-rate-limit", "1000000/1", "--sim-image-size", "32"]) as url:
+        return asyncio.run(measure_gaps(url))
 
 
 def output_check_ms(size: int = 1024, repeat: int = 5) -> float:
@@ -514,6 +544,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"(makespan {span:.1f} s) -> {verdict} (< 2 ms)",
                 flush=True,
             )
+        tight, paced = request_cpu_ms()
+        print(
+            f"  floor: one bare poll costs {tight:.2f} ms CPU sent back to back, {paced:.2f} ms with the process idle "
+            "0.1 s between polls (waking costs more than the request)",
+            flush=True,
+        )
         print(
             f"  checking one 1024x1024 PNG output (Pillow decode, in a worker thread): {output_check_ms():.1f} ms "
             "CPU per job, on top of the above (runs above use 32-pixel outputs)",

@@ -18,6 +18,7 @@ from batchrunner.bench import (
     measure,
     output_check_ms,
     request_bound,
+    request_cpu_ms,
     slot_bound,
 )
 
@@ -121,3 +122,8 @@ def test_clients_option_refuses_an_unknown_client() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--clients", "runner,nope"])
     assert exc.value.code == 2
+
+
+def test_request_cpu_floor_is_measured_against_an_external_simulator() -> None:
+    (tight,) = request_cpu_ms((0.0,), count=3)
+    assert tight > 0
