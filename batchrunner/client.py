@@ -6,8 +6,9 @@ rate-limits nor retries: the scheduler decides what a request slot is worth and 
 ``on_request(kind)`` right before every request to the API host so the scheduler can count and log them;
 downloads of outputs and the PUT of an upload go to other hosts and are not counted.
 
-The API key travels only in the ``X-API-Key`` header of API-host requests, never to a CDN or an upload host,
-and is replaced by ``***`` in every message this module builds.
+The API key travels only in the headers of API-host requests, never to a CDN or an upload host: as
+``Authorization: Bearer KEY`` (the documented header) and as ``X-API-Key`` beside it (what the model page and the
+official clients send). It is replaced by ``***`` in every message this module builds.
 """
 
 from __future__ import annotations
@@ -249,6 +250,9 @@ class Presigned:
     public_url: str
     expires_at: str | None
     required_headers: Mapping[str, str]
+    # The content type sent to presign: the storage host checks the PUT's Content-Type against it, and the documented
+    # ``required_headers`` (which may be empty) do not carry it.
+    content_type: str = "application/octet-stream"
 
 
 _DELTA_SECONDS = re.compile(r"\d+(\.\d+)?")
@@ -472,7 +476,12 @@ class Client:
         self._api_timeout = aiohttp.ClientTimeout(total=timeout)
         # Downloads may be large: bound each stall rather than the whole transfer.
         self._download_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
-        self._api_headers = {"X-API-Key": api_key, "User-Agent": _USER_AGENT, "Accept": "application/json"}
+        self._api_headers = {
+            "Authorization": f"Bearer {api_key}",
+            "X-API-Key": api_key,
+            "User-Agent": _USER_AGENT,
+            "Accept": "application/json",
+        }
         # No key here: these requests go to CDNs and storage hosts. Identity coding keeps Content-Length
         # comparable with the bytes received.
         self._plain_headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
@@ -557,8 +566,7 @@ class Client:
         public_url = _text(body.get("public_url"))
         raw_headers = body.get("required_headers")
         if raw_headers is None:
-            # The URL was signed for this content type; sending it is what every storage host expects.
-            raw_headers = {"Content-Type": content_type}
+            raw_headers = {}
         if (
             upload_id is None
             or presigned_url is None
@@ -577,13 +585,22 @@ class Client:
             public_url=public_url,
             expires_at=str(expires_at) if expires_at is not None else None,
             required_headers=types.MappingProxyType(dict(raw_headers)),
+            content_type=content_type,
         )
 
     async def put_upload(self, presigned: Presigned, data: bytes) -> None:
-        """PUT the raw bytes to the presigned URL with its required headers; not an API request, no key."""
+        """PUT the raw bytes to the presigned URL; not an API request, no key.
+
+        The headers are a ``Content-Type`` equal to the one sent to presign, plus every one of ``required_headers``
+        exactly as returned (storage/upload-file.mdx); a required header of the same name wins.
+        """
         if not _http_url(presigned.presigned_url):
             raise RequestRejected("presigned upload URL is not http(s)")
-        headers = {"User-Agent": _USER_AGENT, **presigned.required_headers}
+        headers = {"User-Agent": _USER_AGENT, "Content-Type": presigned.content_type}
+        for name, value in presigned.required_headers.items():
+            for existing in [k for k in headers if k.lower() == name.lower()]:
+                del headers[existing]
+            headers[name] = value
         with self._mapped(_Target.UPLOAD):
             async with self._session.put(
                 presigned.presigned_url,

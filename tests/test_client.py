@@ -533,6 +533,7 @@ async def test_api_key_goes_to_api_host_but_never_to_download_or_upload(
 
     by_path = {seen.path: seen for seen in served.seen}
     for path in ("/v1/prediction/p1", "/v1/upload/presign"):
+        assert by_path[path].headers["Authorization"] == f"Bearer {KEY}"
         assert by_path[path].headers["X-API-Key"] == KEY
         assert by_path[path].headers["User-Agent"].startswith("batchrunner/")
     for path in ("/cdn/out.png", "/storage/u1"):
@@ -746,15 +747,35 @@ async def test_presign_answer_missing_fields_is_a_server_error(
         await make_client(session, served.url).presign("image/png")
 
 
-async def test_presign_without_required_headers_sends_the_content_type(
+async def test_presign_without_required_headers_keeps_the_content_type_for_the_put(
     session: aiohttp.ClientSession, serve: Callable[[Handler], Awaitable[Served]]
 ) -> None:
     served = await serve(
         answer(200, {"id": "u", "presigned_url": "https://s.example/u", "public_url": "https://c.example/u"})
     )
     presigned = await make_client(session, served.url).presign("image/jpeg")
-    assert dict(presigned.required_headers) == {"Content-Type": "image/jpeg"}
+    assert dict(presigned.required_headers) == {}
+    assert presigned.content_type == "image/jpeg"
     assert presigned.expires_at is None
+
+
+@pytest.mark.parametrize(
+    "required",
+    [{}, {"x-amz-meta-file-id": "f-1"}, {"x-amz-meta-file-id": "f-1", "content-type": "image/png"}],
+)
+async def test_put_carries_the_presign_content_type_and_every_required_header(
+    session: aiohttp.ClientSession, serve: Callable[[Handler], Awaitable[Served]], required: dict[str, str]
+) -> None:
+    # The documented answer's required_headers carry no Content-Type (storage/upload-file.mdx): the PUT must send the
+    # one given to presign, or storage answers 403 SignatureDoesNotMatch.
+    served = await serve(answer(200, text=""))
+    presigned = Presigned("u", f"{served.url}/storage/u", f"{served.url}/cdn/u", None, required, "image/png")
+    await make_client(session, "http://127.0.0.1:1").put_upload(presigned, b"x")
+    put = served.seen[0]
+    assert put.headers["Content-Type"] == "image/png"
+    assert len([k for k in put.headers if k.lower() == "content-type"]) == 1
+    for name, value in required.items():
+        assert put.headers[name] == value
 
 
 @pytest.mark.parametrize(
