@@ -158,8 +158,8 @@ class _Watch(Client):
 
     seen: dict[str, float]
 
-    async def get(self, prediction_id: str) -> Prediction:
-        prediction = await super().get(prediction_id)
+    async def get(self, prediction_id: str, *, kind: str = "poll", request_id: str | None = None) -> Prediction:
+        prediction = await super().get(prediction_id, kind=kind, request_id=request_id)
         if prediction.phase is not Phase.RUNNING:
             self.seen.setdefault(prediction_id, asyncio.get_running_loop().time())
         return prediction

@@ -22,9 +22,10 @@ import re
 import time
 import types
 import urllib.parse
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from enum import Enum, StrEnum
 from typing import Any, BinaryIO
 
@@ -47,27 +48,41 @@ from batchrunner.errors import (
 
 __all__ = [
     "DEFAULT_API_URL",
+    "MAX_API_BODY_BYTES",
     "MAX_DOWNLOAD_BYTES",
     "TRANSIENT_ERROR_CODES",
     "Client",
+    "Execution",
+    "ExecutionsPage",
     "Phase",
     "Prediction",
     "Presigned",
     "classify_status",
     "output_urls",
+    "parse_execution",
     "parse_prediction",
     "parse_retry_after",
+    "redact",
 ]
 
 DEFAULT_API_URL = "https://api.eachlabs.ai"
 MAX_DOWNLOAD_BYTES = 100 * 1024 * 1024
+# An API answer is a few kB (a listing page of 100 rows some tens of kB): anything far larger is refused unread.
+MAX_API_BODY_BYTES = 8 * 1024 * 1024
+# The longest run of the key's characters that may appear in a message: any longer piece of it is masked, so a server
+# that echoes a cut-off copy of a header cannot put the key in a log.
+_KEY_PIECE = 6
 
 # Failure codes that say nothing about the job itself: the provider or the API was busy or slow, so the same
-# input is worth a new prediction after a backoff. Anything else (INPUT_DOWNLOAD_ERROR, content policy, bad
-# input) would fail again the same way and must not burn credit on repeats.
+# input is worth a new prediction after a backoff. They decide only when a failure envelope has no ``retryable``
+# ("branch on retryable, never on a set of codes you maintain"). Anything else (INPUT_DOWNLOAD_ERROR, content
+# policy, bad input) would fail again the same way and must not burn credit on repeats.
 TRANSIENT_ERROR_CODES: frozenset[str] = frozenset(
     {
         "PROVIDER_RATE_LIMIT",
+        "PROVIDER_SERVER_ERROR",
+        "NETWORK_ERROR",
+        "EXECUTION_TIMEOUT",
         "PROVIDER_TIMEOUT",
         "PROVIDER_UNAVAILABLE",
         "RATE_LIMIT",
@@ -167,6 +182,9 @@ class Prediction:
     retryable: bool
     cost: float | None
     predict_time: float | None
+    error_message: str | None = None  # the envelope's own ``error_message``, kept in the ledger as written
+    error_category: str | None = None  # the envelope's ``classification.category``
+    input: Mapping[str, Any] | None = None  # the prediction's input as the API holds it (for reconciliation)
 
 
 def _text(value: object) -> str | None:
@@ -202,10 +220,11 @@ def _last_log_line(logs: object) -> str | None:
 def parse_prediction(prediction_id: str, body: Mapping[str, Any]) -> Prediction:
     """Read a prediction answer, tolerating missing or oddly typed fields.
 
-    ``urls`` are filled only for a success. For failures ``error`` is the output's ``error_message``, else
-    the body's ``error``, else the last non-empty log line; ``retryable`` is True for a transient
-    ``error_code`` and for a cancelled prediction (the runner cancels a prediction that overstays its
-    deadline, so the cancel says nothing about the job).
+    ``urls`` are filled only for a success. For failures ``error`` is the envelope's ``error_message``, else
+    its ``error`` (a dispatch failure writes only that), else the body's ``error``, else the last non-empty
+    log line. ``retryable`` is the envelope's own ``retryable`` when it is a boolean; without one, True for a
+    transient ``error_code``. A cancelled prediction is retryable (the runner cancels a prediction that
+    overstays its deadline, so the cancel says nothing about the job).
     """
     raw_status = body.get("status")
     status = raw_status.strip() if isinstance(raw_status, str) else ""
@@ -217,16 +236,30 @@ def parse_prediction(prediction_id: str, body: Mapping[str, Any]) -> Prediction:
 
     error: str | None = None
     error_code: str | None = None
+    error_message: str | None = None
+    category: str | None = None
     retryable = False
     if phase is Phase.FAILED:
         error_code = _text(out_fields.get("error_code")) or _text(body.get("error_code"))
+        error_message = _text(out_fields.get("error_message"))
+        classification = out_fields.get("classification")
+        if isinstance(classification, Mapping):
+            category = _text(classification.get("category"))
         error = (
-            _text(out_fields.get("error_message"))
+            error_message
+            or _text(out_fields.get("error"))
             or _text(body.get("error"))
             or _last_log_line(body.get("logs"))
             or f"prediction ended with status {status!r}"
         )
-        retryable = error_code in TRANSIENT_ERROR_CODES or status.lower() in _CANCELLED_WORDS
+        said = out_fields.get("retryable")
+        if status.lower() in _CANCELLED_WORDS:
+            retryable = True
+        elif isinstance(said, bool):
+            retryable = said
+        else:
+            retryable = error_code in TRANSIENT_ERROR_CODES
+    raw_input = body.get("input")
 
     return Prediction(
         id=_text(body.get("id")) or prediction_id,
@@ -238,6 +271,60 @@ def parse_prediction(prediction_id: str, body: Mapping[str, Any]) -> Prediction:
         retryable=retryable,
         cost=_number(metric_fields.get("cost")),
         predict_time=_number(metric_fields.get("predict_time")),
+        error_message=error_message,
+        error_category=category,
+        input=types.MappingProxyType(dict(raw_input)) if isinstance(raw_input, Mapping) else None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    """One row of ``GET /v1/executions``: a prediction of the account's, without its input."""
+
+    id: str
+    model: str | None
+    status: str
+    created_at: float | None  # epoch seconds; None when the row's time is missing or unreadable
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionsPage:
+    """One page of the executions listing; ``full`` when it holds ``limit`` rows (there may be more)."""
+
+    rows: tuple[Execution, ...]
+    full: bool
+
+
+def _epoch(value: object) -> float | None:
+    if not isinstance(value, str) or not value.strip():
+        return None
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _rfc3339(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def parse_execution(row: Mapping[str, Any]) -> Execution | None:
+    """Read a listing row; None when it has no usable id (a row we cannot act on)."""
+    raw_id = row.get("id")
+    if isinstance(raw_id, bool) or not isinstance(raw_id, str | int) or not str(raw_id).strip():
+        return None
+    raw_status = row.get("status")
+    return Execution(
+        id=str(raw_id).strip(),
+        model=_text(row.get("model")) or _text(row.get("requested_model")),
+        status=raw_status.strip() if isinstance(raw_status, str) else "",
+        created_at=_epoch(row.get("created_at")),
     )
 
 
@@ -307,13 +394,43 @@ class _Progress:
     expected: int | None = None
 
 
+def redact(text: str, secret: str, piece: int = _KEY_PIECE) -> str:
+    """``text`` with the key, and every run of more than ``piece`` of its characters in order, masked as ``***``.
+
+    A server that echoes a header cut short (or a key split across a line) would otherwise leak a prefix or a part
+    of it; a piece of ``piece`` characters or fewer says nothing useful about a key of dozens.
+    """
+    if not secret or not text:
+        return text
+    if len(secret) <= piece:
+        return text.replace(secret, "***")
+    covered = bytearray(len(text))
+    for start in range(len(secret) - piece):
+        sub = secret[start : start + piece + 1]
+        at = text.find(sub)
+        while at != -1:
+            covered[at : at + len(sub)] = b"\x01" * len(sub)
+            at = text.find(sub, at + 1)
+    if not any(covered):
+        return text
+    out: list[str] = []
+    for i, ch in enumerate(text):
+        if not covered[i]:
+            out.append(ch)
+        elif i == 0 or not covered[i - 1]:
+            out.append("***")
+    return "".join(out)
+
+
 def _redact(text: str, secret: str) -> str:
-    return text.replace(secret, "***") if secret else text
+    return redact(text, secret)
 
 
 def _snippet(body: bytes | str, secret: str) -> str:
     """A short one-line excerpt; redacted before it is cut, so no prefix of the key survives the cut."""
-    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    # Only the head of a large body can reach the excerpt: cut generously first (the key may straddle the cut).
+    head = body[: 4 * _SNIPPET_CHARS + 4 * len(secret)]
+    text = head.decode("utf-8", "replace") if isinstance(head, bytes) else head
     return " ".join(_redact(text, secret).split())[:_SNIPPET_CHARS]
 
 
@@ -507,21 +624,24 @@ class Client:
         payload: Mapping[str, Any] | None = None,
         params: Mapping[str, str] | None = None,
         want_body: bool = True,
+        request_id: str | None = None,
     ) -> dict[str, Any]:
         if self._on_request is not None:
             self._on_request(kind)
+        # Our own X-Request-Id on every request: the server echoes it, and its logs can then be searched for it.
+        headers = {**self._api_headers, "X-Request-Id": request_id or f"br-{uuid.uuid4().hex[:20]}"}
         with self._mapped(_Target.API):
             async with self._session.request(
                 method,
                 self._base + path,
                 json=payload,
                 params=params,
-                headers=self._api_headers,
+                headers=headers,
                 timeout=self._api_timeout,
                 allow_redirects=False,  # a redirect to another host would carry the key along
                 raise_for_status=False,
             ) as response:
-                body = await response.read()
+                body = await self._read_bounded(response)
         error = _status_error(
             response.status,
             response.reason,
@@ -535,10 +655,33 @@ class Client:
             raise error
         return _json_object(body, response.headers, self._key, response.status) if want_body else {}
 
-    async def create(self, model: str, version: str, input: Mapping[str, Any]) -> str:
-        """Submit a prediction; returns its id. Counts as one ``create`` request."""
+    async def _read_bounded(self, response: aiohttp.ClientResponse) -> bytes:
+        """The whole answer body, refused (unread beyond the limit) when it passes ``MAX_API_BODY_BYTES``."""
+        request_id = response.headers.get("X-Request-Id")
+        declared = _content_length(response)
+        too_large = f"API answer is over {MAX_API_BODY_BYTES} bytes: not an answer of the API"
+        if declared is not None and declared > MAX_API_BODY_BYTES:
+            raise ServerError(too_large, status=response.status, request_id=request_id)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_chunked(_CHUNK_BYTES):
+            size += len(chunk)
+            if size > MAX_API_BODY_BYTES:
+                raise ServerError(too_large, status=response.status, request_id=request_id)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def create(self, model: str, version: str, input: Mapping[str, Any], *, request_id: str | None = None) -> str:
+        """Submit a prediction; returns its id. Counts as one ``create`` request.
+
+        Not idempotent: an answer that is not a readable 2xx may still have created a prediction (see reconcile.py).
+        """
         body = await self._call(
-            "create", "POST", "/v1/prediction/", payload={"model": model, "version": version, "input": input}
+            "create",
+            "POST",
+            "/v1/prediction/",
+            payload={"model": model, "version": version, "input": input},
+            request_id=request_id,
         )
         for key in ("predictionID", "prediction_id", "id"):
             value = body.get(key)
@@ -548,15 +691,47 @@ class Client:
         # A 2xx without an id: the prediction may exist all the same (the scheduler counts a lost answer).
         raise ServerError(f"create answer has no prediction id: {_snippet(said, self._key)}", status=200)
 
-    async def get(self, prediction_id: str) -> Prediction:
-        """The current state of a prediction. Counts as one ``poll`` request."""
-        body = await self._call("poll", "GET", f"/v1/prediction/{urllib.parse.quote(prediction_id, safe='')}")
+    async def get(self, prediction_id: str, *, kind: str = "poll", request_id: str | None = None) -> Prediction:
+        """The current state of a prediction. Counts as one ``kind`` request (``poll`` by default)."""
+        path = f"/v1/prediction/{urllib.parse.quote(prediction_id, safe='')}"
+        body = await self._call(kind, "GET", path, request_id=request_id)
         return parse_prediction(prediction_id, body)
 
-    async def cancel(self, prediction_id: str) -> None:
-        """Ask the API to cancel a prediction (best effort). Counts as one ``cancel`` request."""
+    async def cancel(self, prediction_id: str, *, request_id: str | None = None) -> str | None:
+        """Ask the API to cancel a prediction. Counts as one ``cancel`` request.
+
+        Best effort, often only recorded: the prediction may run on and succeed. Returns the answer's ``status``
+        (``cancelled``, or ``success`` when it had already finished), None when the answer has none.
+        """
         path = f"/v1/prediction/{urllib.parse.quote(prediction_id, safe='')}/cancel"
-        await self._call("cancel", "POST", path, want_body=False)
+        body = await self._call("cancel", "POST", path, request_id=request_id)
+        status = body.get("status")
+        return status.strip().lower() if isinstance(status, str) and status.strip() else None
+
+    async def executions(
+        self, *, model: str, start: float, end: float, limit: int = 100, offset: int = 0
+    ) -> ExecutionsPage:
+        """One page of the account's predictions of ``model`` created in [start, end] (epoch seconds), newest first.
+
+        Counts as one ``list`` request. Rows carry no input: get a prediction for that. ``total_count`` is capped
+        by the API, so callers page until a page that is not ``full``.
+        """
+        params = {
+            "model": model,
+            "from": _rfc3339(start),
+            "to": _rfc3339(end),
+            "limit": str(limit),
+            "offset": str(offset),
+        }
+        body = await self._call("list", "GET", "/v1/executions", params=params)
+        raw = body.get("executions")
+        if raw is None:
+            raw = body.get("data", body.get("items"))
+        if not isinstance(raw, list):
+            fields = _snippet(", ".join(sorted(body)), self._key) or "none"
+            raise ServerError(f"executions answer has no list of rows (fields: {fields})")
+        rows = tuple(row for item in raw if isinstance(item, Mapping) and (row := parse_execution(item)) is not None)
+        return ExecutionsPage(rows=rows, full=len(raw) >= limit)
 
     async def presign(self, content_type: str) -> Presigned:
         """Reserve an upload slot for a file of ``content_type``. Counts as one ``presign`` request."""

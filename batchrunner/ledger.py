@@ -10,9 +10,11 @@ editing the manifest between runs neither loses nor confuses finished work.
 
 Job events (each also carries ``ts``, ``event``, ``job`` and ``fingerprint``) and the state they lead to::
 
-    submitting     {attempt}                          -> IN_DOUBT   intent, written before the create is sent
+    submitting     {attempt, request_id}              -> IN_DOUBT   intent, written before the create is sent
     submitted      {prediction_id}                    -> IN_FLIGHT  the create's answer
-    create_failed  {error, in_doubt}                  -> PENDING    transient create failure
+    create_failed  {error, in_doubt}                  -> PENDING    a create that did not answer with an id
+    recovered      {prediction_id}                    -> IN_FLIGHT  an in-doubt create did make this prediction
+    not_created    {}                                 -> PENDING    an in-doubt create made nothing (listing searched)
     succeeded      {file, prediction_id?, cost?, duration?}   -> SUCCEEDED
     failed         {error, retryable, error_code?, prediction_id?, cost?, duration?}  -> FAILED, attempts + 1
     reset          {}                                 attempts = 0; FAILED -> PENDING
@@ -20,9 +22,11 @@ Job events (each also carries ``ts``, ``event``, ``job`` and ``fingerprint``) an
 ``uploaded {sha256, public_url}`` records an uploaded input image. ``run_started``, ``run_finished`` and any
 event this version does not know are ignored, so an older runner can resume a newer runner's ledger.
 
-A create whose answer never arrived may still have made a (billed) prediction: it is counted in
-``lost_answers`` when a ``create_failed`` says so (``in_doubt``), when a new ``submitting`` follows an
-unanswered one, and for a job still IN_DOUBT at the end of the ledger.
+A create whose answer never arrived (or was not a readable yes or no) may still have made a billed prediction:
+such a job is *in doubt* (``doubt_open``: an intent with no answer, or a ``create_failed`` with ``in_doubt``)
+until the account's listing settles it with ``recovered`` or ``not_created`` (see reconcile.py). A new
+``submitting`` while a doubt is still open was sent without that settling (the listing failed, or an older
+version wrote the ledger): it is counted in ``lost_answers``, the creates possibly paid twice.
 
 ``RequestLog`` (``<output>/requests.log``) remembers when API requests were made, so a restarted run does not
 burst past a rate window that the killed run partly used.
@@ -47,6 +51,8 @@ from batchrunner.errors import OutputError
 __all__ = [
     "CREATE_FAILED",
     "FAILED",
+    "NOT_CREATED",
+    "RECOVERED",
     "RESET",
     "RUN_FINISHED",
     "RUN_STARTED",
@@ -68,6 +74,8 @@ __all__ = [
 SUBMITTING = "submitting"
 SUBMITTED = "submitted"
 CREATE_FAILED = "create_failed"
+RECOVERED = "recovered"
+NOT_CREATED = "not_created"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 RESET = "reset"
@@ -95,7 +103,8 @@ class JobState:
     status: JobStatus = JobStatus.PENDING
     prediction_id: str | None = None
     attempts: int = 0  # failed predictions so far
-    lost_answers: int = 0  # creates whose answer never arrived: the prediction may exist and be billed
+    lost_answers: int = 0  # creates sent again while an earlier one was in doubt: possibly paid twice
+    recovered: int = 0  # in-doubt creates whose prediction the listing found and adopted
     retryable: bool = True
     error: str | None = None
     error_code: str | None = None
@@ -106,6 +115,8 @@ class JobState:
     # Epoch seconds of the latest create whose answer may be lost (an intent with no answer yet, or one answered by a
     # dropped connection): such a prediction may be running, so a resumed run holds an in-flight slot for it a while.
     doubt_at: float | None = None
+    intent_at: float | None = None  # epoch seconds of the latest `submitting`: when its create was sent
+    doubt_open: bool = False  # a create in doubt that no `recovered`/`not_created`/answer has settled
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +138,12 @@ class LedgerState:
     spend: float = 0.0  # sum of `cost` over succeeded and failed events
     bad_lines: int = 0  # unparsable lines (torn tail, garbage), skipped
     lost_answers: int = 0  # total over jobs
+    recovered: int = 0  # total over jobs
+    predictions: set[str] = field(default_factory=set)  # every prediction id the ledger names
+
+    def in_doubt(self) -> list[JobState]:
+        """The jobs whose last create may have made a prediction nobody has settled: reconcile before creating."""
+        return [state for state in self.jobs.values() if state.doubt_open]
 
     def in_flight(self) -> list[JobState]:
         """The jobs with a prediction that was created and has not finished: the ones to poll on resume."""
@@ -176,25 +193,34 @@ def _text(value: Any) -> str | None:
 
 # Fields an event cannot do without: a `submitted` without its prediction id, or a `succeeded` without its
 # file, would break the invariants the scheduler relies on (IN_FLIGHT has an id, SUCCEEDED has a file).
-_REQUIRED = {SUBMITTED: "prediction_id", SUCCEEDED: "file"}
-_JOB_EVENTS = frozenset({SUBMITTING, SUBMITTED, CREATE_FAILED, SUCCEEDED, FAILED, RESET})
+_REQUIRED = {SUBMITTED: "prediction_id", SUCCEEDED: "file", RECOVERED: "prediction_id"}
+_JOB_EVENTS = frozenset({SUBMITTING, SUBMITTED, CREATE_FAILED, SUCCEEDED, FAILED, RESET, RECOVERED, NOT_CREATED})
 
 
 def _apply(state: JobState, name: str, event: dict[str, Any]) -> None:
     """Apply one well-formed job event to its job. The order of the branches follows the usual frequency."""
     if name == SUBMITTING:
-        if state.status is JobStatus.IN_DOUBT:
-            # A second intent before any answer to the first: the first answer was lost for good.
+        if state.doubt_open:
+            # A new intent while the last create is still in doubt: sent without knowing, possibly paid twice.
             state.lost_answers += 1
         state.status = JobStatus.IN_DOUBT
-        state.doubt_at = _ts(event)
+        state.doubt_at = state.intent_at = _ts(event)
+        state.doubt_open = True
         # A new create abandons any earlier prediction; its id must not be polled as this attempt's.
         state.prediction_id = None
-    elif name == SUBMITTED:
+    elif name in (SUBMITTED, RECOVERED):
         state.status = JobStatus.IN_FLIGHT
         state.prediction_id = event["prediction_id"]
         state.submitted_at = _ts(event)
         state.doubt_at = None
+        state.doubt_open = False
+        if name == RECOVERED:
+            state.recovered += 1
+    elif name == NOT_CREATED:
+        if state.status is JobStatus.IN_DOUBT:
+            state.status = JobStatus.PENDING
+        state.doubt_at = None
+        state.doubt_open = False
     elif name == SUCCEEDED:
         state.status = JobStatus.SUCCEEDED
         state.file = event["file"]
@@ -204,6 +230,7 @@ def _apply(state: JobState, name: str, event: dict[str, Any]) -> None:
         state.cost = _number(event.get("cost"))
         state.finished_at = _ts(event)
         state.error = state.error_code = None
+        state.doubt_open = False
     elif name == FAILED:
         state.status = JobStatus.FAILED
         state.attempts += 1
@@ -214,15 +241,17 @@ def _apply(state: JobState, name: str, event: dict[str, Any]) -> None:
         state.prediction_id = None
         state.finished_at = _ts(event)
         state.doubt_at = None
+        state.doubt_open = False
     elif name == CREATE_FAILED:
         state.status = JobStatus.PENDING
         state.prediction_id = None
         state.error = _text(event.get("error"))
         if event.get("in_doubt") is True:
-            state.lost_answers += 1
             state.doubt_at = _ts(event)
+            state.doubt_open = True
         else:
             state.doubt_at = None
+            state.doubt_open = False
     elif name == RESET:
         state.attempts = 0
         if state.status is JobStatus.FAILED:
@@ -253,6 +282,7 @@ def replay(lines: Iterable[str | bytes]) -> LedgerState:
     durations: list[float] = []
     spend = 0.0
     bad_lines = 0
+    predictions: set[str] = set()
     decode = _DECODER.raw_decode  # hoisted: this loop runs once per line, for hundreds of thousands of lines
     for line in lines:
         # raw_decode on the decoded text parses twice as fast as json.loads, which spends as long again in
@@ -288,6 +318,9 @@ def replay(lines: Iterable[str | bytes]) -> LedgerState:
         else:
             state.job = job  # the manifest may have renamed the job; the latest name is the one to report
         _apply(state, name, event)
+        prediction_id = event.get("prediction_id")
+        if type(prediction_id) is str:
+            predictions.add(prediction_id)
         if name in (SUCCEEDED, FAILED):
             cost = _number(event.get("cost"))
             if cost is not None:
@@ -295,13 +328,13 @@ def replay(lines: Iterable[str | bytes]) -> LedgerState:
             duration = _number(event.get("duration"))
             if duration is not None:
                 durations.append(duration)
-    lost_answers = 0
+    lost_answers = recovered = 0
     for state in jobs.values():
-        if state.status is JobStatus.IN_DOUBT:
-            # The run ended (or was killed) between sending a create and hearing back.
-            state.lost_answers += 1
+        # A job still IN_DOUBT at the end (killed between sending a create and hearing back) is not yet a duplicate:
+        # the next run settles it from the listing before it creates anything.
         lost_answers += state.lost_answers
-    return LedgerState(jobs, uploads, durations, spend, bad_lines, lost_answers)
+        recovered += state.recovered
+    return LedgerState(jobs, uploads, durations, spend, bad_lines, lost_answers, recovered, predictions)
 
 
 def read_ledger(path: Path) -> LedgerState:

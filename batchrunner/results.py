@@ -113,11 +113,21 @@ class Results:
         prediction_id: str | None,
         cost: float | None = None,
         duration: float | None = None,
+        error_message: str | None = None,
+        category: str | None = None,
     ) -> None:
-        """Record a failed attempt; the job is tried again (after a backoff) while it is retryable and has attempts."""
+        """Record a failed attempt; the job is tried again (after a backoff) while it is retryable and has attempts.
+
+        ``error`` is the text shown; ``error_code``, ``error_message`` and ``category`` are the API's failure envelope
+        as written (``error_code``, ``error_message``, ``classification.category``), kept in the ledger.
+        """
         fields: dict[str, Any] = {"error": error, "retryable": retryable}
         if error_code is not None:
             fields["error_code"] = error_code
+        if error_message is not None:
+            fields["error_message"] = error_message
+        if category is not None:
+            fields["error_category"] = category
         if prediction_id is not None:
             fields["prediction_id"] = prediction_id
         if cost is not None:

@@ -47,6 +47,10 @@ class RunConfig:
     download_concurrency: int = 4
     retry_base: float = 0.5
     retry_cap: float = 30.0
+    # In-doubt creates: the listing is looked at reconcile_wait x 0.5, 1.5 and 3.5 s after the answer, over the
+    # creation times from the send to the answer widened by clock_skew either side (our clock against the API's).
+    reconcile_wait: float = 2.0
+    clock_skew: float = 10.0
 
 
 @dataclass(slots=True)
@@ -63,8 +67,13 @@ class Flight:
     next_poll_at: float = 0.0
     busy: bool = False
     poll_failures: int = 0
-    # Taken over from an earlier run: its age includes the time no run was watching, so it teaches no duration.
+    # Taken over from an earlier run (or recovered from the listing): its age includes time no run was watching, so it
+    # teaches no duration.
     resumed: bool = False
+    attempt: int = 1
+    cancelled_at: float | None = None  # loop time of our cancel after --job-timeout; the prediction may run on
+    not_found: int = 0  # 404s in a row: a fresh prediction may not be readable yet
+    empty_success: int = 0  # successes seen without an output URL
 
 
 @dataclass(slots=True)
@@ -81,7 +90,9 @@ class Counters:
     polls: int = 0
     cancels: int = 0
     uploads: int = 0
-    lost_answers: int = 0  # creates whose answer never came (this run and the ledger's earlier ones)
+    lost_answers: int = 0  # creates sent again while in doubt: possibly paid twice (this run and the ledger's)
+    recovered: int = 0  # in-doubt creates found in the listing and adopted (this run and the ledger's)
+    not_created: int = 0  # in-doubt creates the listing showed made nothing (this run)
     rate_limited: int = 0
     spend: float = 0.0
     by_kind: dict[str, int] = field(default_factory=dict)
@@ -121,14 +132,18 @@ class RunResult:
     stop_reason: StopReason | None
     max_in_flight: int
     by_kind: Mapping[str, int]
+    recovered: int = 0
+    in_doubt: int = 0  # creates still in doubt at the end: the next run settles them from the listing
 
     @property
     def complete(self) -> bool:
-        return self.pending == 0 and self.in_flight == 0
+        return self.pending == 0 and self.in_flight == 0 and self.in_doubt == 0
 
 
 def classify(state: JobState | None, *, file_present: bool, max_attempts: int) -> str:
-    """What a run does with a job, given what the ledger says: ``done``, ``poll``, ``submit`` or ``failed``."""
+    """What a run does with a job, given what the ledger says: ``done``, ``poll``, ``reconcile``, ``submit`` or
+    ``failed``. ``reconcile``: its last create may have made a prediction; the listing settles that before any create.
+    """
     if state is None:
         return "submit"
     if state.status is JobStatus.SUCCEEDED:
@@ -137,7 +152,9 @@ def classify(state: JobState | None, *, file_present: bool, max_attempts: int) -
         return "poll"
     if state.status is JobStatus.FAILED:
         return "submit" if state.retryable and state.attempts < max_attempts else "failed"
-    return "submit"  # pending, or in doubt (a lost answer: submitted again, counted as possibly paid twice)
+    if state.doubt_open:
+        return "reconcile"
+    return "submit"
 
 
 def job_state(state: LedgerState, job_id: str, fingerprint: str) -> JobState:

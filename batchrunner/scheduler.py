@@ -8,8 +8,14 @@ Tasks report back by mutating the scheduler's state and setting the ``wake`` eve
 
 Write-ahead order, so that a kill at any instant replays to a state the next run completes:
 ``submitting`` (intent) -> create -> ``submitted`` (prediction id) -> poll ... -> download, fsync, rename ->
-``succeeded``. A create whose answer never came back is recorded as a lost answer: the job is submitted again, and the
-summary counts it as possibly paid twice.
+``succeeded``. A create that may have made a prediction without saying so (a 5xx, a timeout, a reset after sending: see
+``reconcile.create_in_doubt``) is *in doubt*: it keeps its slot while the account's listing is searched for it
+(``Reconciler``); a match is adopted (``recovered``) and watched like any other prediction, no match after a few looks
+means nothing was made (``not_created``) and the job is created again. Only when the listing fails is a job created
+again in doubt, and counted as possibly paid twice. A resumed run settles the doubts a killed run left the same way.
+
+After ``--job-timeout`` a prediction is cancelled, but cancels are best effort and often only recorded: it is watched
+on, and a success is saved; only a terminal failure, or a second timeout, is a failed attempt.
 
 Two collaborators, owned by the scheduler, hold their own state: ``Uploads`` (which input images to upload, their
 uploads, the request bodies) and ``Results`` (downloading a finished prediction's output, and the success or failure
@@ -28,19 +34,21 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
-from batchrunner.client import Client, Phase
+from batchrunner.client import Client, Phase, Prediction
 from batchrunner.errors import (
     ApiError,
     AuthError,
     BatchrunnerError,
     InputImageError,
-    NetworkError,
     NotFound,
     PaymentRequired,
+    RateLimited,
     TransientError,
 )
 from batchrunner.ledger import (
     CREATE_FAILED,
+    NOT_CREATED,
+    RECOVERED,
     SUBMITTED,
     SUBMITTING,
     JobStatus,
@@ -65,6 +73,7 @@ from batchrunner.policy import (
     poll_value,
     retry_delay,
 )
+from batchrunner.reconcile import PAGE_SIZE, Doubt, Outcome, Reconciler, create_in_doubt
 from batchrunner.results import Results
 from batchrunner.runstate import Counters, Flight, RunConfig, RunResult, Snapshot, StopReason, classify, job_state
 from batchrunner.uploads import Uploads, data_uri
@@ -79,6 +88,8 @@ T = TypeVar("T")
 MAX_CONSECUTIVE_FAILURES = 12
 # Transient failures of one create within one run before the job is left for a later run.
 MAX_CREATE_RETRIES = 8
+# 404s in a row before a prediction is taken to be unknown: a fresh one may not be readable yet.
+NOT_FOUND_LOOKS = 3
 # An early poll, beyond the plan, is spent only on a prediction at least this likely to be done.
 OPPORTUNISTIC_MIN_PROBABILITY = 0.1
 # The window ticket of the request a task is making (each task makes one counted request), read by _call.
@@ -153,6 +164,13 @@ class Scheduler:
         # Until the API has answered once, one request at a time: a wrong key then costs one request, not ten.
         self.key_checked = False
         self.calls_in_progress = 0
+        # Creates in doubt, settled from the account's listing before anything is paid again (reconcile.py). Each holds
+        # an in-flight slot until settled: its prediction may be running.
+        self.recon = Reconciler(
+            model=manifest.model, known=state.predictions, wait=config.reconcile_wait, skew=config.clock_skew
+        )
+        self.doubt_jobs: dict[str, Job] = {}
+        self.recon_paused_until = 0.0
 
     # ----------------------------------------------------------------------------------------------- set-up
     def now(self) -> float:
@@ -173,8 +191,10 @@ class Scheduler:
         now = self.now()
         wall_now = self._wall()
         jobs_by_fp = {job.fingerprint: job for job in self.manifest.jobs}
+        doubting: list[Job] = []
         self.counters.total = len(self.manifest.jobs)
         self.counters.lost_answers = self.state.lost_answers
+        self.counters.recovered = self.state.recovered
         self.counters.spend = self.state.spend
         for job in self.manifest.jobs:
             st = self.state.jobs.get(job.fingerprint)
@@ -189,7 +209,9 @@ class Scheduler:
                 self.counters.failed += 1
             elif verdict == "submit":
                 self.ready.append(job)
-        self.uploads.plan(self.state.uploads, self.ready, wall_now)
+            elif verdict == "reconcile":
+                doubting.append(job)
+        self.uploads.plan(self.state.uploads, [*self.ready, *doubting], wall_now)
         # Every prediction an earlier run left in flight is polled first and holds a slot, whether or not the manifest
         # still has its job: it runs (and is billed) on the server all the same.
         for st in self.state.in_flight():
@@ -208,11 +230,21 @@ class Scheduler:
             self.flights[flight.prediction_id] = flight
             self.gate.in_flight += 1
             self.gate.max_seen = max(self.gate.max_seen, self.gate.in_flight)
-        # A create a killed run sent without hearing back may be running on the server: hold its slot for as long as a
-        # prediction would take, so that creating it again cannot push the server past the cap.
+        # A create a killed run sent without hearing back may have made a prediction: the listing settles it before the
+        # job is created again, and meanwhile it holds a slot, since the prediction may be running.
+        for job in doubting:
+            st = self.state.jobs[job.fingerprint]
+            sent = st.intent_at if st.intent_at is not None else st.doubt_at
+            answered = st.doubt_at if st.doubt_at is not None else sent
+            sent = wall_now if sent is None else min(sent, wall_now)
+            answered = sent if answered is None else min(max(answered, sent), wall_now)
+            self._add_doubt(job, self._match_request(job), sent, answered, now - (wall_now - answered))
+            self.gate.in_flight += 1
+        # A doubt whose job the manifest no longer has cannot be matched: hold its slot for as long as a prediction
+        # would take, so that the server is not pushed past its cap.
         hold = doubt_hold(self.durations, self.config.poll_initial)
         for st in self.state.jobs.values():
-            if st.doubt_at is not None and st.status is not JobStatus.IN_FLIGHT:
+            if st.doubt_open and st.doubt_at is not None and st.fingerprint not in jobs_by_fp:
                 release_at = now - (wall_now - st.doubt_at) + hold
                 if release_at > now:
                     self.phantoms.append(release_at)
@@ -305,6 +337,9 @@ class Scheduler:
                 await self._sleep(wake_at, now)
                 continue
             kind, target = action
+            if kind == "abandon":  # no request: a cancelled prediction that overstayed a second timeout
+                self._abandon(target)
+                continue
             if not self.key_checked and self.calls_in_progress > 0:
                 await self._sleep(None, now)
                 continue
@@ -340,6 +375,8 @@ class Scheduler:
         self.wake.set()  # the window's next opening moved from "after an answer" to a time
 
     def _has_work(self) -> bool:
+        if len(self.recon):
+            return True  # doubts are settled even while stopping: it costs a listing, and may save a payment
         if self.stop_reason is not None:
             return False
         return bool(self.ready or self.delayed)
@@ -370,10 +407,18 @@ class Scheduler:
 
         idle = [f for f in self.flights.values() if not f.busy]
         for flight in idle:
-            expires = flight.created_at + self.config.job_timeout
-            if now >= expires:
-                return ("cancel", flight), None
+            if flight.cancelled_at is None:
+                expires = flight.created_at + self.config.job_timeout
+                if now >= expires:
+                    return ("cancel", flight), None
+            else:
+                expires = flight.cancelled_at + self.config.job_timeout
+                if now >= expires:
+                    return ("abandon", flight), None
             soonest(expires)
+        recon = self._reconcile_action(now, soonest)
+        if recon is not None:
+            return recon, None
         self._promote_delayed(now)
         if self.phantoms:
             self._release_phantoms(now)
@@ -402,6 +447,27 @@ class Scheduler:
         if self.deadline is not None:
             soonest(self.deadline)
         return None, wake_at
+
+    def _reconcile_action(self, now: float, soonest: Callable[[float], None]) -> tuple[str, Any] | None:
+        """The next request that settles creates in doubt (a listing page, or a candidate's GET), if one is due.
+
+        These go before creates: a create waits on nothing else, but a doubt left unsettled may be paid twice.
+        """
+        if not len(self.recon):
+            return None
+        if self.recon.sweep is None:
+            due = self.recon.next_due()
+            if due is None:
+                return None
+            if due > now:
+                soonest(due)
+                return None
+            self.recon.start(now)
+        request = self.recon.next_request()
+        if request is not None and request[0] == "list" and self.recon_paused_until > now:
+            soonest(self.recon_paused_until)
+            return None
+        return request
 
     def _creates_possible(self) -> bool:
         return self.stop_reason is None and self.gate.free() > 0 and bool(self.ready or self.delayed)
@@ -502,6 +568,12 @@ class Scheduler:
             flight: Flight = target
             flight.busy = True
             self._spawn(self._api_task(self._poll(flight), ticket))
+        elif kind == "list":
+            self.recon.begin(("list", target))
+            self._spawn(self._api_task(self._list(target), ticket))
+        elif kind == "inspect":
+            self.recon.begin(("inspect", target))
+            self._spawn(self._api_task(self._inspect(target), ticket))
         else:
             flight = target
             flight.busy = True
@@ -584,20 +656,29 @@ class Scheduler:
                 f"cannot read: {describe_os_error(exc)}", file=str(job.image_path), jobs=(job.id,)
             ) from exc
         self.counters.creates += 1
-        self.ledger.append(SUBMITTING, job=job.id, fingerprint=job.fingerprint, attempt=attempt)
+        tries = self.create_retries.get(job.fingerprint, 0)
+        request_id = f"br-{job.fingerprint[:12]}-a{attempt}-t{tries + 1}"
+        sent_at = self._wall()
+        self.ledger.append(SUBMITTING, job=job.id, fingerprint=job.fingerprint, attempt=attempt, request_id=request_id)
         try:
             prediction_id = await self._call(
-                "create", self.client.create(self.manifest.model, self.manifest.version, body)
+                "create",
+                self.client.create(self.manifest.model, self.manifest.version, body, request_id=request_id),
             )
         except ApiError as exc:
             self.pending_reserved -= 1
-            self._create_failed(job, exc)
+            if create_in_doubt(exc):
+                self._create_in_doubt(job, body, exc, sent_at)
+            else:
+                self._create_failed(job, exc)
             return
         self.pending_reserved -= 1
         self._api_ok()
         self.creates_this_run += 1
         self.ledger.append(SUBMITTED, job=job.id, fingerprint=job.fingerprint, prediction_id=prediction_id)
-        job_state(self.state, job.id, job.fingerprint).status = JobStatus.IN_FLIGHT
+        self.recon.known.add(prediction_id)
+        st = job_state(self.state, job.id, job.fingerprint)
+        st.status, st.doubt_open = JobStatus.IN_FLIGHT, False
         now = self.now()
         flight = Flight(
             job_id=job.id,
@@ -606,22 +687,25 @@ class Scheduler:
             created_at=now,
             job=job,
             next_poll_at=now + self.plan.next_poll_age(0, 0.0),
+            attempt=attempt,
         )
         self.flights[prediction_id] = flight
 
+    def _create_in_doubt(self, job: Job, body: Mapping[str, Any], exc: ApiError, sent_at: float) -> None:
+        """A create that may have made a prediction: keep its slot and settle it from the listing first."""
+        self.ledger.append(CREATE_FAILED, job=job.id, fingerprint=job.fingerprint, error=str(exc), in_doubt=True)
+        job_state(self.state, job.id, job.fingerprint).doubt_open = True
+        self._api_failed(exc)
+        log.warning(
+            "job %s: create in doubt (%s); looking for it in the account's executions before paying again", job.id, exc
+        )
+        self._add_doubt(job, body, sent_at, self._wall(), self.now())
+
     def _create_failed(self, job: Job, exc: ApiError) -> None:
-        # In doubt: the request may have been acted on and no usable answer came back — the connection dropped after
-        # sending, or the server said 2xx with a body we could not read.
-        in_doubt = (isinstance(exc, NetworkError) and exc.sent) or (exc.status is not None and 200 <= exc.status < 300)
+        """A create that surely made nothing: a 4xx answer, or a connection that never carried it."""
         if isinstance(exc, TransientError | PaymentRequired):
-            self.ledger.append(
-                CREATE_FAILED, job=job.id, fingerprint=job.fingerprint, error=str(exc), in_doubt=in_doubt
-            )
-            if in_doubt:
-                self.counters.lost_answers += 1
-                self.phantoms.append(self.now() + doubt_hold(self.durations, self.config.poll_initial))
-            else:
-                self.gate.release()
+            self.ledger.append(CREATE_FAILED, job=job.id, fingerprint=job.fingerprint, error=str(exc), in_doubt=False)
+            self.gate.release()
             if isinstance(exc, PaymentRequired):
                 log.error("out of credit (HTTP 402): stopping submissions; %s", exc)
                 self.ready.appendleft(job)
@@ -669,10 +753,16 @@ class Scheduler:
 
     async def _poll(self, flight: Flight) -> None:
         self.counters.polls += 1
+        request_id = f"br-{flight.fingerprint[:12]}-a{flight.attempt}-p{flight.polls + 1}"
         try:
-            prediction = await self._call("poll", self.client.get(flight.prediction_id))
+            prediction = await self._call("poll", self.client.get(flight.prediction_id, request_id=request_id))
         except NotFound as exc:
             self._api_ok()
+            flight.not_found += 1
+            if flight.not_found < NOT_FOUND_LOOKS:
+                # A fresh prediction may not be readable yet: look again before anything is paid again.
+                self._poll_later(flight, flight.not_found, None)
+                return
             self._finish_flight(flight)
             self.results.fail(
                 flight.job_id,
@@ -685,27 +775,33 @@ class Scheduler:
             )
             return
         except ApiError as exc:
-            flight.busy = False
             self._api_failed(exc)
             self.counters.rate_limited += int(exc.status == 429)
             flight.poll_failures += 1
-            wait = retry_delay(
-                flight.poll_failures,
-                exc.retry_after,
-                base=self.config.retry_base,
-                cap=self.config.retry_cap,
-                rng=self._rng,
-            )
-            flight.next_poll_at = self.now() + wait
+            self._poll_later(flight, flight.poll_failures, exc.retry_after)
             return
         self._api_ok()
-        flight.poll_failures = 0
+        self._observe(flight, prediction)
+
+    def _poll_later(self, flight: Flight, tries: int, retry_after: float | None) -> None:
+        flight.busy = False
+        wait = retry_delay(tries, retry_after, base=self.config.retry_base, cap=self.config.retry_cap, rng=self._rng)
+        flight.next_poll_at = self.now() + wait
+
+    def _observe(self, flight: Flight, prediction: Prediction) -> None:
+        """Act on what a GET of a watched prediction said: wait on, download its output, or record its failure."""
+        flight.poll_failures = flight.not_found = 0
         flight.polls += 1
         age = self.now() - flight.created_at
         if prediction.phase is Phase.RUNNING:
             flight.last_running_age = age
             flight.next_poll_at = flight.created_at + self.plan.next_poll_age(flight.polls, age)
             flight.busy = False
+            return
+        if prediction.phase is Phase.SUCCEEDED and not prediction.urls and flight.empty_success == 0:
+            # A success without an output URL may be a read of a record still being written: one more look.
+            flight.empty_success += 1
+            self._poll_later(flight, 1, None)
             return
         self._finish_flight(flight)
         duration: float | None = None
@@ -716,7 +812,10 @@ class Scheduler:
             self._spawn(self.results.download(flight, prediction, duration, client=self.client, out=self.out))
             return
         error = prediction.error or ("finished without an output" if prediction.phase is Phase.SUCCEEDED else "failed")
+        error_code = prediction.error_code
         retryable = prediction.retryable or prediction.phase is Phase.SUCCEEDED
+        if flight.cancelled_at is not None and prediction.status.lower() in ("cancelled", "canceled"):
+            error, error_code = f"no result after {self.config.job_timeout:g}s; cancelled", "TIMEOUT"
         job = flight.job
         if prediction.error_code == "INPUT_DOWNLOAD_ERROR" and job is not None and self.uploads.forget_stale(job):
             # The API could not fetch an image an earlier run uploaded (expired or lost): it is uploaded again and the
@@ -728,29 +827,179 @@ class Scheduler:
             flight.job,
             error,
             retryable=retryable,
-            error_code=prediction.error_code,
+            error_code=error_code,
             prediction_id=flight.prediction_id,
             cost=prediction.cost,
             duration=duration,
+            error_message=prediction.error_message,
+            category=prediction.error_category,
         )
 
     async def _cancel(self, flight: Flight) -> None:
+        """Ask the API to cancel an overdue prediction; it is watched on, since the cancel may only be recorded."""
         self.counters.cancels += 1
+        status: str | None = None
         try:
-            await self._call("cancel", self.client.cancel(flight.prediction_id))
+            status = await self._call("cancel", self.client.cancel(flight.prediction_id))
         except ApiError as exc:
-            # Best effort: the API may already have finished it; we stop waiting either way.
             log.warning("job %s: cancel of %s failed: %s", flight.job_id, flight.prediction_id, exc)
-        self._finish_flight(flight)
+        now = self.now()
+        flight.cancelled_at = now
+        flight.busy = False
+        log.warning(
+            "job %s: no result after %gs; cancel requested (it may only be recorded): still watching %s",
+            flight.job_id,
+            self.config.job_timeout,
+            flight.prediction_id,
+        )
+        # "success": it had finished meanwhile; otherwise look soon whether the cancel took.
+        flight.next_poll_at = now if status == "success" else now + self.config.poll_initial
+
+    def _abandon(self, flight: Flight) -> None:
+        """A cancelled prediction still running a second timeout later: a failed attempt.
+
+        It may run on (and hold the account's slot) all the same, so its slot is held as long as a lost answer's.
+        """
+        self.flights.pop(flight.prediction_id, None)
+        self.phantoms.append(self.now() + doubt_hold(self.durations, self.config.poll_initial))
         self.results.fail(
             flight.job_id,
             flight.fingerprint,
             flight.job,
-            f"no result after {self.config.job_timeout:g}s; cancelled",
+            f"no result {2 * self.config.job_timeout:g}s after its create, and still running after a cancel",
             retryable=True,
             error_code="TIMEOUT",
             prediction_id=flight.prediction_id,
         )
+
+    # ----------------------------------------------------------------------------------------------- reconciliation
+    def _match_request(self, job: Job) -> Mapping[str, Any]:
+        """What of the job's create request is known now: all of it, or all but an image whose upload is forgotten."""
+        if self.uploads.ready_for(job):
+            try:
+                return self.uploads.api_input(job)
+            except OSError:
+                pass
+        return {k: v for k, v in job.input.items() if k != "input_image"}
+
+    def _add_doubt(self, job: Job, request: Mapping[str, Any], sent_at: float, answered_at: float, base: float) -> None:
+        self.doubt_jobs[job.fingerprint] = job
+        self.recon.add(Doubt(job.fingerprint, job.id, request, sent_at, answered_at, base))
+        self.wake.set()
+
+    async def _list(self, offset: int) -> None:
+        sweep = self.recon.sweep
+        if sweep is None:  # settled meanwhile (a stop): nothing to look for
+            return
+        try:
+            page = await self._call(
+                "list",
+                self.client.executions(
+                    model=self.manifest.model, start=sweep.start, end=sweep.end, limit=PAGE_SIZE, offset=offset
+                ),
+            )
+        except ApiError as exc:
+            if isinstance(exc, AuthError):
+                self.fatal = exc
+                return
+            if isinstance(exc, RateLimited):
+                self.counters.rate_limited += 1
+                self.recon.retry_listing()
+                self.recon_paused_until = self.now() + retry_delay(
+                    1, exc.retry_after, base=self.config.retry_base, cap=self.config.retry_cap, rng=self._rng
+                )
+                return
+            outcome = self.recon.on_failure()
+            log.warning(
+                "the executions listing failed (%s): %d create(s) in doubt will be made again, possibly paid twice",
+                exc,
+                len(outcome.unresolved),
+            )
+            self._settle_doubts(outcome)
+            return
+        self._api_ok()
+        self._settle_doubts(self.recon.on_page(page))
+
+    async def _inspect(self, prediction_id: str) -> None:
+        try:
+            prediction = await self._call("reconcile", self.client.get(prediction_id, kind="reconcile"))
+        except NotFound:
+            self._api_ok()
+            self._settle_doubts(self.recon.on_prediction(prediction_id, None))
+            return
+        except ApiError as exc:
+            if isinstance(exc, AuthError):
+                self.fatal = exc
+                return
+            self._api_failed(exc)
+            self._settle_doubts(self.recon.on_inspect_failed(prediction_id))
+            return
+        self._api_ok()
+        self._settle_doubts(self.recon.on_prediction(prediction_id, prediction.input), prediction)
+
+    def _settle_doubts(self, outcome: Outcome | None, seen: Prediction | None = None) -> None:
+        """Carry out what the listing decided for creates in doubt."""
+        if outcome is None:
+            return
+        now, wall_now = self.now(), self._wall()
+        for doubt, prediction_id in outcome.adopted:
+            job = self.doubt_jobs.pop(doubt.fingerprint, None)
+            self.ledger.append(RECOVERED, job=doubt.job_id, fingerprint=doubt.fingerprint, prediction_id=prediction_id)
+            st = job_state(self.state, doubt.job_id, doubt.fingerprint)
+            st.status, st.prediction_id, st.doubt_open = JobStatus.IN_FLIGHT, prediction_id, False
+            st.recovered += 1
+            self.counters.recovered += 1
+            log.info(
+                "job %s: the create in doubt made prediction %s: watching it, nothing paid again",
+                doubt.job_id,
+                prediction_id,
+            )
+            attempt = (st.attempts or 0) + 1
+            flight = Flight(
+                job_id=doubt.job_id,
+                fingerprint=doubt.fingerprint,
+                prediction_id=prediction_id,
+                created_at=now - (wall_now - doubt.sent_at),
+                job=job,
+                next_poll_at=now,
+                resumed=True,
+                attempt=attempt,
+            )
+            self.flights[prediction_id] = flight  # the doubt's slot passes to the prediction
+            if seen is not None and seen.id == prediction_id:
+                flight.busy = False
+                self._observe(flight, seen)
+        for doubt in outcome.not_created:
+            job = self.doubt_jobs.pop(doubt.fingerprint, None)
+            self.ledger.append(NOT_CREATED, job=doubt.job_id, fingerprint=doubt.fingerprint)
+            st = job_state(self.state, doubt.job_id, doubt.fingerprint)
+            st.doubt_open = False
+            if st.status is JobStatus.IN_DOUBT:
+                st.status = JobStatus.PENDING
+            self.counters.not_created += 1
+            self.gate.release()
+            if job is not None:
+                self._create_again(job)
+        for doubt in outcome.unresolved:
+            job = self.doubt_jobs.pop(doubt.fingerprint, None)
+            # Today's policy: created again, and counted; its slot is held as long as its prediction would take.
+            self.counters.lost_answers += 1
+            self.phantoms.append(now + doubt_hold(self.durations, self.config.poll_initial))
+            if job is not None:
+                self._create_again(job)
+        self.wake.set()
+
+    def _create_again(self, job: Job) -> None:
+        tries = self.create_retries.get(job.fingerprint, 0) + 1
+        self.create_retries[job.fingerprint] = tries
+        if tries > MAX_CREATE_RETRIES:
+            log.warning("job %s: create failed %d times; left for the next run", job.id, tries)
+            return
+        if self.stop_reason is None:
+            delay = retry_delay(tries, None, base=self.config.retry_base, cap=self.config.retry_cap, rng=self._rng)
+            self._retry_later(job, delay)
+        else:
+            self.ready.append(job)  # pending for the next run
 
     # ----------------------------------------------------------------------------------------------- state changes
     def _finish_flight(self, flight: Flight) -> None:
@@ -777,7 +1026,7 @@ class Scheduler:
             total=c.total,
             done=c.skipped + c.succeeded,
             failed=c.failed,
-            in_flight=len(self.flights) + self.pending_reserved,
+            in_flight=len(self.flights) + self.pending_reserved + len(self.recon),
             pending=len(self.ready) + len(self.delayed),
             requests=c.requests,
             elapsed=(self.now() - self.started) if self.started else 0.0,
@@ -812,4 +1061,6 @@ class Scheduler:
             stop_reason=stop,
             max_in_flight=self.gate.max_seen,
             by_kind=dict(c.by_kind),
+            recovered=c.recovered,
+            in_doubt=len(self.recon),
         )

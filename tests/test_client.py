@@ -262,7 +262,18 @@ def test_output_urls_collects_http_urls_in_order_without_duplicates(output: obje
                 "output": {"error_code": "PROVIDER_RATE_LIMIT", "error_message": "provider busy"},
                 "logs": "starting\nfailed\n",
             },
-            Prediction("p1", "error", Phase.FAILED, (), "provider busy", "PROVIDER_RATE_LIMIT", True, None, None),
+            Prediction(
+                "p1",
+                "error",
+                Phase.FAILED,
+                (),
+                "provider busy",
+                "PROVIDER_RATE_LIMIT",
+                True,
+                None,
+                None,
+                error_message="provider busy",
+            ),
             id="error-with-transient-code",
         ),
         pytest.param(
@@ -280,6 +291,7 @@ def test_output_urls_collects_http_urls_in_order_without_duplicates(output: obje
                 False,
                 None,
                 None,
+                error_message="cannot fetch input_image",
             ),
             id="error-with-permanent-code",
         ),
@@ -332,6 +344,93 @@ def test_output_urls_collects_http_urls_in_order_without_duplicates(output: obje
 )
 def test_parse_prediction_reads_state_and_failure_reason(body: dict[str, Any], expected: Prediction) -> None:
     assert parse_prediction("p1", body) == expected
+
+
+def envelope(**fields: Any) -> dict[str, Any]:
+    """A failed prediction's answer with the documented failure envelope in ``output``."""
+    output = {"error": "Execution failed", "status": "ERROR", "success": False, **fields}
+    return {"status": "error", "output": output, "metrics": {"predict_time": 3.43, "cost": 0}}
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "code", "retryable", "category"),
+    [
+        # The envelope's retryable decides, whatever the code says.
+        (envelope(error_code="PROVIDER_FAILED", error_message="m", retryable=True), "m", "PROVIDER_FAILED", True, None),
+        (
+            envelope(error_code="PROVIDER_RATE_LIMIT", error_message="m", retryable=False),
+            "m",
+            "PROVIDER_RATE_LIMIT",
+            False,
+            None,
+        ),
+        (
+            envelope(error_code="NETWORK_ERROR", error_message="m", retryable=True, classification={"category": "NET"}),
+            "m",
+            "NETWORK_ERROR",
+            True,
+            "NET",
+        ),
+        # The captured example: a validation failure, final.
+        (
+            envelope(
+                classification={"category": "VALIDATION"},
+                error_code="INPUT_VALIDATION_ERROR",
+                error_message="prompt too long",
+                retryable=False,
+            ),
+            "prompt too long",
+            "INPUT_VALIDATION_ERROR",
+            False,
+            "VALIDATION",
+        ),
+        # Without a boolean retryable, the list of codes decides.
+        (envelope(error_code="PROVIDER_SERVER_ERROR", error_message="m"), "m", "PROVIDER_SERVER_ERROR", True, None),
+        (envelope(error_code="EXECUTION_TIMEOUT", error_message="m"), "m", "EXECUTION_TIMEOUT", True, None),
+        (
+            envelope(error_code="INPUT_DOWNLOAD_ERROR", error_message="m", retryable="yes"),
+            "m",
+            "INPUT_DOWNLOAD_ERROR",
+            False,
+            None,
+        ),
+        (
+            envelope(error_code="PROVIDER_REJECTED", error_message="m", retryable=None),
+            "m",
+            "PROVIDER_REJECTED",
+            False,
+            None,
+        ),
+        # A dispatch failure writes only {"error": ...}: that text is shown.
+        (
+            {"status": "error", "output": {"error": "No worker could take the job"}},
+            "No worker could take the job",
+            None,
+            False,
+            None,
+        ),
+        # The envelope without error_message shows its error.
+        (envelope(error_code="PROVIDER_FAILED"), "Execution failed", "PROVIDER_FAILED", False, None),
+        (envelope(classification="odd", error_code="X", error_message="m"), "m", "X", False, None),
+    ],
+)
+def test_failure_envelope_branches_on_retryable_and_keeps_its_fields(
+    body: dict[str, Any], error: str, code: str | None, retryable: bool, category: str | None
+) -> None:
+    prediction = parse_prediction("p1", body)
+    assert prediction.phase is Phase.FAILED
+    assert (prediction.error, prediction.error_code, prediction.retryable, prediction.error_category) == (
+        error,
+        code,
+        retryable,
+        category,
+    )
+
+
+def test_parse_prediction_keeps_the_input_the_api_holds() -> None:
+    prediction = parse_prediction("p1", {"status": "processing", "input": {"prompt": "x", "seed": 3}})
+    assert dict(prediction.input or {}) == {"prompt": "x", "seed": 3}
+    assert parse_prediction("p1", {"status": "processing", "input": "x"}).input is None
 
 
 def test_transient_error_codes_include_provider_rate_limit_but_not_input_errors() -> None:

@@ -23,6 +23,8 @@ from batchrunner.errors import OutputError
 from batchrunner.ledger import (
     CREATE_FAILED,
     FAILED,
+    NOT_CREATED,
+    RECOVERED,
     RESET,
     RUN_FINISHED,
     RUN_STARTED,
@@ -80,9 +82,9 @@ PID = "pred-1"
 
 EVENT_EFFECTS: list[tuple[str, list[dict[str, Any]], dict[str, Any]]] = [
     (
-        "submitting_without_answer_is_in_doubt_and_a_lost_answer",
+        "submitting_without_answer_is_an_open_doubt_not_yet_a_duplicate",
         [ev(SUBMITTING, attempt=1)],
-        {"status": JobStatus.IN_DOUBT, "prediction_id": None, "lost_answers": 1},
+        {"status": JobStatus.IN_DOUBT, "prediction_id": None, "lost_answers": 0, "doubt_open": True, "intent_at": T0},
     ),
     (
         "submitted_is_in_flight_with_id_and_time",
@@ -95,9 +97,50 @@ EVENT_EFFECTS: list[tuple[str, list[dict[str, Any]], dict[str, Any]]] = [
         {"status": JobStatus.PENDING, "error": "HTTP 429", "lost_answers": 0, "attempts": 0},
     ),
     (
-        "create_failed_in_doubt_counts_a_lost_answer",
+        "create_failed_in_doubt_leaves_the_doubt_open",
         [ev(SUBMITTING), ev(CREATE_FAILED, error="timeout", in_doubt=True)],
-        {"status": JobStatus.PENDING, "error": "timeout", "lost_answers": 1},
+        {"status": JobStatus.PENDING, "error": "timeout", "lost_answers": 0, "doubt_open": True},
+    ),
+    (
+        "create_failed_in_doubt_then_submitting_again_counts_a_possible_duplicate",
+        [ev(SUBMITTING), ev(CREATE_FAILED, error="timeout", in_doubt=True), ev(SUBMITTING)],
+        {"status": JobStatus.IN_DOUBT, "lost_answers": 1, "doubt_open": True},
+    ),
+    (
+        "recovered_adopts_the_prediction_and_settles_the_doubt",
+        [
+            ev(SUBMITTING),
+            ev(CREATE_FAILED, error="HTTP 504", in_doubt=True),
+            ev(RECOVERED, at=T0 + 3, prediction_id=PID),
+        ],
+        {
+            "status": JobStatus.IN_FLIGHT,
+            "prediction_id": PID,
+            "submitted_at": T0 + 3,
+            "lost_answers": 0,
+            "recovered": 1,
+            "doubt_open": False,
+        },
+    ),
+    (
+        "recovered_after_a_killed_create_is_in_flight",
+        [ev(SUBMITTING), ev(RECOVERED, prediction_id=PID)],
+        {"status": JobStatus.IN_FLIGHT, "prediction_id": PID, "recovered": 1, "doubt_open": False},
+    ),
+    (
+        "not_created_settles_the_doubt_and_a_new_create_is_no_duplicate",
+        [ev(SUBMITTING), ev(CREATE_FAILED, error="reset", in_doubt=True), ev(NOT_CREATED), ev(SUBMITTING)],
+        {"status": JobStatus.IN_DOUBT, "lost_answers": 0, "recovered": 0},
+    ),
+    (
+        "not_created_after_a_killed_create_is_pending",
+        [ev(SUBMITTING), ev(NOT_CREATED)],
+        {"status": JobStatus.PENDING, "doubt_open": False, "lost_answers": 0},
+    ),
+    (
+        "recovered_without_a_prediction_id_is_ignored",
+        [ev(SUBMITTING), ev(RECOVERED)],
+        {"status": JobStatus.IN_DOUBT, "doubt_open": True},
     ),
     (
         "succeeded_sets_file_cost_and_finish_time",
@@ -163,7 +206,7 @@ EVENT_EFFECTS: list[tuple[str, list[dict[str, Any]], dict[str, Any]]] = [
     (
         "second_submitting_before_an_answer_loses_the_first",
         [ev(SUBMITTING, attempt=1), ev(SUBMITTING, attempt=1)],
-        {"status": JobStatus.IN_DOUBT, "lost_answers": 2},
+        {"status": JobStatus.IN_DOUBT, "lost_answers": 1},
     ),
     (
         "resubmitting_after_a_lost_answer_keeps_the_count",
@@ -173,7 +216,7 @@ EVENT_EFFECTS: list[tuple[str, list[dict[str, Any]], dict[str, Any]]] = [
     (
         "submitting_again_abandons_the_old_prediction",
         [ev(SUBMITTED, prediction_id=PID), ev(SUBMITTING)],
-        {"status": JobStatus.IN_DOUBT, "prediction_id": None, "lost_answers": 1},
+        {"status": JobStatus.IN_DOUBT, "prediction_id": None, "lost_answers": 0},
     ),
     (
         "full_lifecycle_ends_succeeded",
@@ -278,16 +321,22 @@ def test_in_flight_lists_only_jobs_with_a_live_prediction() -> None:
 
 def test_lost_answers_total_sums_over_jobs() -> None:
     state = replay_events(
-        ev(SUBMITTING, fp=FP_A),  # killed before the answer: 1
+        ev(SUBMITTING, fp=FP_A),  # killed before the answer: open, not counted
+        ev(SUBMITTING, fp=FP_A),  # sent again while in doubt: 1
         ev(SUBMITTING, fp=FP_B),
-        ev(CREATE_FAILED, fp=FP_B, error="timeout", in_doubt=True),  # 1
-        ev(SUBMITTING, fp=FP_B),
-        ev(CREATE_FAILED, fp=FP_B, error="timeout", in_doubt=True),  # 2
+        ev(CREATE_FAILED, fp=FP_B, error="timeout", in_doubt=True),
+        ev(SUBMITTING, fp=FP_B),  # 1
+        ev(CREATE_FAILED, fp=FP_B, error="timeout", in_doubt=True),
+        ev(SUBMITTING, fp=FP_B),  # 2
         ev(SUBMITTING, fp=FP_C),
-        ev(SUBMITTED, fp=FP_C, prediction_id=PID),  # 0
+        ev(CREATE_FAILED, fp=FP_C, error="HTTP 504", in_doubt=True),
+        ev(RECOVERED, fp=FP_C, prediction_id=PID),  # 0, recovered
     )
     assert [state.jobs[fp].lost_answers for fp in (FP_A, FP_B, FP_C)] == [1, 2, 0]
     assert state.lost_answers == 3
+    assert state.recovered == 1
+    assert state.predictions == {PID}
+    assert [job.fingerprint for job in state.in_doubt()] == [FP_A, FP_B]
 
 
 def test_str_and_bytes_lines_replay_alike() -> None:
@@ -637,11 +686,13 @@ money = st.floats(min_value=0, max_value=100, allow_nan=False)
 
 @st.composite
 def job_events(draw: st.DrawFn) -> dict[str, Any]:
-    kind = draw(st.sampled_from([SUBMITTING, SUBMITTED, CREATE_FAILED, SUCCEEDED, FAILED, RESET]))
+    kind = draw(
+        st.sampled_from([SUBMITTING, SUBMITTED, CREATE_FAILED, SUCCEEDED, FAILED, RESET, RECOVERED, NOT_CREATED])
+    )
     fields: dict[str, Any] = {}
     if kind == SUBMITTING:
         fields["attempt"] = draw(st.integers(1, 5))
-    elif kind == SUBMITTED:
+    elif kind in (SUBMITTED, RECOVERED):
         fields["prediction_id"] = draw(names)
     elif kind == CREATE_FAILED:
         fields = {"error": draw(names), "in_doubt": draw(st.booleans())}
@@ -720,7 +771,7 @@ ODD_FIELDS = [
 ODD_FIELDS += ["sha256", "public_url", "attempt"]
 odd_events = st.builds(
     lambda kind, fp, rest: {**rest, "event": kind, "job": "j", "fingerprint": fp},
-    st.sampled_from([SUBMITTING, SUBMITTED, CREATE_FAILED, SUCCEEDED, FAILED, RESET, UPLOADED]),
+    st.sampled_from([SUBMITTING, SUBMITTED, CREATE_FAILED, SUCCEEDED, FAILED, RESET, UPLOADED, RECOVERED, NOT_CREATED]),
     fingerprints,
     st.dictionaries(
         st.sampled_from(ODD_FIELDS),
@@ -735,6 +786,7 @@ def test_replay_of_any_events_keeps_its_invariants(items: list[dict[str, Any] | 
     state = replay(item.line if isinstance(item, _Garbage) else encode(item) for item in items)
 
     assert state.lost_answers == sum(job.lost_answers for job in state.jobs.values())
+    assert state.recovered == sum(job.recovered for job in state.jobs.values())
     assert math.isfinite(state.spend)
     assert all(math.isfinite(d) for d in state.durations)
     for fingerprint, job in state.jobs.items():
@@ -747,4 +799,4 @@ def test_replay_of_any_events_keeps_its_invariants(items: list[dict[str, Any] | 
         if job.status is JobStatus.SUCCEEDED:
             assert job.file is not None
         if job.status is JobStatus.IN_DOUBT:
-            assert job.lost_answers >= 1
+            assert job.doubt_open
