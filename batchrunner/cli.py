@@ -376,8 +376,12 @@ def _summary(result: RunResult, out: OutputDir) -> str:
         f"{result.elapsed:.1f}s",
         f"spend ${result.spend:.2f}",
     ]
+    if result.in_doubt:
+        parts.append(f"{result.in_doubt} in doubt (the next run looks for them in the listing)")
+    if result.recovered:
+        parts.append(f"{result.recovered} recovered")
     if result.lost_answers:
-        parts.append(f"{result.lost_answers} possibly duplicated (answer lost)")
+        parts.append(f"{result.lost_answers} possibly duplicated")
     if result.stop_reason is not None:
         parts.append(f"stopped: {result.stop_reason.value}")
     return ", ".join(parts) + f" -> {out.path}"

@@ -718,8 +718,8 @@ class Client:
         """
         params = {
             "model": model,
-            "from": _rfc3339(start),
-            "to": _rfc3339(end),
+            "from": _rfc3339(math.floor(start)),
+            "to": _rfc3339(math.ceil(end)),
             "limit": str(limit),
             "offset": str(offset),
         }

@@ -161,7 +161,10 @@ def result_fields(result: RunResult) -> dict[str, Any]:
         "pending": result.pending,
         "in_flight": result.in_flight,
         "requests": result.requests,
-        "lost_answers": result.lost_answers,
+        "in_doubt": result.in_doubt,
+        "recovered": result.recovered,
+        "possibly_duplicated": result.lost_answers,
+        "lost_answers": result.lost_answers,  # the name before 0.2, for readers of older ledgers
         "elapsed": round(result.elapsed, 3),
         "stop_reason": result.stop_reason.value if result.stop_reason else None,
     }

@@ -27,12 +27,14 @@ class StatusCounts:
     total: int
     succeeded: int
     failed: int  # for good: not retryable, or out of attempts
-    pending: int  # never submitted, retryable failures, or a create whose answer was lost
+    pending: int  # never submitted, retryable failures, or a create that surely made nothing
     in_flight: int
-    lost_answers: int  # creates whose answer never came: possibly paid twice
+    lost_answers: int  # creates sent again while an earlier one was in doubt: possibly paid twice
     orphans: int  # jobs in the ledger that the manifest no longer has
     spend: float
     failures: tuple[Failure, ...] = field(default=())
+    in_doubt: int = 0  # a create that may have made a prediction: the next run settles it from the listing
+    recovered: int = 0  # in-doubt creates whose prediction the listing found: nothing paid twice
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -41,6 +43,8 @@ class StatusCounts:
             "failed": self.failed,
             "pending": self.pending,
             "in_flight": self.in_flight,
+            "in_doubt": self.in_doubt,
+            "recovered": self.recovered,
             "possibly_duplicated": self.lost_answers,
             "orphans": self.orphans,
             "spend": round(self.spend, 6),
@@ -59,10 +63,17 @@ class StatusCounts:
     def describe(self, where: str) -> str:
         lines = [
             f"{where}: {self.total} jobs: {self.succeeded} succeeded, {self.failed} failed, "
-            f"{self.pending} pending, {self.in_flight} in flight",
+            f"{self.pending} pending, {self.in_flight} in flight"
+            + (f", {self.in_doubt} in doubt" if self.in_doubt else ""),
         ]
+        if self.in_doubt:
+            lines.append(
+                f"{self.in_doubt} creates got no clear answer: the next run looks for them in the account's executions"
+            )
+        if self.recovered:
+            lines.append(f"{self.recovered} creates in doubt were found in the listing and kept (not paid twice)")
         if self.lost_answers:
-            lines.append(f"{self.lost_answers} creates lost their answer (possibly paid twice)")
+            lines.append(f"{self.lost_answers} creates were sent again while in doubt (possibly paid twice)")
         if self.orphans:
             lines.append(f"{self.orphans} jobs in the ledger are no longer in the manifest")
         if self.spend:
@@ -77,7 +88,7 @@ def count_status(
     manifest: Manifest, state: LedgerState, out: OutputDir, *, max_attempts: int, recent: int = 5
 ) -> StatusCounts:
     """Count the manifest's jobs by state; list the most recent failures with their messages."""
-    succeeded = failed = pending = in_flight = 0
+    succeeded = failed = pending = in_flight = in_doubt = 0
     failures: list[tuple[float, Failure]] = []
     fingerprints = set()
     for job in manifest.jobs:
@@ -91,6 +102,8 @@ def count_status(
             in_flight += 1
         elif verdict == "failed":
             failed += 1
+        elif verdict == "reconcile":
+            in_doubt += 1
         else:
             pending += 1
         if st is not None and st.status is JobStatus.FAILED and st.error:
@@ -108,6 +121,8 @@ def count_status(
         orphans=orphans,
         spend=state.spend,
         failures=tuple(f for _, f in failures[:recent]),
+        in_doubt=in_doubt,
+        recovered=state.recovered,
     )
 
 

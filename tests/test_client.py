@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import io
 import json
@@ -18,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from batchrunner.client import (
+    MAX_API_BODY_BYTES,
     TRANSIENT_ERROR_CODES,
     Client,
     Phase,
@@ -25,8 +27,10 @@ from batchrunner.client import (
     Presigned,
     classify_status,
     output_urls,
+    parse_execution,
     parse_prediction,
     parse_retry_after,
+    redact,
 )
 from batchrunner.errors import (
     ApiError,
@@ -694,6 +698,150 @@ async def test_api_key_never_appears_in_error_text(
     assert KEY not in caught.value.message
     assert "TOPS" not in str(caught.value)
     assert "***" in str(caught.value)
+
+
+def _pieces(text: str, secret: str, longest: int = 6) -> list[str]:
+    """The runs of more than ``longest`` of the secret's characters that appear in ``text``."""
+    return [secret[i : i + longest + 1] for i in range(len(secret) - longest) if secret[i : i + longest + 1] in text]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        KEY,
+        f"header X-API-Key={KEY[:12]}",  # a cut-off copy: the prefix
+        f"...{KEY[-9:]} rejected",  # the tail
+        f"key {KEY[4:15]} unknown",  # a middle piece
+        f"{KEY[:10]}\n{KEY[10:]}",  # split across lines
+        f"first {KEY} and again {KEY[:20]}",
+        f"Bearer {KEY.upper()[:3]}{KEY[3:]}",
+        KEY[:7],
+    ],
+)
+def test_no_piece_of_the_key_longer_than_six_characters_survives_redaction(text: str) -> None:
+    shown = redact(text, KEY)
+    assert _pieces(shown, KEY) == []
+    assert "***" in shown
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [("nothing to hide here", KEY), ("the sk- prefix people know", KEY), ("short key ab", "ab"), ("x", "")],
+)
+def test_redaction_leaves_text_without_the_key_alone(text: str, secret: str) -> None:
+    expected = text.replace(secret, "***") if secret else text
+    assert redact(text, secret) == expected
+
+
+@pytest.mark.parametrize(
+    "make_body",
+    [
+        lambda key: {"error": f"key {key[:12]} is not valid"},
+        lambda key: {"error": "bad", "details": f"X-API-Key: {key[3:-3]}"},
+        lambda key: f"<html>Authorization: Bearer {key[:-1]}</html>",
+    ],
+)
+async def test_a_server_echoing_a_cut_off_key_leaks_no_piece_of_it(
+    session: aiohttp.ClientSession, serve: Callable[[Handler], Awaitable[Served]], make_body: Callable[[str], object]
+) -> None:
+    served = await serve(echo_key(400, make_body))
+    with pytest.raises(ApiError) as caught:
+        await make_client(session, served.url).get("p1")
+    assert _pieces(str(caught.value), KEY) == []
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_an_answer_larger_than_any_api_answer_is_refused_unread(
+    session: aiohttp.ClientSession, serve: Callable[[Handler], Awaitable[Served]], chunked: bool
+) -> None:
+    async def huge(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        if chunked:
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = 2 * MAX_API_BODY_BYTES
+        await response.prepare(request)
+        chunk = b" " * (1 << 20)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(2 * MAX_API_BODY_BYTES // len(chunk)):
+                await response.write(chunk)
+        return response
+
+    served = await serve(huge)
+    with pytest.raises(ServerError, match="over"):
+        await make_client(session, served.url).get("p1")
+
+
+def test_parse_execution_reads_rows_and_skips_rows_without_an_id() -> None:
+    row = parse_execution(
+        {"id": "e1", "model": "flux-kontext-max", "status": "success", "created_at": "2026-11-30T10:00:00.250Z"}
+    )
+    assert row is not None
+    assert (row.id, row.model, row.status) == ("e1", "flux-kontext-max", "success")
+    assert row.created_at == pytest.approx(1796032800.25)
+    fallback = parse_execution({"id": 7, "requested_model": "m", "created_at": "2026-11-30T11:00:00+01:00"})
+    assert fallback is not None and fallback.model == "m" and fallback.created_at == pytest.approx(1796032800.0)
+    odd = parse_execution({"id": "e2", "created_at": "yesterday", "status": 3})
+    assert odd is not None and odd.created_at is None and odd.status == ""
+    assert parse_execution({"id": ""}) is None
+    assert parse_execution({"id": True}) is None
+    assert parse_execution({}) is None
+
+
+async def test_executions_pages_by_model_and_time_span(
+    session: aiohttp.ClientSession, serve: Callable[[Handler], Awaitable[Served]]
+) -> None:
+    rows = [{"id": f"e{i}", "model": "m", "status": "success", "created_at": "2026-11-30T10:00:00Z"} for i in range(3)]
+    served = await serve(answer(200, {"executions": rows, "total_count": 1000}))
+    client = make_client(session, served.url)
+    page = await client.executions(model="m", start=1796032800.0, end=1796032860.5, limit=3, offset=6)
+    assert [r.id for r in page.rows] == ["e0", "e1", "e2"]
+    assert page.full
+    seen = served.seen[0]
+    assert (seen.method, seen.path) == ("GET", "/v1/executions")
+    assert seen.query == {
+        "model": "m",
+        "from": "2026-11-30T10:00:00Z",
+        "to": "2026-11-30T10:01:01Z",
+        "limit": "3",
+        "offset": "6",
+    }
+    short = await client.executions(model="m", start=0.0, end=1.0, limit=100)
+    assert not short.full
+
+
+@pytest.mark.parametrize("body", [{"total_count": 3}, {"executions": "none"}, {"executions": None}])
+async def test_executions_answer_without_rows_is_a_server_error(
+    session: aiohttp.ClientSession, serve: Callable[[Handler], Awaitable[Served]], body: dict[str, Any]
+) -> None:
+    served = await serve(answer(200, body))
+    with pytest.raises(ServerError, match="executions"):
+        await make_client(session, served.url).executions(model="m", start=0.0, end=1.0)
+
+
+@pytest.mark.parametrize(("answer_status", "expected"), [("cancelled", "cancelled"), ("success", "success")])
+async def test_cancel_returns_the_status_it_was_answered(
+    session: aiohttp.ClientSession,
+    serve: Callable[[Handler], Awaitable[Served]],
+    answer_status: str,
+    expected: str,
+) -> None:
+    body = {"status": answer_status, "message": "Prediction canceled successfully", "predictionID": "p1"}
+    served = await serve(answer(200, body))
+    assert await make_client(session, served.url).cancel("p1") == expected
+    assert served.seen[0].path == "/v1/prediction/p1/cancel"
+
+
+async def test_every_api_request_carries_a_request_id_of_ours(
+    session: aiohttp.ClientSession, serve: Callable[[Handler], Awaitable[Served]]
+) -> None:
+    served = await serve(fake_api)
+    client = make_client(session, served.url)
+    await client.get("p1", request_id="br-job-a1-p1")
+    await client.presign("image/png")
+    assert served.seen[0].headers["X-Request-Id"] == "br-job-a1-p1"
+    assert served.seen[1].headers["X-Request-Id"].startswith("br-")
+    assert served.seen[1].headers["X-Request-Id"] != served.seen[0].headers["X-Request-Id"]
 
 
 def test_client_repr_hides_the_key(session: aiohttp.ClientSession) -> None:
