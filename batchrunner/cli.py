@@ -139,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="never poll one prediction more often than this (default 1s with --rate-limit-scope creates, else 0)",
     )
     run.add_argument("--timeout", type=_duration, default=30.0, help="HTTP timeout per request (30s)")
+    run.add_argument(
+        "--reconcile-wait",
+        type=_duration,
+        default=None,
+        help="a create in doubt is looked for in the account's executions this x 0.5, 1.5 and 3.5 after it (2s)",
+    )
     run.add_argument("--check-urls", action="store_true", help="check each input URL once before submitting")
     run.add_argument("--retry-failed", action="store_true", help="give failed jobs their attempts back first")
     run.add_argument("--allow-large", action="store_true", help="allow a manifest of more than 10,000 jobs")
@@ -389,12 +395,15 @@ def _summary(result: RunResult, out: OutputDir) -> str:
 
 async def _run_async(args: argparse.Namespace, manifest: Manifest, out: OutputDir) -> int:
     sim: Simulator | None = None
-    poll_initial = args.poll_initial
+    poll_initial, reconcile_wait = args.poll_initial, args.reconcile_wait
     if args.simulate:
         sim_config = _sim_config(args)
         sim = Simulator(sim_config)
         base_url = await sim.start()
         api_key = os.environ.get("EACHLABS_API_KEY") or "simulated-key"
+        if reconcile_wait is None:
+            # The simulator lists a prediction the moment it is made (unless told to lag).
+            reconcile_wait = max(0.05, sim_config.min_seconds)
         if poll_initial is None:
             # The simulator's shortest prediction time: the demo needs no three-second prior.
             poll_initial = max(0.05, sim_config.min_seconds)
@@ -423,6 +432,7 @@ async def _run_async(args: argparse.Namespace, manifest: Manifest, out: OutputDi
             if args.poll_min_interval is not None
             else (1.0 if args.rate_limit_scope == "creates" else 0.0)
         ),
+        reconcile_wait=reconcile_wait if reconcile_wait is not None else 2.0,
     )
     if config.budget is not None and config.price is None:
         raise UsageError("--budget needs a price per prediction: pass --price or set `price:` in the manifest")

@@ -133,6 +133,8 @@ def run_args(manifest: Path, url: str, out: Path, *extra: str) -> list[str]:
         "none",
         "--rate-limit",
         "1000/1",
+        "--reconcile-wait",
+        "0.02s",
         *extra,
     ]
 
