@@ -32,31 +32,31 @@ import asyncio
 import contextlib
 import hashlib
 import heapq
-import hmac
 import json
 import math
 import random
 import time
 import urllib.parse
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from typing import Any, Final
 
 from aiohttp import web
 from PIL import Image
 
+from batchrunner.simaccess import SlidingWindow, auth_problem
+from batchrunner.simconfig import Faults, SimConfig, SimStats, input_key
 from batchrunner.simimages import decode_data_uri, decode_image, render_output, synthetic_image
 from batchrunner.simmodel import MODEL_SLUGS, REQUEST_SCHEMA, create_problem
+from batchrunner.simstate import Outcome, Prediction
 
 __all__ = ["Faults", "SimConfig", "SimStats", "Simulator", "input_key", "serve_forever"]
 
 MAX_UPLOAD_BYTES: Final = 100 * 1024 * 1024
-COST_PER_IMAGE: Final = 0.08
 _HTML_502: Final = (
     "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center>"
     "<hr><center>nginx</center></body></html>"
@@ -64,221 +64,6 @@ _HTML_502: Final = (
 # Long polls re-read the injected clock this often: a test's clock does not move with real time.
 _LONG_POLL_STEP: Final = 0.05
 _INPUT_CACHE_SIZE: Final = 64
-
-
-@dataclass(frozen=True, slots=True)
-class Faults:
-    """Failure injection: each a probability 0..1 per eligible request or prediction unless stated."""
-
-    rate_limit: float = 0.0
-    rate_limit_no_retry_after: float = 0.0
-    server_error_html: float = 0.0
-    server_error_empty: float = 0.0
-    malformed_json: float = 0.0
-    reset_before: float = 0.0
-    reset_after: float = 0.0
-    slow: float = 0.0
-    slow_seconds: float = 2.0
-    truncated_download: float = 0.0
-    download_404_seconds: float = 0.0
-    provider_rate_limit: float = 0.0
-    input_error: float = 0.0
-    never_finish: float = 0.0
-    payment_required_after: int | None = None
-    upload_reset: float = 0.0  # an upload PUT's connection drops halfway: nothing is stored
-    late_arrival: float = 0.0  # a request is slow on its way in: stamped (and counted) this late
-    late_arrival_seconds: float = 0.05
-
-
-@dataclass(frozen=True, slots=True)
-class SimConfig:
-    """How the simulated API behaves: limits, prediction durations and shapes, auth, faults."""
-
-    rate_count: int = 60
-    rate_period: float = 60.0
-    concurrency: int = 10
-    min_seconds: float = 0.05
-    max_seconds: float = 0.2
-    failure_rate: float = 0.0
-    failed_status: str = "error"
-    output_shape: str = "string"
-    api_key: str | None = None
-    seed: int = 0
-    faults: Faults = Faults()
-    long_poll: float = 0.0  # when > 0, a GET of a running prediction blocks up to this long until it ends
-    image_size: int = 256
-
-
-@dataclass(slots=True)
-class SimStats:
-    """Live counters of what the server saw and did (see the module docstring for what each counts)."""
-
-    requests: int = 0
-    creates: int = 0
-    polls: int = 0
-    cancels: int = 0
-    presigns: int = 0
-    uploads: int = 0
-    downloads: int = 0
-    rate_limited: int = 0
-    concurrency_rejected: int = 0
-    max_in_flight: int = 0
-    max_window: int = 0
-    lost_answers: int = 0
-    creates_by_input: dict[str, int] = field(default_factory=dict)
-    faults_injected: dict[str, int] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready copy, plus ``duplicates``: creates beyond the first for the same (model, input)."""
-        data = asdict(self)
-        data["duplicates"] = sum(n - 1 for n in self.creates_by_input.values() if n > 1)
-        return data
-
-
-def input_key(model: str, inputs: Mapping[str, Any]) -> str:
-    """The key of ``SimStats.creates_by_input``: sha256 of the canonical JSON of ``[model, input]``."""
-    text = json.dumps([model, inputs], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-# --------------------------------------------------------------------------------------------------
-# Pure parts: auth, windows, prediction state.
-
-
-def auth_problem(headers: Mapping[str, str], expected: str | None) -> str | None:
-    """Why a request's key is refused, or None when it passes (any non-empty key passes when none is set)."""
-    key = headers.get("X-API-Key", "").strip()
-    if not key:
-        scheme, _, value = headers.get("Authorization", "").partition(" ")
-        key = value.strip() if scheme.lower() == "bearer" else ""
-    if not key:
-        return "Missing API key"
-    if expected is not None and not hmac.compare_digest(key.encode(), expected.encode()):
-        return "Invalid API key"
-    return None
-
-
-class SlidingWindow:
-    """Arrival times inside ``(now - period, now]``; admits at most ``count`` of them."""
-
-    __slots__ = ("_times", "count", "period")
-
-    def __init__(self, count: int, period: float) -> None:
-        self.count = count
-        self.period = period
-        self._times: deque[float] = deque()
-
-    def _expire(self, now: float) -> None:
-        while self._times and self._times[0] <= now - self.period:
-            self._times.popleft()
-
-    def record(self, now: float) -> int:
-        """Record an arrival unconditionally; returns how many arrivals the window now holds."""
-        self._expire(now)
-        self._times.append(now)
-        return len(self._times)
-
-    def admit(self, now: float) -> int | None:
-        """Record and admit an arrival, or return Retry-After seconds (at least 1) without recording it."""
-        self._expire(now)
-        if len(self._times) >= self.count:
-            return max(1, math.ceil(self._times[0] + self.period - now))
-        self._times.append(now)
-        return None
-
-
-class Outcome(StrEnum):
-    """How a prediction ends when nothing cancels it."""
-
-    SUCCESS = "success"
-    FAILURE = "failure"
-    PROVIDER_RATE_LIMIT = "provider_rate_limit"
-    INPUT_ERROR = "input_error"
-
-
-@dataclass(slots=True)
-class _Prediction:
-    id: str
-    model: str
-    input: dict[str, Any]
-    created_at: float
-    duration: float
-    finish_at: float  # math.inf for never_finish
-    outcome: Outcome
-    early_status: str  # "created" or "starting", shown for the first quarter of the duration
-    shape: str
-    failed_word: str
-    variant: int  # rotates the shape of generic failures
-    reason: str = ""
-    cancelled_at: float | None = None
-
-    def status(self, now: float) -> str:
-        if self.cancelled_at is not None:
-            return "cancelled"
-        if now >= self.finish_at:
-            return "success" if self.outcome is Outcome.SUCCESS else self.failed_word
-        if now - self.created_at < self.duration / 4:
-            return self.early_status
-        return "processing"
-
-    def is_terminal(self, now: float) -> bool:
-        return self.cancelled_at is not None or now >= self.finish_at
-
-    def view(self, now: float, base_url: str) -> dict[str, Any]:
-        status = self.status(now)
-        output: Any = None
-        logs: str | None = None
-        predict_time: float | None = None
-        cost: float | None = None
-        if status == "success":
-            output = shaped_output(f"{base_url}/outputs/{self.id}.png", self.shape)
-            logs = f"Generated 1 image in {self.duration:.2f}s"
-            predict_time, cost = round(self.duration, 3), COST_PER_IMAGE
-        elif status == "cancelled":
-            assert self.cancelled_at is not None
-            logs = "Prediction cancelled"
-            predict_time, cost = round(self.cancelled_at - self.created_at, 3), 0.0
-        elif status == self.failed_word:
-            output, logs = self._failure()
-            predict_time, cost = round(self.duration, 3), 0.0
-        elif status == "processing":
-            logs = "Processing..."
-        url = f"{base_url}/v1/prediction/{self.id}"
-        return {
-            "id": self.id,
-            "input": self.input,
-            "status": status,
-            "output": output,
-            "logs": logs,
-            "metrics": {"predict_time": predict_time, "cost": cost},
-            "urls": {"cancel": f"{url}/cancel", "get": url},
-        }
-
-    def _failure(self) -> tuple[Any, str]:
-        if self.outcome is Outcome.PROVIDER_RATE_LIMIT:
-            message = "The model provider is rate limiting requests, please try again later"
-            return {"error_code": "PROVIDER_RATE_LIMIT", "error_message": message}, f"Error: {message}"
-        if self.outcome is Outcome.INPUT_ERROR:
-            message = f"Could not download input_image: {self.reason}"
-            return {"error_code": "INPUT_DOWNLOAD_ERROR", "error_message": message}, f"Error: {message}"
-        # Generic failures come in both shapes the API has used: the reason only in logs, or also in output.
-        logs = "Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory"
-        if self.variant % 2 == 0:
-            return None, logs
-        return {"error_code": "PROVIDER_ERROR", "error_message": "The model provider returned an error"}, logs
-
-
-def shaped_output(url: str, shape: str) -> Any:
-    """The ``output`` of a successful prediction carrying ``url`` as a string, a list or an object."""
-    if shape == "list":
-        return [url]
-    if shape == "object":
-        return {"image": url}
-    return url
-
-
-# --------------------------------------------------------------------------------------------------
-# The server.
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,8 +100,8 @@ def _drop(request: web.Request) -> web.Response:
 class Simulator:
     """The simulated API. ``async with Simulator(config) as sim:`` serves on a free loopback port."""
 
-    def __init__(self, config: SimConfig = SimConfig(), *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.config = config
+    def __init__(self, config: SimConfig | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config if config is not None else SimConfig()
         self._clock = clock
         self._runner: web.AppRunner | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -349,7 +134,7 @@ class Simulator:
         self.stats = SimStats()
         self._window = SlidingWindow(self.config.rate_count, self.config.rate_period)
         self._seen = SlidingWindow(self.config.rate_count, self.config.rate_period)
-        self._predictions: dict[str, _Prediction] = {}
+        self._predictions: dict[str, Prediction] = {}
         self._running: set[str] = set()
         self._finishing: list[tuple[float, str]] = []
         self._uploads: dict[str, _Upload] = {}
@@ -533,7 +318,7 @@ class Simulator:
             created=True,
         )
 
-    def _new_prediction(self, model: str, inputs: dict[str, Any], now: float) -> _Prediction:
+    def _new_prediction(self, model: str, inputs: dict[str, Any], now: float) -> Prediction:
         config, faults, rng = self.config, self.config.faults, self._prediction_rng
         duration = rng.uniform(config.min_seconds, config.max_seconds)
         early = rng.choice(("created", "starting"))
@@ -552,7 +337,7 @@ class Simulator:
             outcome = Outcome.FAILURE
         shapes = ("string", "list", "object")
         shape = shapes[self.stats.creates % 3] if config.output_shape == "mixed" else config.output_shape
-        prediction = _Prediction(
+        prediction = Prediction(
             id=self._request_id(),
             model=model,
             input=inputs,
@@ -612,7 +397,7 @@ class Simulator:
             await self._await_terminal(prediction)
         return _Answer(200, prediction.view(self._clock(), self.base_url))
 
-    async def _await_terminal(self, prediction: _Prediction) -> None:
+    async def _await_terminal(self, prediction: Prediction) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.long_poll
         while not prediction.is_terminal(self._clock()) and not self._closing.is_set():
@@ -723,7 +508,7 @@ class Simulator:
             return response
         return web.Response(body=data, content_type="image/png")
 
-    async def _output_bytes(self, prediction: _Prediction) -> bytes:
+    async def _output_bytes(self, prediction: Prediction) -> bytes:
         cached = self._outputs.get(prediction.id)
         if cached is not None:
             return cached
