@@ -1,6 +1,4 @@
-"""Who may ask the simulated API, and how often: the key check, the sliding request window, and the check
-of a presigned upload's PUT against what its presign promised.
-"""
+"""Who may ask the simulated API, and how often: the key check and the sliding request window."""
 
 from __future__ import annotations
 
@@ -8,26 +6,8 @@ import hmac
 import math
 from collections import deque
 from collections.abc import Mapping
-from typing import Any, Final
-from xml.sax.saxutils import escape
 
-__all__ = [
-    "DEFAULT_RETENTION",
-    "MAX_RETENTION",
-    "MIN_RETENTION",
-    "UPLOAD_URL_LIFETIME",
-    "SlidingWindow",
-    "auth_problem",
-    "retention_seconds",
-    "s3_error",
-    "upload_refusal",
-]
-
-DAY: Final = 86400
-DEFAULT_RETENTION: Final = 180 * DAY
-MIN_RETENTION: Final = 60
-MAX_RETENTION: Final = 365 * DAY
-UPLOAD_URL_LIFETIME: Final = 15 * 60  # the presigned PUT URL itself; not returned by presign
+__all__ = ["SlidingWindow", "auth_problem"]
 
 
 def _bearer(headers: Mapping[str, str]) -> str:
@@ -80,47 +60,3 @@ class SlidingWindow:
             return max(1, math.ceil(self._times[0] + self.period - now))
         self._times.append(now)
         return None
-
-
-def retention_seconds(value: Any) -> int | None:
-    """A presign's ``expires_in_seconds`` (absent: the default) clamped to the documented range; None if not a
-    number. The docs clamp rather than refuse, so 10 becomes 60 and ten years become 365 days."""
-    if value is None:
-        return DEFAULT_RETENTION
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return int(min(MAX_RETENTION, max(MIN_RETENTION, value)))
-
-
-def upload_refusal(
-    headers: Mapping[str, str],
-    content_type: str,
-    required_headers: Mapping[str, str],
-    url_expires_at: float,
-    now: float,
-) -> tuple[str, str] | None:
-    """Why a presigned PUT is refused, as an S3 (code, message), or None when it is accepted.
-
-    The signature covers the Content-Type sent to presign and every header of ``required_headers`` (names
-    case-insensitive, values exact); an upload URL past its lifetime is refused as S3 refuses it.
-    """
-    if now > url_expires_at:
-        return "AccessDenied", "Request has expired"
-    if headers.get("Content-Type") != content_type:
-        return "SignatureDoesNotMatch", "The request signature we calculated does not match the signature you provided."
-    for name, value in required_headers.items():
-        if headers.get(name) != value:
-            return (
-                "SignatureDoesNotMatch",
-                f"The request signature we calculated does not match the signature you provided ({name}).",
-            )
-    return None
-
-
-def s3_error(code: str, message: str, resource: str = "") -> str:
-    """An S3-like XML error body."""
-    return (
-        '<?xml version="1.0" encoding="UTF-8"?>\n'
-        f"<Error><Code>{escape(code)}</Code><Message>{escape(message)}</Message>"
-        f"<Resource>{escape(resource)}</Resource></Error>"
-    )

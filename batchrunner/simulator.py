@@ -4,8 +4,9 @@ It serves the calls of ``eachlabs-api.md`` (create, get, executions, cancel, pre
 API hands out (presigned upload, public files, output images), all on one loopback port, and injects the
 failures a client meets. It follows the API's documents, not what a client expects: every documented variant a
 client must survive is a switch (a ``Faults`` number or a ``SimConfig`` field). The pure parts live beside it:
-``simconfig`` (settings, counters), ``simaccess`` (key, window, upload signature), ``simstate`` (a prediction and
-its view, failure envelopes), ``simlisting`` (the executions listing), ``simmodel``, ``simimages``.
+``simconfig`` (settings, counters), ``simaccess`` (key, window), ``simfiles`` (uploads, their signature and
+retention), ``simstate`` (a prediction, its view, failure envelopes), ``simlisting`` (the executions listing),
+``simmodel`` (the model and create checks) and ``simimages`` (output pictures).
 
 Decisions the API leaves open, made here once:
 
@@ -44,8 +45,9 @@ Decisions the API leaves open, made here once:
   retention is gone: its public URL answers 404 and a create naming it fails with INPUT_DOWNLOAD_ERROR.
 - An ``input_image`` naming ``/files/{id}`` on this server is checked at create time; input images that
   cannot be decoded fall back to a synthetic gradient rather than failing. ``webhook_url`` is never called.
-- Counters ``polls``, ``cancels``, ``presigns``, ``listings`` count requests acted on; ``creates`` counts
-  predictions created; ``uploads`` completed PUTs; ``downloads`` output images served (truncated ones included).
+- Counters ``polls``, ``cancels``, ``listings`` count requests that reached the action (404s, 500s and refused
+  queries included), ``presigns`` presigns granted; ``creates`` counts predictions created; ``uploads``
+  completed PUTs; ``downloads`` output images served (truncated ones included).
   ``paid_twice`` is computed when read: per (model, input), the predictions beyond the first that have not failed
   and were not stopped by a cancel (running ones count: they may yet be billed).
 
@@ -64,7 +66,6 @@ import math
 import random
 import re
 import time
-import urllib.parse
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -76,15 +77,17 @@ from typing import Any, Final
 from aiohttp import web
 from PIL import Image
 
-from batchrunner.simaccess import (
+from batchrunner.simaccess import SlidingWindow, auth_problem
+from batchrunner.simconfig import Faults, SimConfig, SimStats, input_key
+from batchrunner.simfiles import (
     UPLOAD_URL_LIFETIME,
-    SlidingWindow,
-    auth_problem,
+    Upload,
+    file_id,
+    missing_file,
     retention_seconds,
     s3_error,
     upload_refusal,
 )
-from batchrunner.simconfig import Faults, SimConfig, SimStats, input_key
 from batchrunner.simimages import decode_data_uri, decode_image, render_output, synthetic_image
 from batchrunner.simlisting import format_time, list_executions, parse_query
 from batchrunner.simmodel import MODEL_TITLES, REQUEST_SCHEMA, create_problem
@@ -116,15 +119,6 @@ class _Answer:
     body: dict[str, Any]
     headers: tuple[tuple[str, str], ...] = ()
     created: bool = False  # a prediction was created: losing this answer loses its id
-
-
-@dataclass(slots=True)
-class _Upload:
-    content_type: str
-    required_headers: dict[str, str]
-    url_expires_at: float  # the presigned PUT URL's end
-    retained_until: float  # the stored file's end (``expires_at`` of the presign)
-    data: bytes | None = None
 
 
 _Act = Callable[[web.Request], Awaitable[_Answer]]
@@ -201,7 +195,7 @@ class Simulator:
         self._predictions: dict[str, Prediction] = {}
         self._running: set[str] = set()
         self._finishing: list[tuple[float, str]] = []
-        self._uploads: dict[str, _Upload] = {}
+        self._uploads: dict[str, Upload] = {}
         self._outputs: dict[str, bytes] = {}
         self._rendering: dict[str, asyncio.Future[bytes]] = {}
         self._inputs: OrderedDict[str, tuple[Image.Image, float]] = OrderedDict()
@@ -460,30 +454,13 @@ class Simulator:
 
     def _own_file_id(self, ref: Any) -> str | None:
         """The upload id when ``ref`` is a ``/files/{id}`` URL of this server."""
-        if not isinstance(ref, str) or not ref.startswith(("http://", "https://")):
-            return None
-        try:
-            parts = urllib.parse.urlsplit(ref)
-            port = parts.port
-        except ValueError:
-            return None
-        hosts = {self._host, "127.0.0.1", "localhost", "::1"}
-        if port != self._port or parts.hostname not in hosts or not parts.path.startswith("/files/"):
-            return None
-        return parts.path.removeprefix("/files/")
+        return file_id(ref, {self._host, "127.0.0.1", "localhost", "::1"}, self._port)
 
     def _missing_upload(self, ref: Any, now: float) -> str | None:
         upload_id = self._own_file_id(ref)
         if upload_id is None:
             return None
-        upload = self._uploads.get(upload_id)
-        if upload is None:
-            return f"HTTP 404 from {ref}: no such file"
-        if upload.data is None:
-            return f"HTTP 404 from {ref}: the upload was never completed"
-        if now > upload.retained_until:
-            return f"HTTP 404 from {ref}: the file has expired"
-        return None
+        return missing_file(self._uploads.get(upload_id), ref, now)
 
     async def _get(self, request: web.Request) -> _Answer:
         self.stats.polls += 1
@@ -554,7 +531,7 @@ class Simulator:
         now = self._clock()
         empty = self._inject("presign_empty_headers", self.config.faults.presign_empty_headers)
         required = {} if empty else {"x-amz-meta-file-id": upload_id}
-        self._uploads[upload_id] = _Upload(content_type, required, now + UPLOAD_URL_LIFETIME, now + retention)
+        self._uploads[upload_id] = Upload(content_type, required, now + UPLOAD_URL_LIFETIME, now + retention)
         return _Answer(
             200,
             {
@@ -608,9 +585,7 @@ class Simulator:
         if upload is None:
             # A URL this server never signed: S3 refuses it rather than saying it does not exist.
             return _xml_error(403, "AccessDenied", "Access Denied", resource)
-        refusal = upload_refusal(
-            request.headers, upload.content_type, upload.required_headers, upload.url_expires_at, self._clock()
-        )
+        refusal = upload_refusal(request.headers, upload, self._clock())
         if refusal is not None:
             return _xml_error(403, *refusal, resource)
         if (request.content_length or 0) > MAX_UPLOAD_BYTES:
