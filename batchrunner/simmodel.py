@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-__all__ = ["ASPECT_RATIOS", "MODEL_SLUGS", "OUTPUT_FORMATS", "REQUEST_SCHEMA", "create_problem"]
+__all__ = ["ASPECT_RATIOS", "MODEL_SLUGS", "MODEL_TITLES", "OUTPUT_FORMATS", "REQUEST_SCHEMA", "create_problem"]
 
-MODEL_SLUGS: Final = ("flux-kontext-max", "flux-kontext-pro")
+MODEL_TITLES: Final = {"flux-kontext-max": "FLUX.1 Kontext [max]", "flux-kontext-pro": "FLUX.1 Kontext [pro]"}
+MODEL_SLUGS: Final = tuple(MODEL_TITLES)
 ASPECT_RATIOS: Final = (
     "match_input_image",
     *("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "4:5", "5:4", "21:9", "9:21", "2:1", "1:2"),

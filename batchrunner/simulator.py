@@ -1,26 +1,55 @@
 """An aiohttp.web server that behaves like the Eachlabs prediction API, for the demo, tests and benchmark.
 
-It serves the calls of ``eachlabs-api.md`` (create, get, cancel, presign, model) plus the hosts the API hands
-out (presigned upload, public files, output images), all on one loopback port, and injects the failures a
-client meets.
+It serves the calls of ``eachlabs-api.md`` (create, get, executions, cancel, presign, model) plus the hosts the
+API hands out (presigned upload, public files, output images), all on one loopback port, and injects the
+failures a client meets. It follows the API's documents, not what a client expects: every documented variant a
+client must survive is a switch (a ``Faults`` number or a ``SimConfig`` field). The pure parts live beside it:
+``simconfig`` (settings, counters), ``simaccess`` (key, window), ``simfiles`` (uploads, their signature and
+retention), ``simstate`` (a prediction, its view, failure envelopes), ``simlisting`` (the executions listing),
+``simmodel`` (the model and create checks) and ``simimages`` (output pictures).
 
 Decisions the API leaves open, made here once:
 
-- The request window counts every authenticated API-host request (create, poll, cancel, presign, model) at
-  its arrival, fault-injected ones included. A request the window itself rejects does NOT count against the
-  window (the simple model), but it does count in ``SimStats.max_window``: that statistic is the busiest
-  window of everything a client sent, so a client that honours the limit shows ``max_window <= rate_count``.
-  Requests answered 401 count nowhere (a window belongs to a key). Windows are half-open: ``(t - period, t]``.
-- In flight means created, not cancelled, and not yet at its finish time on the injected clock.
+- The request window counts every API-host request that passes the key check (create, poll, list, cancel,
+  presign, model) at its arrival, fault-injected ones included. A request the window itself rejects does NOT
+  count against the window (the simple model), but it does count in ``SimStats.max_window``: that statistic is
+  the busiest window of everything a client sent, so a client that honours the limit shows
+  ``max_window <= rate_count``. Requests answered 401 count nowhere (a window belongs to a key). The model
+  catalog needs no key and is never answered 401, but counts in the window all the same (the simulator serves
+  one organisation). Windows are half-open: ``(t - period, t]``.
+- Keys: ``Authorization: Bearer KEY`` and ``X-API-Key: KEY`` are both accepted (Bearer is read first) unless
+  ``SimConfig.auth_headers`` names only one; a key in a header not accepted is as good as none.
+- ``X-Request-Id`` on every response echoes the client's own when it is a plain token, else is fresh (drawn
+  from its own random stream, so echoing does not move prediction ids).
+- In flight means created, not stopped by a cancel, and not yet at its finish time on the injected clock.
+- A cancel is best effort: by default it is only recorded and the prediction runs to its natural end (output,
+  cost and all), holding its slot; ``cancel_stops`` is the chance that a cancel really stops it (status
+  ``cancelled``, cost 0, slot freed). A cancel answers ``cancelled`` for a running or stopped prediction,
+  ``success`` for one already finished (failed ones too); an unknown id answers 500.
 - Check order for an API request: auth, late_arrival (the request is stamped late, as if slow on the wire),
-  window, spurious faults (reset_before, 429s, 5xx), then the action
-  (for creates: 400 validation, 402, concurrency 429), then slow / malformed_json / reset_after on the answer.
-- A create whose answer never reaches the client (reset_after, malformed_json, or slow past the client's
-  timeout) was still acted on and counts in ``lost_answers``.
+  window, spurious faults (reset_before, 429s, 5xx), then the action (for creates: 400 validation, 402,
+  concurrency 429; for GETs: 404, fresh_404; for listings: listing_error, 400), then slow / malformed_json /
+  reset_after / gateway_timeout_after_create on the answer, then empty_error_bodies on a 400/401/422.
+- A create whose answer never reaches the client in a readable form (reset_after, malformed_json, slow past the
+  client's timeout, or the gateway's 504) was still acted on and counts in ``lost_answers``.
+- Views: while running, ``metrics`` read 0 and 0 (not null); ``output`` is ``""`` while ``created``/``starting``
+  and null while ``processing``. Failed predictions cost 0. Generic failures (``failure_rate``) rotate the
+  envelope (PROVIDER_FAILED, not retryable), the dispatch-only ``{"error"}`` and the logs-only shapes.
+- Listings (``GET /v1/executions``, see ``simlisting``) show every prediction on the server, with the output a GET
+  shows (but never withheld by ``success_without_output``, which models the GET path); a ``fresh_404`` GET does
+  not hide a prediction from listings (``listing_lag`` does). Timestamps are wall time: the injected clock plus an
+  offset fixed at construction (``Simulator.wall_time``), RFC 3339 in UTC with microseconds and ``Z``.
+- Presign: ``expires_in_seconds`` is the stored file's retention (default 180 days, clamped to 60 s - 365 days);
+  the PUT URL lasts 15 minutes. A PUT must carry the presign's Content-Type and every ``required_headers`` value
+  exactly; a refused, expired or unknown upload URL answers 403 with an S3 XML error. A stored file past its
+  retention is gone: its public URL answers 404 and a create naming it fails with INPUT_DOWNLOAD_ERROR.
 - An ``input_image`` naming ``/files/{id}`` on this server is checked at create time; input images that
   cannot be decoded fall back to a synthetic gradient rather than failing. ``webhook_url`` is never called.
-- Counters ``polls``, ``cancels``, ``presigns`` count requests acted on; ``creates`` counts predictions
-  created; ``uploads`` completed PUTs; ``downloads`` output images served (truncated ones included).
+- Counters ``polls``, ``cancels``, ``listings`` count requests that reached the action (404s, 500s and refused
+  queries included), ``presigns`` presigns granted; ``creates`` counts predictions created; ``uploads``
+  completed PUTs; ``downloads`` output images served (truncated ones included).
+  ``paid_twice`` is computed when read: per (model, input), the predictions beyond the first that have not failed
+  and were not stopped by a cancel (running ones count: they may yet be billed).
 
 Prediction progress, windows and expiry read the injected clock; only ``slow``, ``late_arrival`` and long polls
 wait in real time. All randomness comes from ``random.Random`` streams seeded by ``SimConfig.seed``.
@@ -32,253 +61,56 @@ import asyncio
 import contextlib
 import hashlib
 import heapq
-import hmac
 import json
 import math
 import random
+import re
 import time
-import urllib.parse
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
-from enum import StrEnum
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from aiohttp import web
 from PIL import Image
 
+from batchrunner.simaccess import SlidingWindow, auth_problem
+from batchrunner.simconfig import Faults, SimConfig, SimStats, input_key
+from batchrunner.simfiles import (
+    UPLOAD_URL_LIFETIME,
+    Upload,
+    file_id,
+    missing_file,
+    retention_seconds,
+    s3_error,
+    upload_refusal,
+)
 from batchrunner.simimages import decode_data_uri, decode_image, render_output, synthetic_image
-from batchrunner.simmodel import MODEL_SLUGS, REQUEST_SCHEMA, create_problem
+from batchrunner.simlisting import format_time, list_executions, parse_query
+from batchrunner.simmodel import MODEL_TITLES, REQUEST_SCHEMA, create_problem
+from batchrunner.simstate import Outcome, Prediction, paid_twice
 
 __all__ = ["Faults", "SimConfig", "SimStats", "Simulator", "input_key", "serve_forever"]
 
 MAX_UPLOAD_BYTES: Final = 100 * 1024 * 1024
-COST_PER_IMAGE: Final = 0.08
 _HTML_502: Final = (
     "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center>"
     "<hr><center>nginx</center></body></html>"
 )
+_HTML_504: Final = (
+    "<html><head><title>504 Gateway Time-out</title></head><body><center><h1>504 Gateway Time-out</h1></center>"
+    "<hr><center>nginx</center></body></html>"
+)
+# Statuses whose JSON error body the empty_error_bodies fault empties to ``{}``, as documented.
+_EMPTYABLE: Final = frozenset({400, 401, 422})
+# A client's own X-Request-Id is echoed when it is a plain token (visible ASCII, bounded length).
+_REQUEST_ID: Final = re.compile(r"[!-~]{1,200}")
 # Long polls re-read the injected clock this often: a test's clock does not move with real time.
 _LONG_POLL_STEP: Final = 0.05
 _INPUT_CACHE_SIZE: Final = 64
-
-
-@dataclass(frozen=True, slots=True)
-class Faults:
-    """Failure injection: each a probability 0..1 per eligible request or prediction unless stated."""
-
-    rate_limit: float = 0.0
-    rate_limit_no_retry_after: float = 0.0
-    server_error_html: float = 0.0
-    server_error_empty: float = 0.0
-    malformed_json: float = 0.0
-    reset_before: float = 0.0
-    reset_after: float = 0.0
-    slow: float = 0.0
-    slow_seconds: float = 2.0
-    truncated_download: float = 0.0
-    download_404_seconds: float = 0.0
-    provider_rate_limit: float = 0.0
-    input_error: float = 0.0
-    never_finish: float = 0.0
-    payment_required_after: int | None = None
-    upload_reset: float = 0.0  # an upload PUT's connection drops halfway: nothing is stored
-    late_arrival: float = 0.0  # a request is slow on its way in: stamped (and counted) this late
-    late_arrival_seconds: float = 0.05
-
-
-@dataclass(frozen=True, slots=True)
-class SimConfig:
-    """How the simulated API behaves: limits, prediction durations and shapes, auth, faults."""
-
-    rate_count: int = 60
-    rate_period: float = 60.0
-    concurrency: int = 10
-    min_seconds: float = 0.05
-    max_seconds: float = 0.2
-    failure_rate: float = 0.0
-    failed_status: str = "error"
-    output_shape: str = "string"
-    api_key: str | None = None
-    seed: int = 0
-    faults: Faults = Faults()
-    long_poll: float = 0.0  # when > 0, a GET of a running prediction blocks up to this long until it ends
-    image_size: int = 256
-
-
-@dataclass(slots=True)
-class SimStats:
-    """Live counters of what the server saw and did (see the module docstring for what each counts)."""
-
-    requests: int = 0
-    creates: int = 0
-    polls: int = 0
-    cancels: int = 0
-    presigns: int = 0
-    uploads: int = 0
-    downloads: int = 0
-    rate_limited: int = 0
-    concurrency_rejected: int = 0
-    max_in_flight: int = 0
-    max_window: int = 0
-    lost_answers: int = 0
-    creates_by_input: dict[str, int] = field(default_factory=dict)
-    faults_injected: dict[str, int] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready copy, plus ``duplicates``: creates beyond the first for the same (model, input)."""
-        data = asdict(self)
-        data["duplicates"] = sum(n - 1 for n in self.creates_by_input.values() if n > 1)
-        return data
-
-
-def input_key(model: str, inputs: Mapping[str, Any]) -> str:
-    """The key of ``SimStats.creates_by_input``: sha256 of the canonical JSON of ``[model, input]``."""
-    text = json.dumps([model, inputs], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-# --------------------------------------------------------------------------------------------------
-# Pure parts: auth, windows, prediction state.
-
-
-def auth_problem(headers: Mapping[str, str], expected: str | None) -> str | None:
-    """Why a request's key is refused, or None when it passes (any non-empty key passes when none is set)."""
-    key = headers.get("X-API-Key", "").strip()
-    if not key:
-        scheme, _, value = headers.get("Authorization", "").partition(" ")
-        key = value.strip() if scheme.lower() == "bearer" else ""
-    if not key:
-        return "Missing API key"
-    if expected is not None and not hmac.compare_digest(key.encode(), expected.encode()):
-        return "Invalid API key"
-    return None
-
-
-class SlidingWindow:
-    """Arrival times inside ``(now - period, now]``; admits at most ``count`` of them."""
-
-    __slots__ = ("_times", "count", "period")
-
-    def __init__(self, count: int, period: float) -> None:
-        self.count = count
-        self.period = period
-        self._times: deque[float] = deque()
-
-    def _expire(self, now: float) -> None:
-        while self._times and self._times[0] <= now - self.period:
-            self._times.popleft()
-
-    def record(self, now: float) -> int:
-        """Record an arrival unconditionally; returns how many arrivals the window now holds."""
-        self._expire(now)
-        self._times.append(now)
-        return len(self._times)
-
-    def admit(self, now: float) -> int | None:
-        """Record and admit an arrival, or return Retry-After seconds (at least 1) without recording it."""
-        self._expire(now)
-        if len(self._times) >= self.count:
-            return max(1, math.ceil(self._times[0] + self.period - now))
-        self._times.append(now)
-        return None
-
-
-class Outcome(StrEnum):
-    """How a prediction ends when nothing cancels it."""
-
-    SUCCESS = "success"
-    FAILURE = "failure"
-    PROVIDER_RATE_LIMIT = "provider_rate_limit"
-    INPUT_ERROR = "input_error"
-
-
-@dataclass(slots=True)
-class _Prediction:
-    id: str
-    model: str
-    input: dict[str, Any]
-    created_at: float
-    duration: float
-    finish_at: float  # math.inf for never_finish
-    outcome: Outcome
-    early_status: str  # "created" or "starting", shown for the first quarter of the duration
-    shape: str
-    failed_word: str
-    variant: int  # rotates the shape of generic failures
-    reason: str = ""
-    cancelled_at: float | None = None
-
-    def status(self, now: float) -> str:
-        if self.cancelled_at is not None:
-            return "cancelled"
-        if now >= self.finish_at:
-            return "success" if self.outcome is Outcome.SUCCESS else self.failed_word
-        if now - self.created_at < self.duration / 4:
-            return self.early_status
-        return "processing"
-
-    def is_terminal(self, now: float) -> bool:
-        return self.cancelled_at is not None or now >= self.finish_at
-
-    def view(self, now: float, base_url: str) -> dict[str, Any]:
-        status = self.status(now)
-        output: Any = None
-        logs: str | None = None
-        predict_time: float | None = None
-        cost: float | None = None
-        if status == "success":
-            output = shaped_output(f"{base_url}/outputs/{self.id}.png", self.shape)
-            logs = f"Generated 1 image in {self.duration:.2f}s"
-            predict_time, cost = round(self.duration, 3), COST_PER_IMAGE
-        elif status == "cancelled":
-            assert self.cancelled_at is not None
-            logs = "Prediction cancelled"
-            predict_time, cost = round(self.cancelled_at - self.created_at, 3), 0.0
-        elif status == self.failed_word:
-            output, logs = self._failure()
-            predict_time, cost = round(self.duration, 3), 0.0
-        elif status == "processing":
-            logs = "Processing..."
-        url = f"{base_url}/v1/prediction/{self.id}"
-        return {
-            "id": self.id,
-            "input": self.input,
-            "status": status,
-            "output": output,
-            "logs": logs,
-            "metrics": {"predict_time": predict_time, "cost": cost},
-            "urls": {"cancel": f"{url}/cancel", "get": url},
-        }
-
-    def _failure(self) -> tuple[Any, str]:
-        if self.outcome is Outcome.PROVIDER_RATE_LIMIT:
-            message = "The model provider is rate limiting requests, please try again later"
-            return {"error_code": "PROVIDER_RATE_LIMIT", "error_message": message}, f"Error: {message}"
-        if self.outcome is Outcome.INPUT_ERROR:
-            message = f"Could not download input_image: {self.reason}"
-            return {"error_code": "INPUT_DOWNLOAD_ERROR", "error_message": message}, f"Error: {message}"
-        # Generic failures come in both shapes the API has used: the reason only in logs, or also in output.
-        logs = "Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory"
-        if self.variant % 2 == 0:
-            return None, logs
-        return {"error_code": "PROVIDER_ERROR", "error_message": "The model provider returned an error"}, logs
-
-
-def shaped_output(url: str, shape: str) -> Any:
-    """The ``output`` of a successful prediction carrying ``url`` as a string, a list or an object."""
-    if shape == "list":
-        return [url]
-    if shape == "object":
-        return {"image": url}
-    return url
-
-
-# --------------------------------------------------------------------------------------------------
-# The server.
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,19 +121,20 @@ class _Answer:
     created: bool = False  # a prediction was created: losing this answer loses its id
 
 
-@dataclass(slots=True)
-class _Upload:
-    content_type: str
-    expires_at: float
-    data: bytes | None = None
-
-
 _Act = Callable[[web.Request], Awaitable[_Answer]]
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.json_response(body, status=status, headers=headers)
+
+
+def _xml_error(status: int, code: str, message: str, resource: str = "") -> web.Response:
+    return web.Response(status=status, text=s3_error(code, message, resource), content_type="application/xml")
+
+
+def _too_large(resource: str) -> web.Response:
+    return _xml_error(413, "EntityTooLarge", "Your proposed upload exceeds the maximum allowed size", resource)
 
 
 def _drop(request: web.Request) -> web.Response:
@@ -315,9 +148,17 @@ def _drop(request: web.Request) -> web.Response:
 class Simulator:
     """The simulated API. ``async with Simulator(config) as sim:`` serves on a free loopback port."""
 
-    def __init__(self, config: SimConfig = SimConfig(), *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.config = config
+    def __init__(
+        self,
+        config: SimConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_epoch: float | None = None,
+    ) -> None:
+        self.config = config if config is not None else SimConfig()
         self._clock = clock
+        # Wall time is epoch + clock(), the offset fixed here: timestamps and from/to filters follow the injected clock.
+        self._wall_epoch = time.time() - clock() if wall_epoch is None else wall_epoch
         self._runner: web.AppRunner | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._base_url: str | None = None
@@ -333,7 +174,8 @@ class Simulator:
         router.add_get("/v1/prediction/{id}", self._api(self._get))
         router.add_post("/v1/prediction/{id}/cancel", self._api(self._cancel))
         router.add_post("/v1/upload/presign", self._api(self._presign))
-        router.add_get("/v1/model", self._api(self._model))
+        router.add_get("/v1/model", self._api(self._model, keyless=True))
+        router.add_get("/v1/executions", self._api(self._executions))
         router.add_put("/_upload/{id}", self._upload)
         router.add_get("/files/{id}", self._file)
         router.add_get("/outputs/{name}", self._output)
@@ -344,15 +186,16 @@ class Simulator:
         seed = self.config.seed
         # One stream per purpose, so switching a fault on does not reshuffle durations or ids.
         self._id_rng = random.Random(f"{seed}:ids")
+        self._request_id_rng = random.Random(f"{seed}:request-ids")
         self._prediction_rng = random.Random(f"{seed}:predictions")
         self._fault_rng = random.Random(f"{seed}:faults")
-        self.stats = SimStats()
+        self.stats = SimStats(paid_twice_counter=lambda: paid_twice(self._predictions.values(), self._clock()))
         self._window = SlidingWindow(self.config.rate_count, self.config.rate_period)
         self._seen = SlidingWindow(self.config.rate_count, self.config.rate_period)
-        self._predictions: dict[str, _Prediction] = {}
+        self._predictions: dict[str, Prediction] = {}
         self._running: set[str] = set()
         self._finishing: list[tuple[float, str]] = []
-        self._uploads: dict[str, _Upload] = {}
+        self._uploads: dict[str, Upload] = {}
         self._outputs: dict[str, bytes] = {}
         self._rendering: dict[str, asyncio.Future[bytes]] = {}
         self._inputs: OrderedDict[str, tuple[Image.Image, float]] = OrderedDict()
@@ -399,6 +242,10 @@ class Simulator:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    def wall_time(self, t: float) -> datetime:
+        """The wall-clock (UTC) moment of reading ``t`` of the injected clock, as the API's timestamps show it."""
+        return datetime.fromtimestamp(self._wall_epoch + t, UTC)
+
     def prediction_times(self) -> list[tuple[str, float, float, float]]:
         """(id, created_at, duration, finish_at) of every prediction, in creation order, on the simulator's clock."""
         return [(p.id, p.created_at, p.duration, p.finish_at) for p in self._predictions.values()]
@@ -423,28 +270,36 @@ class Simulator:
             return _json({"error": exc.reason}, exc.status, headers)
 
     async def _stamp(self, request: web.Request, response: web.StreamResponse) -> None:
-        # Every response, errors and downloads included, is stamped as it is prepared.
-        response.headers["X-Request-Id"] = self._request_id()
+        # Every response, errors and downloads included, is stamped as it is prepared, echoing the client's id.
+        own = request.headers.get("X-Request-Id", "")
+        if _REQUEST_ID.fullmatch(own):
+            response.headers["X-Request-Id"] = own
+        else:
+            response.headers["X-Request-Id"] = str(uuid.UUID(int=self._request_id_rng.getrandbits(128), version=4))
 
-    def _request_id(self) -> str:
+    def _new_id(self) -> str:
         return str(uuid.UUID(int=self._id_rng.getrandbits(128), version=4))
+
+    def _count_fault(self, name: str) -> None:
+        self.stats.faults_injected[name] = self.stats.faults_injected.get(name, 0) + 1
 
     def _inject(self, name: str, probability: float) -> bool:
         if probability <= 0.0 or self._fault_rng.random() >= probability:
             return False
-        self.stats.faults_injected[name] = self.stats.faults_injected.get(name, 0) + 1
+        self._count_fault(name)
         return True
 
-    def _api(self, act: _Act) -> _Handler:
+    def _api(self, act: _Act, *, keyless: bool = False) -> _Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
-            return await self._serve_api(request, act)
+            return await self._serve_api(request, act, keyless=keyless)
 
         return handler
 
-    async def _serve_api(self, request: web.Request, act: _Act) -> web.StreamResponse:
-        problem = auth_problem(request.headers, self.config.api_key)
-        if problem is not None:
-            return _json({"error": problem}, 401)
+    async def _serve_api(self, request: web.Request, act: _Act, *, keyless: bool) -> web.StreamResponse:
+        if not keyless:
+            problem = auth_problem(request.headers, self.config.api_key, self.config.auth_headers)
+            if problem is not None:
+                return self._respond(_Answer(401, {"error": problem}))
         if self._inject("late_arrival", self.config.faults.late_arrival):
             await self._pause(self.config.faults.late_arrival_seconds)
         now = self._clock()
@@ -485,7 +340,7 @@ class Simulator:
                 # The client gave up waiting: whatever was acted on stays done, its answer is lost.
                 self.stats.lost_answers += answer.created
                 return _drop(request)
-        if answer.status == 200 and self._inject("malformed_json", faults.malformed_json):
+        if 200 <= answer.status < 300 and self._inject("malformed_json", faults.malformed_json):
             self.stats.lost_answers += answer.created
             text = json.dumps(answer.body)
             garbled = text[: len(text) // 2] if self.stats.faults_injected["malformed_json"] % 2 else "OK"
@@ -493,7 +348,17 @@ class Simulator:
         if answer.created and self._inject("reset_after", faults.reset_after):
             self.stats.lost_answers += 1
             return _drop(request)
-        return _json(answer.body, answer.status, dict(answer.headers))
+        if answer.created and self._inject("gateway_timeout_after_create", faults.gateway_timeout_after_create):
+            # The gateway gave up on the upstream, which created the prediction all the same.
+            self.stats.lost_answers += 1
+            return web.Response(status=504, text=_HTML_504, content_type="text/html")
+        return self._respond(answer)
+
+    def _respond(self, answer: _Answer) -> web.Response:
+        body = answer.body
+        if answer.status in _EMPTYABLE and self._inject("empty_error_bodies", self.config.faults.empty_error_bodies):
+            body = {}
+        return _json(body, answer.status, dict(answer.headers))
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -522,9 +387,10 @@ class Simulator:
         if self._running_count(now) >= self.config.concurrency:
             self.stats.concurrency_rejected += 1
             return _Answer(429, {"error": "Concurrency limit reached"})
+        # ``version`` is deprecated and ignored, as documented.
         prediction = self._new_prediction(body["model"], body["input"], now)
         return _Answer(
-            200,
+            self.config.create_status,
             {
                 "status": "success",
                 "message": "Prediction created successfully",
@@ -533,13 +399,13 @@ class Simulator:
             created=True,
         )
 
-    def _new_prediction(self, model: str, inputs: dict[str, Any], now: float) -> _Prediction:
+    def _new_prediction(self, model: str, inputs: dict[str, Any], now: float) -> Prediction:
         config, faults, rng = self.config, self.config.faults, self._prediction_rng
         duration = rng.uniform(config.min_seconds, config.max_seconds)
         early = rng.choice(("created", "starting"))
         finish_at = now + duration
         outcome, reason = Outcome.SUCCESS, ""
-        missing = self._missing_upload(inputs.get("input_image"))
+        missing = self._missing_upload(inputs.get("input_image"), now)
         if missing is not None:
             outcome, reason = Outcome.INPUT_ERROR, missing
         elif self._inject("never_finish", faults.never_finish):
@@ -548,14 +414,24 @@ class Simulator:
             outcome = Outcome.PROVIDER_RATE_LIMIT
         elif self._inject("input_error", faults.input_error):
             outcome, reason = Outcome.INPUT_ERROR, "HTTP 403 Forbidden"
+        elif self._inject("retryable_failure", faults.retryable_failure):
+            outcome = Outcome.RETRYABLE_FAILURE
         elif self._inject("failure_rate", config.failure_rate):
             outcome = Outcome.FAILURE
+        withhold = (
+            outcome is Outcome.SUCCESS
+            and finish_at != math.inf
+            and self._inject("success_without_output", faults.success_without_output)
+        )
         shapes = ("string", "list", "object")
         shape = shapes[self.stats.creates % 3] if config.output_shape == "mixed" else config.output_shape
-        prediction = _Prediction(
-            id=self._request_id(),
+        key = input_key(model, inputs)
+        prediction = Prediction(
+            id=self._new_id(),
             model=model,
             input=inputs,
+            key=key,
+            seq=self._counter,
             created_at=now,
             duration=duration,
             finish_at=finish_at,
@@ -563,8 +439,8 @@ class Simulator:
             early_status=early,
             shape=shape,
             failed_word=config.failed_status,
-            variant=self._counter,
             reason=reason,
+            withhold_output=withhold,
         )
         self._counter += 1
         self._predictions[prediction.id] = prediction
@@ -573,46 +449,39 @@ class Simulator:
             heapq.heappush(self._finishing, (finish_at, prediction.id))
         self.stats.creates += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, len(self._running))
-        key = input_key(model, inputs)
         self.stats.creates_by_input[key] = self.stats.creates_by_input.get(key, 0) + 1
         return prediction
 
     def _own_file_id(self, ref: Any) -> str | None:
         """The upload id when ``ref`` is a ``/files/{id}`` URL of this server."""
-        if not isinstance(ref, str) or not ref.startswith(("http://", "https://")):
-            return None
-        try:
-            parts = urllib.parse.urlsplit(ref)
-            port = parts.port
-        except ValueError:
-            return None
-        hosts = {self._host, "127.0.0.1", "localhost", "::1"}
-        if port != self._port or parts.hostname not in hosts or not parts.path.startswith("/files/"):
-            return None
-        return parts.path.removeprefix("/files/")
+        return file_id(ref, {self._host, "127.0.0.1", "localhost", "::1"}, self._port)
 
-    def _missing_upload(self, ref: Any) -> str | None:
+    def _missing_upload(self, ref: Any, now: float) -> str | None:
         upload_id = self._own_file_id(ref)
         if upload_id is None:
             return None
-        upload = self._uploads.get(upload_id)
-        if upload is None:
-            return f"HTTP 404 from {ref}: no such file"
-        if upload.data is None:
-            return f"HTTP 404 from {ref}: the upload was never completed"
-        return None
+        return missing_file(self._uploads.get(upload_id), ref, now)
 
     async def _get(self, request: web.Request) -> _Answer:
         self.stats.polls += 1
         prediction = self._predictions.get(request.match_info["id"])
         if prediction is None:
             return _Answer(404, {"error": "Prediction not found"})
+        if self._clock() - prediction.created_at < self.config.faults.fresh_404_seconds:
+            # The read replica has not seen the new prediction yet.
+            self._count_fault("fresh_404")
+            return _Answer(404, {"error": "Prediction not found"})
         # A long-polling server holds every GET until the prediction ends (or long_poll passes): clients need not ask.
         if self.config.long_poll > 0:
             await self._await_terminal(prediction)
-        return _Answer(200, prediction.view(self._clock(), self.base_url))
+        now = self._clock()
+        succeeded = prediction.status(now) == "success"
+        withhold = succeeded and prediction.withhold_output
+        if succeeded:
+            prediction.withhold_output = False
+        return _Answer(200, prediction.view(now, self.base_url, withhold_output=withhold))
 
-    async def _await_terminal(self, prediction: _Prediction) -> None:
+    async def _await_terminal(self, prediction: Prediction) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.long_poll
         while not prediction.is_terminal(self._clock()) and not self._closing.is_set():
@@ -626,13 +495,20 @@ class Simulator:
         self.stats.cancels += 1
         prediction = self._predictions.get(request.match_info["id"])
         if prediction is None:
-            return _Answer(404, {"error": "Prediction not found"})
+            # The API answers an unknown id with a 500, not a 404.
+            return _Answer(500, {"error": "Internal Server Error"})
         now = self._clock()
-        if not prediction.is_terminal(now):
-            prediction.cancelled_at = now
-            self._running.discard(prediction.id)
-        status = prediction.status(now)
-        message = "Prediction cancelled" if status == "cancelled" else "Prediction already finished"
+        if prediction.is_terminal(now):
+            status = "cancelled" if prediction.stopped_at is not None else "success"
+        else:
+            status = "cancelled"
+            if prediction.cancel_requested_at is None:
+                prediction.cancel_requested_at = now
+            # Best effort: by default the cancel is only recorded and the prediction runs to its natural end.
+            if self._inject("cancel_stops", self.config.faults.cancel_stops):
+                prediction.stopped_at = now
+                self._running.discard(prediction.id)
+        message = "Prediction canceled successfully"
         return _Answer(200, {"status": status, "message": message, "predictionID": prediction.id})
 
     async def _presign(self, request: web.Request) -> _Answer:
@@ -640,46 +516,80 @@ class Simulator:
             body = await request.json()
         except ValueError:
             return _Answer(400, {"error": "Request body is not valid JSON"})
-        content_type = body.get("content_type") if isinstance(body, dict) else None
+        if not isinstance(body, dict):
+            return _Answer(400, {"error": "Request body must be a JSON object"})
+        content_type = body.get("content_type")
         if not isinstance(content_type, str) or not content_type.strip():
             return _Answer(400, {"error": "content_type is required"})
-        expires_in = body.get("expires_in_seconds", 900)
-        if not isinstance(expires_in, int) or isinstance(expires_in, bool) or not 1 <= expires_in <= 7 * 86400:
-            return _Answer(400, {"error": "expires_in_seconds must be an integer from 1 to 604800"})
+        if body.get("file_type") is not None and not isinstance(body["file_type"], str):
+            return _Answer(400, {"error": "file_type must be a string"})
+        retention = retention_seconds(body.get("expires_in_seconds"))
+        if retention is None:
+            return _Answer(400, {"error": "expires_in_seconds must be a number of seconds"})
         self.stats.presigns += 1
-        upload_id = self._request_id()
-        self._uploads[upload_id] = _Upload(content_type, self._clock() + expires_in)
-        expires_at = datetime.now(UTC) + timedelta(seconds=expires_in)
+        upload_id = self._new_id()
+        now = self._clock()
+        empty = self._inject("presign_empty_headers", self.config.faults.presign_empty_headers)
+        required = {} if empty else {"x-amz-meta-file-id": upload_id}
+        self._uploads[upload_id] = Upload(content_type, required, now + UPLOAD_URL_LIFETIME, now + retention)
         return _Answer(
             200,
             {
                 "id": upload_id,
                 "presigned_url": f"{self.base_url}/_upload/{upload_id}",
                 "public_url": f"{self.base_url}/files/{upload_id}",
-                "expires_at": expires_at.isoformat().replace("+00:00", "Z"),
-                "required_headers": {"Content-Type": content_type},
+                "expires_at": format_time(self.wall_time(now + retention)),
+                "required_headers": dict(required),
             },
         )
 
     async def _model(self, request: web.Request) -> _Answer:
         slug = request.query.get("slug", "")
-        if slug not in MODEL_SLUGS:
+        title = MODEL_TITLES.get(slug)
+        if title is None:
             return _Answer(404, {"error": "Model not found"})
-        return _Answer(200, {"slug": slug, "name": slug, "version": "0.0.1", "request_schema": REQUEST_SCHEMA})
+        return _Answer(
+            200,
+            {
+                "title": title,
+                "slug": slug,
+                "version": "0.0.1",
+                "output_type": "image",
+                "request_schema": REQUEST_SCHEMA,
+            },
+        )
+
+    async def _executions(self, request: web.Request) -> _Answer:
+        self.stats.listings += 1
+        faults = self.config.faults
+        if self._inject("listing_error", faults.listing_error):
+            return _Answer(500, {"error": "Internal Server Error"})
+        query = parse_query(request.query)
+        if isinstance(query, str):
+            return _Answer(400, {"error": query})
+        page = list_executions(
+            self._predictions.values(),
+            query,
+            now=self._clock(),
+            base_url=self.base_url,
+            wall=self.wall_time,
+            lag=faults.listing_lag,
+        )
+        return _Answer(200, page)
 
     # -- other hosts: upload, files, outputs (no auth, outside the window) -------------------------
 
     async def _upload(self, request: web.Request) -> web.StreamResponse:
+        resource = request.path
         upload = self._uploads.get(request.match_info["id"])
         if upload is None:
-            return _json({"error": "Unknown upload"}, 404)
-        if self._clock() > upload.expires_at:
-            return _json({"error": "The presigned URL has expired"}, 403)
-        # Presigned URLs sign the Content-Type: anything else is refused, as S3 does.
-        if request.headers.get("Content-Type") != upload.content_type:
-            return _json({"error": "Content-Type does not match the presigned request"}, 403)
+            # A URL this server never signed: S3 refuses it rather than saying it does not exist.
+            return _xml_error(403, "AccessDenied", "Access Denied", resource)
+        refusal = upload_refusal(request.headers, upload, self._clock())
+        if refusal is not None:
+            return _xml_error(403, *refusal, resource)
         if (request.content_length or 0) > MAX_UPLOAD_BYTES:
-            return _json({"error": "File too large (max 100 MB)"}, 413)
+            return _too_large(resource)
         if self._inject("upload_reset", self.config.faults.upload_reset):
             # Read part of the body, then drop the connection: the upload never completes.
             await request.content.read(16)
@@ -689,7 +599,9 @@ class Simulator:
         async for chunk in request.content.iter_chunked(1 << 16):
             size += len(chunk)
             if size > MAX_UPLOAD_BYTES:
-                return _json({"error": "File too large (max 100 MB)"}, 413)
+                return _xml_error(
+                    413, "EntityTooLarge", "Your proposed upload exceeds the maximum allowed size", resource
+                )
             chunks.append(chunk)
         upload.data = b"".join(chunks)
         self.stats.uploads += 1
@@ -699,7 +611,7 @@ class Simulator:
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
         upload = self._uploads.get(request.match_info["id"])
-        if upload is None or upload.data is None:
+        if upload is None or upload.data is None or self._clock() > upload.retained_until:
             return _json({"error": "File not found"}, 404)
         return web.Response(body=upload.data, headers={"Content-Type": upload.content_type})
 
@@ -723,7 +635,7 @@ class Simulator:
             return response
         return web.Response(body=data, content_type="image/png")
 
-    async def _output_bytes(self, prediction: _Prediction) -> bytes:
+    async def _output_bytes(self, prediction: Prediction) -> bytes:
         cached = self._outputs.get(prediction.id)
         if cached is not None:
             return cached

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import io
 import json
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import aiohttp
@@ -16,6 +19,8 @@ import pytest
 from multidict import CIMultiDictProxy
 from PIL import Image
 
+from batchrunner.simlisting import TOTAL_COUNT_CAP, ListingQuery, format_time, list_executions, parse_rfc3339
+from batchrunner.simstate import Outcome, Prediction
 from batchrunner.simulator import Faults, SimConfig, Simulator, input_key, serve_forever
 
 KEY = "test-key"
@@ -149,11 +154,15 @@ async def test_round_trip_reports_progress_then_output_in_configured_shape(
     assert reply.json()["message"] == "Prediction created successfully"
     prediction_id = reply.json()["predictionID"]
 
-    assert (await poll(http, sim, prediction_id))["status"] in ("created", "starting")
+    early = await poll(http, sim, prediction_id)
+    assert early["status"] in ("created", "starting")
+    assert early["output"] == ""
+    assert early["metrics"] == {"predict_time": 0, "cost": 0}
     clock.advance(0.5)
     running = await poll(http, sim, prediction_id)
     assert running["status"] == "processing"
     assert running["output"] is None
+    assert running["metrics"] == {"predict_time": 0, "cost": 0}
     clock.advance(0.5)
     done = await poll(http, sim, prediction_id)
 
@@ -179,6 +188,26 @@ async def test_mixed_output_shape_rotates_string_list_object(
     clock.advance(2)
     outputs = [(await poll(http, sim, pid))["output"] for pid in ids]
     assert [type(o) for o in outputs] == [str, list, dict]
+
+
+@pytest.mark.parametrize("create_status", [200, 201])
+async def test_create_answers_the_configured_status_and_ignores_version(
+    make_sim: MakeSim, http: aiohttp.ClientSession, create_status: int
+) -> None:
+    sim = await make_sim(create_status=create_status)
+    reply = await create(http, sim, {**job(), "version": "9.9.9-no-such-version"})
+    assert reply.status == create_status
+    assert reply.json() == {
+        "status": "success",
+        "message": "Prediction created successfully",
+        "predictionID": sim.prediction_times()[0][0],
+    }
+
+
+@pytest.mark.parametrize("settings", [{"create_status": 302}, {"auth_headers": "cookie"}])
+def test_config_refuses_values_the_server_cannot_honour(settings: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        SimConfig(**settings)
 
 
 async def test_create_without_trailing_slash_is_accepted(make_sim: MakeSim, http: aiohttp.ClientSession) -> None:
@@ -307,22 +336,72 @@ async def test_max_in_flight_is_the_most_running_at_once(
     assert sim.stats.max_in_flight == 5
 
 
-async def test_cancel_ends_prediction_and_frees_its_slot(
+async def cancel(http: aiohttp.ClientSession, sim: Simulator, prediction_id: str) -> Reply:
+    return await call(http, "POST", f"{sim.base_url}/v1/prediction/{prediction_id}/cancel")
+
+
+async def test_cancel_that_stops_ends_prediction_unbilled_and_frees_its_slot(
+    make_sim: MakeSim, http: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    sim = await make_sim(concurrency=1, faults=Faults(cancel_stops=1.0))
+    prediction_id = await create_id(http, sim)
+    reply = await cancel(http, sim, prediction_id)
+    assert reply.status == 200
+    assert reply.json() == {
+        "status": "cancelled",
+        "message": "Prediction canceled successfully",
+        "predictionID": prediction_id,
+    }
+    clock.advance(5)
+    view = await poll(http, sim, prediction_id)
+    assert (view["status"], view["metrics"]["cost"]) == ("cancelled", 0.0)
+    assert (await call(http, "GET", f"{sim.base_url}/outputs/{prediction_id}.png")).status == 404
+    await create_id(http, sim, job("next"))
+    assert sim.stats.cancels == 1
+
+
+async def test_cancel_is_only_recorded_by_default_and_the_prediction_runs_to_success_billed(
     make_sim: MakeSim, http: aiohttp.ClientSession, clock: FakeClock
 ) -> None:
     sim = await make_sim(concurrency=1)
     prediction_id = await create_id(http, sim)
-    reply = await call(http, "POST", f"{sim.base_url}/v1/prediction/{prediction_id}/cancel")
-    assert reply.status == 200
+    clock.advance(0.5)
+    reply = await cancel(http, sim, prediction_id)
     assert reply.json() == {
         "status": "cancelled",
-        "message": "Prediction cancelled",
+        "message": "Prediction canceled successfully",
         "predictionID": prediction_id,
     }
-    clock.advance(5)
-    assert (await poll(http, sim, prediction_id))["status"] == "cancelled"
-    await create_id(http, sim, job("next"))
-    assert sim.stats.cancels == 1
+    assert (await poll(http, sim, prediction_id))["status"] == "processing"
+    # It still runs, so it still holds its slot.
+    assert (await create(http, sim, job("next"))).status == 429
+    clock.advance(0.5)
+    view = await poll(http, sim, prediction_id)
+    assert view["status"] == "success"
+    assert view["metrics"] == {"predict_time": 1.0, "cost": 0.08}
+    assert (await call(http, "GET", output_url(view["output"]))).status == 200
+    # Cancelling what has finished answers success.
+    assert (await cancel(http, sim, prediction_id)).json()["status"] == "success"
+    assert sim.stats.faults_injected == {}
+
+
+async def test_record_only_cancel_of_a_failing_prediction_shows_its_failure(
+    make_sim: MakeSim, http: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    sim = await make_sim(faults=Faults(input_error=1.0))
+    prediction_id = await create_id(http, sim)
+    assert (await cancel(http, sim, prediction_id)).json()["status"] == "cancelled"
+    clock.advance(1)
+    view = await poll(http, sim, prediction_id)
+    assert view["status"] == "error"
+    assert view["output"]["error_code"] == "INPUT_DOWNLOAD_ERROR"
+
+
+async def test_cancel_of_unknown_prediction_is_500_not_404(make_sim: MakeSim, http: aiohttp.ClientSession) -> None:
+    sim = await make_sim()
+    reply = await cancel(http, sim, "nope")
+    assert reply.status == 500
+    assert reply.json() == {"error": "Internal Server Error"}
 
 
 # -- auth ------------------------------------------------------------------------------------------
@@ -355,6 +434,57 @@ async def test_api_key_is_checked_on_api_requests(
         assert sim.stats.creates == 0
 
 
+@pytest.mark.parametrize(
+    ("accepted", "headers", "status"),
+    [
+        ("bearer", {"X-API-Key": "", "Authorization": "Bearer secret"}, 200),
+        ("bearer", {"X-API-Key": "secret"}, 401),
+        ("x-api-key", {"X-API-Key": "secret"}, 200),
+        ("x-api-key", {"X-API-Key": "", "Authorization": "Bearer secret"}, 401),
+        ("both", {"X-API-Key": "secret", "Authorization": "Bearer secret"}, 200),
+        ("both", {"X-API-Key": "", "Authorization": "bearer secret"}, 200),
+    ],
+)
+async def test_server_can_accept_only_one_key_header(
+    make_sim: MakeSim, http: aiohttp.ClientSession, accepted: str, headers: dict[str, str], status: int
+) -> None:
+    sim = await make_sim(api_key="secret", auth_headers=accepted)
+    reply = await call(http, "POST", f"{sim.base_url}/v1/prediction/", job(), headers=headers)
+    assert reply.status == status
+    if status == 401:
+        assert reply.json() == {"error": "Missing API key"}
+
+
+async def test_model_catalog_needs_no_key(make_sim: MakeSim) -> None:
+    sim = await make_sim(api_key="secret")
+    async with aiohttp.ClientSession() as anonymous:
+        reply = await call(anonymous, "GET", f"{sim.base_url}/v1/model?slug={MODEL}")
+        assert reply.status == 200
+        assert set(reply.json()) == {"title", "slug", "version", "output_type", "request_schema"}
+        assert (await call(anonymous, "GET", f"{sim.base_url}/v1/executions")).status == 401
+
+
+@pytest.mark.parametrize("method", ["model", "create", "unknown-prediction", "window-429", "download-404", "route"])
+async def test_response_echoes_the_clients_request_id(
+    make_sim: MakeSim, http: aiohttp.ClientSession, method: str
+) -> None:
+    sim = await make_sim(rate_count=1)
+    mine = {"X-Request-Id": "client-7f3a.0001"}
+    if method == "window-429":
+        await call(http, "GET", f"{sim.base_url}/v1/model?slug={MODEL}")
+    urls = {
+        "model": ("GET", f"/v1/model?slug={MODEL}"),
+        "create": ("POST", "/v1/prediction/"),
+        "unknown-prediction": ("GET", "/v1/prediction/nope"),
+        "window-429": ("GET", f"/v1/model?slug={MODEL}"),
+        "download-404": ("GET", "/outputs/x.png"),
+        "route": ("GET", "/nowhere"),
+    }
+    verb, path = urls[method]
+    reply = await call(http, verb, f"{sim.base_url}{path}", job() if verb == "POST" else None, headers=mine)
+    assert reply.headers["X-Request-Id"] == "client-7f3a.0001"
+
+
 # -- model, uploads, images ------------------------------------------------------------------------
 
 
@@ -365,6 +495,8 @@ async def test_model_answers_flux_kontext_schema_and_404_for_unknown_slug(
     reply = await call(http, "GET", f"{sim.base_url}/v1/model?slug={MODEL}")
     schema = reply.json()["request_schema"]
     assert reply.json()["slug"] == MODEL
+    assert reply.json()["title"] == "FLUX.1 Kontext [max]"
+    assert reply.json()["output_type"] == "image"
     assert schema["required"] == ["prompt"]
     props = schema["properties"]
     assert props["prompt"]["type"] == "string"
@@ -382,15 +514,14 @@ async def test_presigned_upload_is_served_and_feeds_the_output(
     sim = await make_sim()
     presign = await call(http, "POST", f"{sim.base_url}/v1/upload/presign", {"content_type": "image/png"})
     ticket = presign.json()
-    assert ticket["required_headers"] == {"Content-Type": "image/png"}
+    assert ticket["required_headers"] == {"x-amz-meta-file-id": ticket["id"]}
     assert ticket["presigned_url"] == f"{sim.base_url}/_upload/{ticket['id']}"
     assert (await call(http, "GET", ticket["public_url"])).status == 404
 
     buffer = io.BytesIO()
     Image.new("RGB", (400, 200), (0, 0, 255)).save(buffer, "PNG")
-    wrong = await call(http, "PUT", ticket["presigned_url"], data=buffer.getvalue(), headers={"Content-Type": "x/y"})
-    assert wrong.status == 403
-    put = await call(http, "PUT", ticket["presigned_url"], data=buffer.getvalue(), headers=ticket["required_headers"])
+    headers = {"Content-Type": "image/png", **ticket["required_headers"]}
+    put = await call(http, "PUT", ticket["presigned_url"], data=buffer.getvalue(), headers=headers)
     assert put.status == 200
     served = await call(http, "GET", ticket["public_url"])
     assert served.body == buffer.getvalue()
@@ -402,6 +533,121 @@ async def test_presigned_upload_is_served_and_feeds_the_output(
     red, green, blue = image.convert("RGB").getpixel((200, 100))  # type: ignore[misc]
     assert blue > red and blue > green  # the blue upload shows through the tint
     assert (sim.stats.presigns, sim.stats.uploads) == (1, 1)
+
+
+def png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+async def presign(http: aiohttp.ClientSession, sim: Simulator, **body: Any) -> dict[str, Any]:
+    reply = await call(http, "POST", f"{sim.base_url}/v1/upload/presign", {"content_type": "image/png", **body})
+    assert reply.status == 200, reply.body
+    ticket: dict[str, Any] = reply.json()
+    return ticket
+
+
+@pytest.mark.parametrize(
+    ("headers", "accepted"),
+    [
+        ({"Content-Type": "image/png", "x-amz-meta-file-id": "{id}"}, True),
+        ({"Content-Type": "image/png", "X-Amz-Meta-File-Id": "{id}"}, True),  # header names are case-blind
+        ({"Content-Type": "image/png"}, False),  # required_headers left out
+        ({"x-amz-meta-file-id": "{id}"}, False),  # Content-Type left out: required_headers do not carry it
+        ({"Content-Type": "image/jpeg", "x-amz-meta-file-id": "{id}"}, False),
+        ({"Content-Type": "image/png", "x-amz-meta-file-id": "{id}-other"}, False),
+    ],
+)
+async def test_upload_put_needs_presign_content_type_and_every_required_header(
+    make_sim: MakeSim, http: aiohttp.ClientSession, headers: dict[str, str], accepted: bool
+) -> None:
+    sim = await make_sim()
+    ticket = await presign(http, sim)
+    sent = {name: value.format(id=ticket["id"]) for name, value in headers.items()}
+    if "Content-Type" not in sent:
+        sent["Content-Type"] = ""  # aiohttp would add application/octet-stream
+    reply = await call(http, "PUT", ticket["presigned_url"], data=png_bytes(), headers=sent)
+    if accepted:
+        assert reply.status == 200
+        assert sim.stats.uploads == 1
+    else:
+        assert reply.status == 403
+        assert reply.headers["Content-Type"].startswith("application/xml")
+        assert b"<Error><Code>SignatureDoesNotMatch</Code>" in reply.body
+        assert (await call(http, "GET", ticket["public_url"])).status == 404
+
+
+async def test_presign_can_answer_empty_required_headers_and_then_content_type_is_enough(
+    make_sim: MakeSim, http: aiohttp.ClientSession
+) -> None:
+    sim = await make_sim(faults=Faults(presign_empty_headers=1.0))
+    ticket = await presign(http, sim)
+    assert ticket["required_headers"] == {}
+    wrong = await call(http, "PUT", ticket["presigned_url"], data=png_bytes(), headers={"Content-Type": "x/y"})
+    assert wrong.status == 403
+    put = await call(http, "PUT", ticket["presigned_url"], data=png_bytes(), headers={"Content-Type": "image/png"})
+    assert put.status == 200
+
+
+@pytest.mark.parametrize(
+    ("asked", "retention"),
+    [
+        ({}, 180 * 86400),
+        ({"expires_in_seconds": 3600}, 3600),
+        ({"expires_in_seconds": 10}, 60),
+        ({"expires_in_seconds": 10**9}, 365 * 86400),
+        ({"expires_in_seconds": 90.7, "file_type": "image"}, 90),
+    ],
+)
+async def test_presign_expiry_is_the_files_retention_clamped_not_refused(
+    make_sim: MakeSim, http: aiohttp.ClientSession, clock: FakeClock, asked: dict[str, Any], retention: int
+) -> None:
+    sim = await make_sim()
+    ticket = await presign(http, sim, **asked)
+    assert set(ticket) == {"id", "presigned_url", "public_url", "expires_at", "required_headers"}
+    assert ticket["expires_at"] == format_time(sim.wall_time(clock.now + retention))
+    assert ticket["expires_at"].endswith("Z")
+
+
+@pytest.mark.parametrize("body", [{"expires_in_seconds": "soon"}, {"expires_in_seconds": True}, {"file_type": 3}])
+async def test_presign_refuses_values_that_are_not_numbers_or_strings(
+    make_sim: MakeSim, http: aiohttp.ClientSession, body: dict[str, Any]
+) -> None:
+    sim = await make_sim()
+    reply = await call(http, "POST", f"{sim.base_url}/v1/upload/presign", {"content_type": "image/png", **body})
+    assert reply.status == 400
+    assert isinstance(reply.json()["error"], str)
+
+
+async def test_upload_url_lasts_fifteen_minutes_whatever_the_retention(
+    make_sim: MakeSim, http: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    sim = await make_sim()
+    tickets = [await presign(http, sim, expires_in_seconds=86400) for _ in range(2)]
+    headers = [{"Content-Type": "image/png", **t["required_headers"]} for t in tickets]
+    clock.advance(15 * 60)
+    assert (await call(http, "PUT", tickets[0]["presigned_url"], data=png_bytes(), headers=headers[0])).status == 200
+    clock.advance(1)
+    late = await call(http, "PUT", tickets[1]["presigned_url"], data=png_bytes(), headers=headers[1])
+    assert late.status == 403
+    assert b"<Code>AccessDenied</Code>" in late.body
+
+
+async def test_stored_file_is_gone_after_its_retention(
+    make_sim: MakeSim, http: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    sim = await make_sim()
+    ticket = await presign(http, sim, expires_in_seconds=60)
+    headers = {"Content-Type": "image/png", **ticket["required_headers"]}
+    assert (await call(http, "PUT", ticket["presigned_url"], data=png_bytes(), headers=headers)).status == 200
+    clock.advance(60)
+    assert (await call(http, "GET", ticket["public_url"])).status == 200
+    clock.advance(1)
+    assert (await call(http, "GET", ticket["public_url"])).status == 404
+    prediction_id = await create_id(http, sim, job(input_image=ticket["public_url"]))
+    clock.advance(1)
+    assert (await poll(http, sim, prediction_id))["output"]["error_code"] == "INPUT_DOWNLOAD_ERROR"
 
 
 async def test_input_naming_an_upload_never_completed_fails_with_input_download_error(
@@ -553,55 +799,145 @@ async def test_download_is_404_until_delay_after_finish_then_200(
     assert (await call(http, "GET", url)).status == 200
 
 
+def without_message(output: dict[str, Any]) -> dict[str, Any]:
+    assert isinstance(output.pop("error_message"), str) and output  # every envelope says why
+    return output
+
+
 @pytest.mark.parametrize("failed_status", ["error", "failed"])
 @pytest.mark.parametrize(
-    ("faults", "error_code"),
+    ("faults", "codes"),
     [
-        (Faults(provider_rate_limit=1.0), "PROVIDER_RATE_LIMIT"),
-        (Faults(input_error=1.0), "INPUT_DOWNLOAD_ERROR"),
+        (Faults(provider_rate_limit=1.0), [("PROVIDER_RATE_LIMIT", True, "RATE_LIMIT")] * 2),
+        (Faults(input_error=1.0), [("INPUT_DOWNLOAD_ERROR", False, "INPUT")] * 2),
+        # Codes a client might file as permanent, marked retryable: a client must branch on ``retryable``.
+        (
+            Faults(retryable_failure=1.0),
+            [("PROVIDER_SERVER_ERROR", True, "PROVIDER"), ("NETWORK_ERROR", True, "NETWORK")],
+        ),
     ],
 )
-async def test_failed_prediction_carries_error_code_in_output(
+async def test_failed_prediction_carries_the_documented_envelope_in_output(
     make_sim: MakeSim,
     http: aiohttp.ClientSession,
     clock: FakeClock,
     failed_status: str,
     faults: Faults,
-    error_code: str,
+    codes: list[tuple[str, bool, str]],
 ) -> None:
     sim = await make_sim(faults=faults, failed_status=failed_status)
-    prediction_id = await create_id(http, sim)
+    ids = [await create_id(http, sim, job(f"p{i}")) for i in range(2)]
     clock.advance(1)
-    view = await poll(http, sim, prediction_id)
-    assert view["status"] == failed_status
-    assert view["output"]["error_code"] == error_code
-    assert view["output"]["error_message"]
-    assert (await call(http, "GET", f"{sim.base_url}/outputs/{prediction_id}.png")).status == 404
+    for prediction_id, (code, retryable, category) in zip(ids, codes, strict=True):
+        view = await poll(http, sim, prediction_id)
+        assert view["status"] == failed_status
+        assert without_message(view["output"]) == {
+            "error": "Execution failed",
+            "error_code": code,
+            "retryable": retryable,
+            "classification": {"category": category},
+            "status": "ERROR",
+            "success": False,
+        }
+        assert view["metrics"] == {"predict_time": 1.0, "cost": 0.0}
+        assert (await call(http, "GET", f"{sim.base_url}/outputs/{prediction_id}.png")).status == 404
 
 
-async def test_generic_failures_put_reason_in_logs_with_and_without_output(
+async def test_generic_failures_rotate_envelope_dispatch_error_and_logs_only(
     make_sim: MakeSim, http: aiohttp.ClientSession, clock: FakeClock
 ) -> None:
     sim = await make_sim(failure_rate=1.0)
-    ids = [await create_id(http, sim, job(f"p{i}")) for i in range(2)]
+    ids = [await create_id(http, sim, job(f"p{i}")) for i in range(3)]
     clock.advance(1)
     views = [await poll(http, sim, pid) for pid in ids]
-    assert [v["status"] for v in views] == ["error", "error"]
-    assert all(v["logs"] for v in views)
-    assert [v["output"] is None for v in views] == [True, False]
+    assert [v["status"] for v in views] == ["error"] * 3
+    assert all(v["metrics"]["cost"] == 0.0 for v in views)
+    enveloped, dispatch, logs_only = views
+    assert without_message(enveloped["output"])["error_code"] == "PROVIDER_FAILED"
+    assert enveloped["output"]["retryable"] is False
+    assert list(dispatch["output"]) == ["error"] and dispatch["output"]["error"]
+    assert logs_only["output"] is None and "Error" in logs_only["logs"]
 
 
-async def test_never_finish_stays_processing_until_cancelled(
+async def test_never_finish_stays_processing_until_a_cancel_stops_it(
     make_sim: MakeSim, http: aiohttp.ClientSession, clock: FakeClock
 ) -> None:
-    sim = await make_sim(faults=Faults(never_finish=1.0))
+    sim = await make_sim(faults=Faults(never_finish=1.0, cancel_stops=1.0))
     prediction_id = await create_id(http, sim)
     clock.advance(10_000)
     assert (await poll(http, sim, prediction_id))["status"] == "processing"
     assert sim.in_flight() == 1
-    await call(http, "POST", f"{sim.base_url}/v1/prediction/{prediction_id}/cancel")
+    await cancel(http, sim, prediction_id)
     assert (await poll(http, sim, prediction_id))["status"] == "cancelled"
     assert sim.in_flight() == 0
+
+
+@pytest.mark.parametrize(
+    ("settings", "target"),
+    [
+        ({}, "invalid-create"),
+        ({"api_key": "secret"}, "bad-key"),
+        ({}, "bad-listing"),
+    ],
+)
+async def test_empty_error_bodies_empty_400_and_401_answers(
+    make_sim: MakeSim, http: aiohttp.ClientSession, settings: dict[str, Any], target: str
+) -> None:
+    sim = await make_sim(faults=Faults(empty_error_bodies=1.0), **settings)
+    if target == "bad-listing":
+        reply = await call(http, "GET", f"{sim.base_url}/v1/executions?limit=0")
+    else:
+        reply = await call(http, "POST", f"{sim.base_url}/v1/prediction/", {"model": MODEL, "input": {}})
+    assert reply.status in (400, 401)
+    assert reply.json() == {}
+    # Other errors keep their body.
+    good_key = {"X-API-Key": settings.get("api_key", KEY)}
+    unknown = await call(http, "GET", f"{sim.base_url}/v1/prediction/nope", headers=good_key)
+    assert unknown.json() == {"error": "Prediction not found"}
+
+
+async def test_gateway_timeout_after_create_answers_html_504_and_the_prediction_exists(
+    make_sim: MakeSim, http: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    sim = await make_sim(faults=Faults(gateway_timeout_after_create=1.0))
+    reply = await create(http, sim)
+    assert reply.status == 504
+    assert reply.headers["Content-Type"].startswith("text/html")
+    assert b"504 Gateway Time-out" in reply.body
+    assert (sim.stats.creates, sim.stats.lost_answers) == (1, 1)
+    [(prediction_id, *_)] = sim.prediction_times()
+    clock.advance(1)
+    assert (await poll(http, sim, prediction_id))["status"] == "success"
+    # Only creates are answered so: a poll is not.
+    assert sim.stats.faults_injected == {"gateway_timeout_after_create": 1}
+
+
+async def test_fresh_prediction_is_404_until_the_replica_has_seen_it(
+    make_sim: MakeSim, http: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    sim = await make_sim(faults=Faults(fresh_404_seconds=0.5))
+    prediction_id = await create_id(http, sim)
+    url = f"{sim.base_url}/v1/prediction/{prediction_id}"
+    assert (await call(http, "GET", url)).json() == {"error": "Prediction not found"}
+    clock.advance(0.49)
+    assert (await call(http, "GET", url)).status == 404
+    clock.advance(0.01)
+    assert (await call(http, "GET", url)).status == 200
+    assert sim.stats.polls == 3
+
+
+async def test_success_without_output_shows_an_empty_output_once_then_the_url(
+    make_sim: MakeSim, http: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    sim = await make_sim(faults=Faults(success_without_output=1.0))
+    prediction_id = await create_id(http, sim)
+    clock.advance(0.5)
+    assert (await poll(http, sim, prediction_id))["output"] is None  # still running: nothing withheld yet
+    clock.advance(0.5)
+    first = await poll(http, sim, prediction_id)
+    assert (first["status"], first["output"]) == ("success", "")
+    second = await poll(http, sim, prediction_id)
+    assert second["output"] == f"{sim.base_url}/outputs/{prediction_id}.png"
 
 
 async def test_payment_required_after_n_creates(make_sim: MakeSim, http: aiohttp.ClientSession) -> None:
@@ -641,6 +977,39 @@ async def test_sim_stats_endpoint_needs_no_key_and_shows_duplicates(
     assert stats["in_flight"] == 2
     assert stats == {**sim.stats.to_json(), "in_flight": 2}
     assert stats["requests"] == 2  # the stats call itself is not counted
+
+
+@pytest.mark.parametrize(
+    ("faults", "settings", "cancelled", "during", "after"),
+    [
+        (Faults(), {}, 0, 2, 2),  # three of the same request, all billed
+        (Faults(), {}, 1, 2, 2),  # a cancel only recorded: it runs on and is billed
+        (Faults(cancel_stops=1.0), {}, 1, 1, 1),  # a cancel that stops it: not a payment
+        (Faults(), {"failure_rate": 1.0}, 0, 2, 0),  # running ones may be billed; failed ones are not
+    ],
+)
+async def test_paid_twice_counts_predictions_beyond_the_first_that_did_not_fail(
+    make_sim: MakeSim,
+    http: aiohttp.ClientSession,
+    clock: FakeClock,
+    faults: Faults,
+    settings: dict[str, Any],
+    cancelled: int,
+    during: int,
+    after: int,
+) -> None:
+    sim = await make_sim(faults=faults, **settings)
+    ids = [await create_id(http, sim) for _ in range(3)]
+    await create_id(http, sim, job("another request"))
+    for prediction_id in ids[:cancelled]:
+        await cancel(http, sim, prediction_id)
+    assert sim.stats.paid_twice == during
+    clock.advance(2)
+    assert sim.stats.paid_twice == after
+    assert sim.stats.to_json()["paid_twice"] == after
+    assert sim.stats.to_json()["duplicates"] == 2  # creates beyond the first, whatever became of them
+    async with aiohttp.ClientSession() as anonymous, anonymous.get(f"{sim.base_url}/_sim/stats") as response:
+        assert (await response.json())["paid_twice"] == after
 
 
 async def test_every_response_carries_a_request_id(make_sim: MakeSim, http: aiohttp.ClientSession) -> None:
@@ -697,3 +1066,242 @@ async def test_sim_reset_forgets_predictions_and_counters(make_sim: MakeSim, htt
     assert sim.stats.creates == 0
     assert sim.in_flight() == 0
     assert (await call(http, "GET", f"{sim.base_url}/v1/prediction/{prediction_id}")).status == 404
+
+
+# -- executions listing ----------------------------------------------------------------------------
+
+
+async def listing(
+    http: aiohttp.ClientSession, sim: Simulator, query: dict[str, str] | None = None, **kwargs: Any
+) -> Reply:
+    suffix = f"?{urllib.parse.urlencode(query)}" if query else ""
+    return await call(http, "GET", f"{sim.base_url}/v1/executions{suffix}", **kwargs)
+
+
+async def listed(http: aiohttp.ClientSession, sim: Simulator, query: dict[str, str] | None = None) -> dict[str, Any]:
+    reply = await listing(http, sim, query)
+    assert reply.status == 200, reply.body
+    page: dict[str, Any] = reply.json()
+    return page
+
+
+async def test_executions_list_every_prediction_newest_first_with_the_output_a_get_shows(
+    make_sim: MakeSim, http: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    sim = await make_sim()
+    start = clock.now
+    succeeded = await create_id(http, sim)
+    clock.advance(0.3)
+    never_uploaded = (await presign(http, sim))["public_url"]
+    failed = await create_id(http, sim, job("fails", input_image=never_uploaded))
+    clock.advance(0.3)
+    # Another key of the same organisation: the listing holds every key's predictions.
+    other = await call(http, "POST", f"{sim.base_url}/v1/prediction/", job("other"), headers={"X-API-Key": "k2"})
+    running = other.json()["predictionID"]
+    await cancel(http, sim, running)  # only recorded: the listing shows it running on
+    clock.advance(0.8)
+
+    page = await listed(http, sim)
+    rows = page["executions"]
+    assert page["total_count"] == 3
+    assert [r["id"] for r in rows] == [running, failed, succeeded]
+    for row in rows:
+        assert set(row) == {
+            *("id", "model", "requested_model", "status", "execution_cost", "run_time"),
+            *("created_at", "started_at", "completed_at", "output"),
+        }
+        assert row["output"] == (await poll(http, sim, row["id"]))["output"]
+        assert (row["model"], row["requested_model"]) == (MODEL, MODEL)
+    wall = sim.wall_time
+    assert rows[0] | {"output": None} == {
+        "id": running,
+        "model": MODEL,
+        "requested_model": MODEL,
+        "status": "processing",
+        "execution_cost": 0,
+        "run_time": 0,
+        "created_at": format_time(wall(start + 0.6)),
+        "started_at": format_time(wall(start + 0.6 + 0.25)),
+        "completed_at": None,
+        "output": None,
+    }
+    assert (rows[1]["status"], rows[1]["execution_cost"]) == ("error", 0.0)
+    assert rows[1]["output"]["error_code"] == "INPUT_DOWNLOAD_ERROR"
+    assert (rows[2]["status"], rows[2]["execution_cost"], rows[2]["run_time"]) == ("success", 0.08, 1.0)
+    assert rows[2]["output"] == f"{sim.base_url}/outputs/{succeeded}.png"
+    assert rows[2]["created_at"] == format_time(wall(start))
+    assert rows[2]["completed_at"] == format_time(wall(start + 1.0))
+    assert rows[2]["created_at"].endswith("Z")
+    assert sim.stats.listings == 1
+
+
+def test_wall_time_is_the_injected_clock_plus_a_fixed_epoch(clock: FakeClock) -> None:
+    sim = Simulator(SimConfig(), clock=clock, wall_epoch=1_800_000_000.0 - clock.now)
+    assert format_time(sim.wall_time(clock.now)) == "2027-01-15T08:00:00.000000Z"
+    assert format_time(sim.wall_time(clock.now + 1.25)) == "2027-01-15T08:00:01.250000Z"
+
+
+async def test_executions_page_by_limit_and_offset_with_fifty_by_default(
+    make_sim: MakeSim, http: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    sim = await make_sim(concurrency=100, rate_count=1000)
+    ids = []
+    for i in range(55):
+        ids.append(await create_id(http, sim, job(f"job {i}")))
+        clock.advance(0.001)
+    newest_first = ids[::-1]
+    default = await listed(http, sim)
+    assert [r["id"] for r in default["executions"]] == newest_first[:50]
+    assert default["total_count"] == 55
+    pages = [await listed(http, sim, {"limit": "20", "offset": str(o)}) for o in (0, 20, 40)]
+    assert [len(p["executions"]) for p in pages] == [20, 20, 15]
+    assert [r["id"] for p in pages for r in p["executions"]] == newest_first
+    assert (await listed(http, sim, {"limit": "100", "offset": "55"}))["executions"] == []
+
+
+def test_executions_total_count_is_capped_but_paging_goes_on_past_it() -> None:
+    predictions = [
+        Prediction(
+            id=f"p{i}",
+            model=MODEL,
+            input={},
+            key="k",
+            seq=i,
+            created_at=float(i),
+            duration=1.0,
+            finish_at=i + 1.0,
+            outcome=Outcome.SUCCESS,
+            early_status="created",
+            shape="string",
+            failed_word="error",
+        )
+        for i in range(TOTAL_COUNT_CAP + 5)
+    ]
+    wall = functools.partial(datetime.fromtimestamp, tz=UTC)
+    last = list_executions(predictions, ListingQuery(limit=100, offset=1000), now=5000.0, base_url="", wall=wall)
+    assert last["total_count"] == TOTAL_COUNT_CAP == 1000
+    assert [r["id"] for r in last["executions"]] == ["p4", "p3", "p2", "p1", "p0"]
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ({}, ["running", "failed", "pro", "max"]),
+        ({"model": "flux-kontext-pro"}, ["pro"]),
+        ({"status": "success"}, ["pro", "max"]),
+        ({"status": "error,processing"}, ["running", "failed"]),
+        ({"status": "created,starting"}, []),
+        ({"error_classification": "INPUT"}, ["failed"]),
+        ({"error_classification": "RATE_LIMIT"}, []),
+        ({"from": "@0.5"}, ["running", "failed", "pro"]),  # bounds are inclusive
+        ({"to": "@1.0+00:00"}, ["failed", "pro", "max"]),
+        ({"from": "@0.25ms", "to": "@1.0"}, ["failed", "pro"]),
+        ({"from": "@1.0+02:00"}, ["running", "failed"]),
+        ({"from": "@0.5", "status": "success", "model": "flux-kontext-max,flux-kontext-pro"}, ["pro"]),
+    ],
+)
+async def test_executions_filter_by_model_status_time_and_classification(
+    make_sim: MakeSim, http: aiohttp.ClientSession, clock: FakeClock, query: dict[str, str], expected: list[str]
+) -> None:
+    sim = await make_sim()
+    start = clock.now
+    never_uploaded = (await presign(http, sim))["public_url"]
+    ids = {"max": await create_id(http, sim)}
+    clock.advance(0.5)
+    ids["pro"] = await create_id(http, sim, {"model": "flux-kontext-pro", "input": {"prompt": "a pro job"}})
+    clock.advance(0.5)
+    ids["failed"] = await create_id(http, sim, job("fails", input_image=never_uploaded))
+    clock.advance(1.5)
+    ids["running"] = await create_id(http, sim, job("still running"))
+    clock.advance(0.5)
+
+    def moment(text: str) -> str:
+        # "@S" is the wall time S seconds after the start, as Z; "@S+02:00" and "@Sms" are other spellings of it.
+        seconds, _, form = text[1:].partition("+")
+        if seconds.endswith("ms"):
+            return format_time(sim.wall_time(start + float(seconds[:-2])))[:-4] + "Z"  # milliseconds only
+        at = sim.wall_time(start + float(seconds))
+        if form == "00:00":
+            return at.isoformat()
+        if form == "02:00":
+            return at.astimezone(timezone(timedelta(hours=2))).isoformat()
+        return format_time(at)
+
+    sent = {name: moment(value) if value.startswith("@") else value for name, value in query.items()}
+    page = await listed(http, sim, sent)
+    names = {prediction_id: name for name, prediction_id in ids.items()}
+    assert [names[r["id"]] for r in page["executions"]] == expected
+    assert page["total_count"] == len(expected)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"limit": "0"},
+        {"limit": "101"},
+        {"limit": "ten"},
+        {"offset": "-1"},
+        {"status": "success,done"},
+        {"from": "yesterday"},
+        {"from": "2026-01-31"},
+        {"to": "2026-01-31T12:00:00"},  # no offset: not RFC 3339
+        {"to": "2026-13-01T00:00:00Z"},
+    ],
+)
+async def test_executions_refuse_bad_query_values_with_400(
+    make_sim: MakeSim, http: aiohttp.ClientSession, query: dict[str, str]
+) -> None:
+    sim = await make_sim()
+    reply = await listing(http, sim, query)
+    assert reply.status == 400
+    assert isinstance(reply.json()["error"], str)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-01-31T12:00:00Z", datetime(2026, 1, 31, 12, tzinfo=UTC)),
+        ("2026-01-31t12:00:00z", datetime(2026, 1, 31, 12, tzinfo=UTC)),
+        ("2026-01-31T12:00:00+00:00", datetime(2026, 1, 31, 12, tzinfo=UTC)),
+        ("2026-01-31T12:00:00.5Z", datetime(2026, 1, 31, 12, 0, 0, 500000, tzinfo=UTC)),
+        ("2026-01-31T12:00:00.123456789Z", datetime(2026, 1, 31, 12, 0, 0, 123456, tzinfo=UTC)),
+        ("2026-01-31T14:30:00+02:30", datetime(2026, 1, 31, 12, tzinfo=UTC)),
+        ("2026-01-31T10:00:00-02:00", datetime(2026, 1, 31, 12, tzinfo=UTC)),
+        ("2026-01-31T12:00:00", None),
+        ("2026-01-31", None),
+        ("2026-02-30T12:00:00Z", None),
+        ("2026-01-31T12:00:00+24:00", None),
+        ("1769860800", None),
+    ],
+)
+def test_rfc3339_timestamps_parse_with_any_offset_and_fraction(text: str, expected: datetime | None) -> None:
+    assert parse_rfc3339(text) == expected
+
+
+async def test_executions_count_in_the_request_window_and_need_a_key(
+    make_sim: MakeSim, http: aiohttp.ClientSession
+) -> None:
+    sim = await make_sim(rate_count=2, rate_period=10.0, api_key=KEY)
+    assert [(await listing(http, sim)).status for _ in range(3)] == [200, 200, 429]
+    assert sim.stats.rate_limited == 1
+    assert (await listing(http, sim, headers={"X-API-Key": "wrong"})).status == 401
+
+
+async def test_listing_error_answers_500(make_sim: MakeSim, http: aiohttp.ClientSession) -> None:
+    sim = await make_sim(faults=Faults(listing_error=1.0))
+    await create_id(http, sim)
+    reply = await listing(http, sim)
+    assert reply.status == 500
+    assert reply.json() == {"error": "Internal Server Error"}
+
+
+async def test_listing_lag_hides_a_prediction_until_it_is_old_enough(
+    make_sim: MakeSim, http: aiohttp.ClientSession, clock: FakeClock
+) -> None:
+    sim = await make_sim(faults=Faults(listing_lag=5.0))
+    prediction_id = await create_id(http, sim)
+    clock.advance(4.9)
+    assert await listed(http, sim) == {"executions": [], "total_count": 0}
+    assert (await poll(http, sim, prediction_id))["status"] == "success"  # a GET sees it all along
+    clock.advance(0.1)
+    assert [r["id"] for r in (await listed(http, sim))["executions"]] == [prediction_id]
