@@ -28,6 +28,7 @@ __all__ = [
     "LOOKS",
     "MAX_PAGES",
     "PAGE_SIZE",
+    "TRIES",
     "Doubt",
     "Reconciler",
     "Sweep",
@@ -40,6 +41,9 @@ __all__ = [
 
 # Looks at the listing before a doubt is taken to have created nothing.
 LOOKS = 3
+# Sweeps that fail (the listing, or a candidate's GET) before a doubt is given up as unsettled: a listing that
+# answers 500 for good costs this many requests, a garbled answer now and then costs nothing.
+TRIES = 3
 # Rows a listing page asks for (the API's maximum).
 PAGE_SIZE = 100
 # Pages one sweep may read; a span holding more than this many of the account's predictions is too busy to search,
@@ -134,6 +138,7 @@ class Doubt:
     answered_at: float
     base: float  # loop time of the answer, from which the looks are timed
     looks: int = 0
+    failures: int = 0  # sweeps for it that could not be completed
 
     def due(self, wait: float) -> float:
         """Loop time of this doubt's next look at the listing."""
@@ -152,6 +157,7 @@ class Sweep:
     listing_done: bool = False
     queue: deque[str] = field(default_factory=deque)
     busy: int = 0  # requests of this sweep on the wire
+    uncertain: bool = False  # a candidate's GET failed: this look cannot say "nothing was made"
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,12 +172,15 @@ class Outcome:
 class Reconciler:
     """The doubts of one run and the sweep that settles them; pure state, no I/O, no clock of its own."""
 
-    def __init__(self, *, model: str, known: set[str], wait: float, skew: float, looks: int = LOOKS) -> None:
+    def __init__(
+        self, *, model: str, known: set[str], wait: float, skew: float, looks: int = LOOKS, tries: int = TRIES
+    ) -> None:
         self.model = model
         self.known = known  # every prediction id the ledger (and this run) knows: never adopted twice
         self.wait = wait
         self.skew = skew
         self.looks = looks
+        self.tries = tries
         self.doubts: dict[str, Doubt] = {}
         self.sweep: Sweep | None = None
         self.inspected: set[str] = set()  # candidates already got this run and matching nothing then
@@ -237,7 +246,9 @@ class Reconciler:
         if not page.full or past_span:
             sweep.listing_done = True
         elif sweep.pages >= MAX_PAGES:
-            return self.on_failure()
+            # Too busy a span to search: no later look would do better.
+            self.sweep = None
+            return Outcome(unresolved=tuple(self.doubts.pop(fp) for fp in sweep.doubts if fp in self.doubts))
         else:
             sweep.offset += len(page.rows)
         return self._maybe_finish()
@@ -263,18 +274,31 @@ class Reconciler:
         return Outcome(adopted=adopted + finished.adopted, not_created=finished.not_created)
 
     def on_inspect_failed(self, prediction_id: str) -> Outcome | None:
-        """A candidate's GET failed: it is looked at again on the next look (not marked inspected)."""
-        self._answered()
+        """A candidate's GET failed: it is looked at again on the next look (not marked inspected), and this look
+        cannot count as one that found nothing."""
+        sweep = self._answered()
+        sweep.uncertain = True
         return self._maybe_finish()
 
     def on_failure(self) -> Outcome:
-        """The listing failed: this sweep's doubts cannot be settled; hand them back to be counted."""
+        """The listing failed: the sweep ends; its doubts are tried again, and after ``tries`` failed sweeps handed
+        back unsettled (to be counted as possibly paid twice). The caller waits a backoff before the next sweep."""
         sweep = self.sweep
         self.sweep = None
         if sweep is None:
             return Outcome()
-        unresolved = tuple(self.doubts.pop(fp) for fp in sweep.doubts if fp in self.doubts)
-        return Outcome(unresolved=unresolved)
+        return Outcome(unresolved=self._failed(sweep))
+
+    def _failed(self, sweep: Sweep) -> tuple[Doubt, ...]:
+        gone: list[Doubt] = []
+        for fp in sweep.doubts:
+            doubt = self.doubts.get(fp)
+            if doubt is None:
+                continue
+            doubt.failures += 1
+            if doubt.failures >= self.tries:
+                gone.append(self.doubts.pop(fp))
+        return tuple(gone)
 
     def drop(self, fingerprint: str) -> Doubt | None:
         return self.doubts.pop(fingerprint, None)
@@ -290,6 +314,8 @@ class Reconciler:
         if sweep is None or not sweep.listing_done or sweep.queue or sweep.busy:
             return None
         self.sweep = None
+        if sweep.uncertain:
+            return Outcome(unresolved=self._failed(sweep))
         gone: list[Doubt] = []
         for fp in sweep.doubts:
             doubt = self.doubts.get(fp)

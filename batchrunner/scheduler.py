@@ -171,6 +171,7 @@ class Scheduler:
         )
         self.doubt_jobs: dict[str, Job] = {}
         self.recon_paused_until = 0.0
+        self.recon_failures = 0  # failed sweep requests in a row, for the backoff between sweeps
 
     # ----------------------------------------------------------------------------------------------- set-up
     def now(self) -> float:
@@ -909,15 +910,11 @@ class Scheduler:
                     1, exc.retry_after, base=self.config.retry_base, cap=self.config.retry_cap, rng=self._rng
                 )
                 return
-            outcome = self.recon.on_failure()
-            log.warning(
-                "the executions listing failed (%s): %d create(s) in doubt will be made again, possibly paid twice",
-                exc,
-                len(outcome.unresolved),
-            )
-            self._settle_doubts(outcome)
+            # Not counted toward "the API is down": the listing has failed in production while the rest worked.
+            self._listing_failed(exc, self.recon.on_failure())
             return
         self._api_ok()
+        self.recon_failures = 0
         self._settle_doubts(self.recon.on_page(page))
 
     async def _inspect(self, prediction_id: str) -> None:
@@ -932,10 +929,24 @@ class Scheduler:
                 self.fatal = exc
                 return
             self._api_failed(exc)
-            self._settle_doubts(self.recon.on_inspect_failed(prediction_id))
+            self._listing_failed(exc, self.recon.on_inspect_failed(prediction_id))
             return
         self._api_ok()
         self._settle_doubts(self.recon.on_prediction(prediction_id, prediction.input), prediction)
+
+    def _listing_failed(self, exc: ApiError, outcome: Outcome | None) -> None:
+        """A request of a sweep failed: back off before the next sweep; say so of doubts given up."""
+        self.recon_failures += 1
+        self.recon_paused_until = self.now() + retry_delay(
+            self.recon_failures, exc.retry_after, base=self.config.retry_base, cap=self.config.retry_cap, rng=self._rng
+        )
+        if outcome is not None and outcome.unresolved:
+            log.warning(
+                "the executions listing failed (%s): %d create(s) in doubt will be made again, possibly paid twice",
+                exc,
+                len(outcome.unresolved),
+            )
+        self._settle_doubts(outcome)
 
     def _settle_doubts(self, outcome: Outcome | None, seen: Prediction | None = None) -> None:
         """Carry out what the listing decided for creates in doubt."""

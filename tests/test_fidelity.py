@@ -88,7 +88,7 @@ def test_a_create_in_doubt_that_made_nothing_is_created_again_and_is_no_duplicat
     tmp_path: Path, threaded_sim: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # A reset before the server read the request: the client cannot tell it from a reset after.
-    sim = threaded_sim(fast_sim(faults=Faults(reset_before=0.25), seed=4))
+    sim = threaded_sim(fast_sim(faults=Faults(reset_before=0.4), seed=4))
     code, out = run(sim, tmp_path, 8)
     err = capsys.readouterr().err
     assert code == 0, err
@@ -203,7 +203,7 @@ def test_a_record_only_cancel_is_watched_on_and_its_success_saved(
     tmp_path: Path, threaded_sim: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     sim = threaded_sim(fast_sim(min_seconds=0.25, max_seconds=0.3, seed=1))
-    code, out = run(sim, tmp_path, 3, "--job-timeout", "0.08s")
+    code, out = run(sim, tmp_path, 3, "--job-timeout", "0.2s")
     err = capsys.readouterr().err
     assert code == 0, err
     assert len(images_in(out)) == 3
