@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -34,7 +35,7 @@ from batchrunner.limits import parse_duration, parse_rate
 from batchrunner.manifest import Manifest, load_manifest
 from batchrunner.output import OutputDir, RunLock
 from batchrunner.report import write_report
-from batchrunner.runner import Endpoint, check_input_urls, content_types, reset_failed, run_batch
+from batchrunner.runner import Endpoint, check_before_paying, check_input_urls, content_types, reset_failed, run_batch
 from batchrunner.scheduler import RunConfig, RunResult, Scheduler, Snapshot, StopReason
 from batchrunner.simulator import Faults, SimConfig, Simulator, serve_forever
 from batchrunner.status import count_status, make_plan
@@ -61,13 +62,32 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"batchrunner: error: {message}\n")
 
 
+def _whole(text: str) -> int:
+    # int() also takes "1_000", "+5", " 5" and digits of other scripts; arguments are plain ASCII decimals.
+    digits = text.strip()
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 18:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    return int(digits)
+
+
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _whole(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port (0 to 65535): {text!r}")
+    return value
+
+
+def _image_size(text: str) -> int:
+    value = _positive_int(text)
+    if value > 4096:
+        raise argparse.ArgumentTypeError(f"must be at most 4096 pixels: {text!r}")
     return value
 
 
@@ -76,14 +96,32 @@ def _non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0 or value != value:
+    # float() reads "inf" and "nan" (and 1e999 as inf): no such value may reach a sum or the JSON we write.
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number: {text!r}")
+    if value < 0:
         raise argparse.ArgumentTypeError(f"must be zero or more: {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1: {text!r}")
     return value
 
 
 def _duration(text: str) -> float:
     try:
         return parse_duration(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_duration(text: str) -> float:
+    """A duration above zero: a zero poll delay, job timeout or HTTP timeout makes every wait expire at once."""
+    try:
+        return parse_duration(text, positive=True)
     except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -116,19 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="which requests the rate limit counts (all)",
     )
-    run.add_argument("--job-timeout", type=_duration, default=600.0, help="cancel a prediction after this (10m)")
+    run.add_argument(
+        "--job-timeout", type=_positive_duration, default=600.0, help="cancel a prediction after this (10m)"
+    )
     run.add_argument(
         "--drain-timeout",
         type=_duration,
         default=60.0,
-        help="after Ctrl-C/SIGTERM, keep polling in-flight predictions this long (60s)",
+        help="after Ctrl-C/SIGTERM, keep polling in-flight predictions this long (60s; 0 stops at once)",
     )
-    run.add_argument("--max-runtime", type=_duration, default=None, help="stop by this time, resumable (e.g. 14m)")
+    run.add_argument(
+        "--max-runtime", type=_positive_duration, default=None, help="stop by this time, resumable (e.g. 14m)"
+    )
     run.add_argument("--max-jobs", type=_positive_int, default=None, help="new predictions this run at most")
     run.add_argument("--budget", type=_non_negative_float, default=None, help="USD this manifest may spend in all")
     run.add_argument(
         "--poll-initial",
-        type=_duration,
+        type=_positive_duration,
         default=None,
         help="first poll this long after a create, until prediction times are learnt (3s)",
     )
@@ -138,10 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="never poll one prediction more often than this (default 1s with --rate-limit-scope creates, else 0)",
     )
-    run.add_argument("--timeout", type=_duration, default=30.0, help="HTTP timeout per request (30s)")
+    run.add_argument("--timeout", type=_positive_duration, default=30.0, help="HTTP timeout per request (30s)")
     run.add_argument(
         "--reconcile-wait",
-        type=_duration,
+        type=_positive_duration,
         default=None,
         help="a create in doubt is looked for in the account's executions this x 0.5, 1.5 and 3.5 after it (2s)",
     )
@@ -190,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="serve the built-in API simulator for experiments")
     sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8787)
+    sim.add_argument("--port", type=_port, default=8787)
     _simulator_options(sim)
     return parser
 
@@ -230,10 +272,10 @@ def _simulator_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sim-concurrency", type=_positive_int, default=10)
     p.add_argument("--sim-min-seconds", type=_non_negative_float, default=0.3)
     p.add_argument("--sim-max-seconds", type=_non_negative_float, default=1.5)
-    p.add_argument("--sim-failure-rate", type=_non_negative_float, default=0.0)
+    p.add_argument("--sim-failure-rate", type=_fraction, default=0.0)
     p.add_argument("--sim-seed", type=int, default=0)
     p.add_argument(
-        "--sim-image-size", type=_positive_int, default=256, metavar="PIXELS", help="longest side of output images"
+        "--sim-image-size", type=_image_size, default=256, metavar="PIXELS", help="longest side of output images"
     )
     p.add_argument(
         "--sim-fault",
@@ -510,6 +552,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     manifest = _load(args)
     content_types(manifest)
+    out = _output_dir(args)
+    api_url = os.environ.get("EACHLABS_API_URL") or DEFAULT_API_URL
+    check_before_paying(manifest, out, read_ledger(out.ledger), api_url)
     if args.check_urls:
         asyncio.run(check_input_urls(manifest))
     return cmd_plan(args, manifest)

@@ -15,10 +15,21 @@ Decisions:
 - **The first frame is decoded.** ``img.load()`` decodes the first frame of an animated GIF or WebP; the
   image models read a still image, so later frames are not worth the CPU.
 - **Pillow's decompression-bomb limit stays at its default** (about 179 million pixels): an image beyond it
-  fails with a message saying so, rather than the run raising the limit for everyone.
+  fails with a message saying so, rather than the run raising the limit for everyone. Between half that and the
+  limit Pillow only warns (``DecompressionBombWarning``): a 100-megapixel photo is real, so it is decoded, and the
+  warning, like every warning Pillow gives while reading an image, goes to our log as one line naming the file
+  instead of to stderr as a Python warning.
 - **Sync on purpose.** Decoding a large image is CPU-bound, so these functions are plain functions; the
   caller runs them before the event loop starts.
 - A JPEG that Pillow reads as MPO (a camera's JPEG with a second picture appended) is a JPEG to the API.
+
+Input URLs are checked before anything is paid (:func:`unfetchable_host`, :func:`check_url_hosts`): the API's
+servers fetch ``input_image`` from the internet, so a URL naming ``localhost``, a name that only a local network
+resolves (``.local``, ``.internal``, ``.home.arpa``) or never resolves (``.invalid``, ``.test``, ``.example``), or a
+loopback, private, link-local or otherwise non-public IP address (written in any form the URL parsers of
+browsers and curl read, such as ``127.1`` or ``2130706433``) is refused, naming the job and line. The check is
+skipped when the API itself is at such an address (the simulator, a server of your own): that server can fetch
+what its network reaches. Names that resolve to private addresses are not looked up: no DNS query is made.
 
 Input URLs (:func:`url_inputs`, :func:`check_urls`) are probed with a HEAD request, falling back to a ranged
 GET of one byte for servers that refuse HEAD (405/501) or sign their URLs for GET only (403, as S3 does).
@@ -29,8 +40,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import ipaddress
+import logging
 import os
+import socket
 import stat
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,16 +54,20 @@ from urllib.parse import urlsplit
 import aiohttp
 from PIL import Image, UnidentifiedImageError
 
-from batchrunner.errors import InputImageError
+from batchrunner.errors import InputImageError, ManifestError
 from batchrunner.manifest import Manifest
+
+log = logging.getLogger("batchrunner")
 
 __all__ = [
     "MAX_UPLOAD_BYTES",
     "SUPPORTED_FORMATS",
     "LocalImage",
+    "check_url_hosts",
     "check_urls",
     "inspect_image",
     "local_images",
+    "unfetchable_host",
     "url_inputs",
 ]
 
@@ -187,16 +206,20 @@ def _inspect(path: Path, jobs: tuple[str, ...], max_bytes: int) -> tuple[str, in
         raise fail(f"is {_size(st.st_size)}; the API takes at most {_size(max_bytes)}")
 
     try:
-        with Image.open(path) as img:
-            fmt = img.format or "unknown"
-            fmt = _FORMAT_ALIASES.get(fmt, fmt)
-            content_type = SUPPORTED_FORMATS.get(fmt)
-            if content_type is None:
-                # Before load(): some plugins hand decoding to other programs (EPS runs Ghostscript).
-                article = "an" if fmt[:1] in "AEIOU" else "a"
-                raise fail(f"is {article} {fmt} image; the API takes JPEG, PNG, GIF or WebP")
-            img.load()
-            width, height = img.size
+        with warnings.catch_warnings(record=True) as said:
+            # Pillow warns (DecompressionBombWarning, corrupt EXIF, ...) while opening and decoding: record it all.
+            warnings.simplefilter("always")
+            with Image.open(path) as img:
+                fmt = img.format or "unknown"
+                fmt = _FORMAT_ALIASES.get(fmt, fmt)
+                content_type = SUPPORTED_FORMATS.get(fmt)
+                if content_type is None:
+                    # Before load(): some plugins hand decoding to other programs (EPS runs Ghostscript).
+                    article = "an" if fmt[:1] in "AEIOU" else "a"
+                    raise fail(f"is {article} {fmt} image; the API takes JPEG, PNG, GIF or WebP")
+                img.load()
+                width, height = img.size
+        _log_warnings(path, said)
     except InputImageError:
         raise
     except Image.DecompressionBombError:
@@ -220,6 +243,16 @@ def _inspect(path: Path, jobs: tuple[str, ...], max_bytes: int) -> tuple[str, in
     return content_type, width, height, st.st_size
 
 
+def _log_warnings(path: Path, said: list[warnings.WarningMessage]) -> None:
+    """Pillow's warnings about an image we accept, as log lines naming the file (never raw on stderr)."""
+    lines = {" ".join(str(w.message).split())[:_REASON_CHARS]: w.category for w in said}
+    for message, category in lines.items():
+        if issubclass(category, Image.DecompressionBombWarning):
+            log.warning("%s: a very large image (%s); decoded anyway, as it is within Pillow's limit", path, message)
+        else:
+            log.warning("%s: Pillow: %s", path, message)
+
+
 def _size(n: int) -> str:
     if n >= _MB:
         return f"{n / _MB:.1f} MB"
@@ -234,6 +267,86 @@ def _strerror(exc: OSError) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # URLs
+
+
+# Special-use names (RFC 6761, 6762, 8375; ICANN's .internal) that no server on the internet resolves to this network.
+_LOCAL_SUFFIXES = (".localhost", ".local", ".internal", ".home.arpa", ".invalid", ".test", ".example")
+
+
+def unfetchable_host(url: str) -> str | None:
+    """Why the API's servers could not fetch ``url``: its host is this machine or a local network; else None."""
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return None  # the manifest refuses a URL that cannot be read
+    if not host:
+        return None
+    name = host.rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return "localhost is the machine itself"
+    suffix = next((s for s in _LOCAL_SUFFIXES if name.endswith(s)), None)
+    if suffix is not None:
+        return f"names under {suffix!r} are not resolved on the internet"
+    address = _ip_address(name)
+    if address is None:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    kind = next(
+        (
+            word
+            for word, test in (
+                ("a loopback", address.is_loopback),
+                ("an unspecified", address.is_unspecified),
+                ("a link-local", address.is_link_local),
+                ("a private", address.is_private),
+                ("a multicast", address.is_multicast),
+            )
+            if test
+        ),
+        None if address.is_global else "a non-public",
+    )
+    return None if kind is None else f"{address} is {kind} address"
+
+
+def _ip_address(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    # Browsers, curl and most HTTP stacks also read 127.1, 0x7f.0.0.1 and 2130706433 as IPv4 addresses.
+    if name and all(c in "0123456789abcdefx." for c in name) and name[0].isdigit():
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(name))
+        except OSError:
+            return None
+    return None
+
+
+def check_url_hosts(manifest: Manifest, api_url: str) -> None:
+    """Refuse (ManifestError, naming job and line) an http(s) ``input_image`` the API cannot fetch.
+
+    Skipped when ``api_url`` is itself local (see :func:`unfetchable_host`): a local server fetches local URLs.
+    """
+    if unfetchable_host(api_url) is not None:
+        return
+    judged: dict[str, str | None] = {}
+    for job in manifest.jobs:
+        value = job.input.get("input_image")
+        if job.image_path is not None or not isinstance(value, str) or not _is_http_url(value):
+            continue
+        if value not in judged:
+            judged[value] = unfetchable_host(value)
+        why = judged[value]
+        if why is not None:
+            shown = value if len(value) <= 80 else value[:77] + "..."
+            raise ManifestError(
+                f"the API cannot fetch {shown!r}: {why}; use a public URL, or a local file (it is uploaded)",
+                file=manifest.path,
+                job=job.id,
+                field="input_image",
+                line=job.line,
+            )
 
 
 def _is_http_url(value: str) -> bool:

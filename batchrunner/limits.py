@@ -300,7 +300,8 @@ class InFlightGate:
         return f"InFlightGate(limit={self.limit}, in_flight={self.in_flight}, max_seen={self.max_seen})"
 
 
-_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+# ASCII digits only: Python's \d also takes digits of other scripts, which float() reads.
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
 # Units in falling order, each at most once: "1h30m" and "90s" read one way only; "30m1h" is refused.
 _DURATION = re.compile(
     rf"(?:(?P<h>{_NUMBER})\s*h)?\s*(?:(?P<m>{_NUMBER})\s*m)?\s*(?:(?P<s>{_NUMBER})\s*s)?",
@@ -309,14 +310,17 @@ _DURATION = re.compile(
 _BARE_SECONDS = re.compile(_NUMBER)
 _RATE = re.compile(r"(?P<count>[^/]*)/(?P<period>.*)")
 _MAX_COUNT = 1_000_000
+_MAX_SECONDS = 366 * 86400
 _DURATION_HINT = "expected e.g. 90s, 14m, 1h30m, 0.5s or a number of seconds"
 _RATE_HINT = "expected COUNT/PERIOD such as 60/60, 100/1.5, 60/1m or 600/1h"
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(text: str, *, positive: bool = False) -> float:
     """Seconds from ``"90s"``, ``"14m"``, ``"1h"``, ``"1h30m"``, ``"0.5s"`` or ``"45"`` (bare = seconds).
 
-    Raises UsageError, one line naming the text, when it is malformed or negative.
+    Raises UsageError, one line naming the text, when it is malformed, negative, not finite, longer than a year
+    (no wait of the runner's is, and a typo of a few digits must not become a wait of centuries), or zero when
+    ``positive`` asks for a duration above zero.
     """
     s = text.strip()
     if s.startswith("-"):
@@ -330,8 +334,10 @@ def parse_duration(text: str) -> float:
             raise UsageError(f"invalid duration {text!r}: {_DURATION_HINT}")
         h, m, sec = (float(match.group(u) or 0) for u in "hms")
         seconds = h * 3600 + m * 60 + sec
-    if not math.isfinite(seconds):
-        raise UsageError(f"invalid duration {text!r}: too large")
+    if not math.isfinite(seconds) or seconds > _MAX_SECONDS:
+        raise UsageError(f"invalid duration {text!r}: too large (at most {_MAX_SECONDS // 86400} days)")
+    if positive and seconds <= 0:
+        raise UsageError(f"invalid duration {text!r}: must be above zero")
     return seconds
 
 

@@ -35,7 +35,7 @@ import re
 import stat
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
@@ -109,6 +109,14 @@ _TAG_STR = "tag:yaml.org,2002:str"
 _TAG_SEQ = "tag:yaml.org,2002:seq"
 _TAG_MAP = "tag:yaml.org,2002:map"
 _TAG_MERGE = "tag:yaml.org,2002:merge"
+_TAG_INT = "tag:yaml.org,2002:int"
+_TAG_FLOAT = "tag:yaml.org,2002:float"
+_TAG_BOOL = "tag:yaml.org,2002:bool"
+# How JSON (and YAML 1.2) write an integer. YAML 1.1, which PyYAML speaks, also reads 010 as octal 8, 1:30 as
+# base-60 90, 0x10, 0b11, 1_000 and +5: every other spelling is refused rather than silently read another way.
+_PLAIN_INT = re.compile(r"-?(?:0|[1-9][0-9]*)")
+_NUMBER_LIKE = re.compile(r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?")
+_MAX_URL_CHARS = 2048
 
 # libyaml is some 10x faster on big generated manifests; both produce the same nodes and marks.
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -500,6 +508,9 @@ class _Parser:
             return None
         node = top["price"][1]
         value = self.scalar(node, job=None, field="price") if isinstance(node, ScalarNode) else None
+        misread = _misread(node, value) if isinstance(node, ScalarNode) else None
+        if misread is not None:
+            self.fail(misread, field="price", node=node)
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.fail(f"must be a number (USD per prediction), got {self.kind(node)}", field="price", node=node)
         if not math.isfinite(value) or value < 0:
@@ -595,8 +606,9 @@ class _Parser:
         if scheme:
             if scheme.group(1).lower() not in ("http", "https"):
                 raise _Invalid(f"URL scheme {scheme.group(1)!r} is not supported; use http(s) or a local path")
-            if not urlsplit(value).netloc:
-                raise _Invalid(f"URL has no host: {_show(value)}")
+            problem = _url_problem(value)
+            if problem is not None:
+                raise _Invalid(problem)
             return None
         cached = self.local_cache.get(value)
         if cached is None:
@@ -663,6 +675,9 @@ class _Parser:
         value: Any
         if isinstance(node, ScalarNode):
             value = self.scalar(node, job=job, field=field)
+            misread = _misread(node, value)
+            if misread is not None:
+                raise _Invalid(f"{misread}; quote it to send it as text")
             size = _scalar_size(value)
         elif isinstance(node, SequenceNode) and node.tag == _TAG_SEQ:
             self.active.add(key)
@@ -892,19 +907,17 @@ def _check_aspect_ratio(value: Any, node: ScalarNode) -> str:
 
 
 def _check_seed(value: Any, node: ScalarNode) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Invalid(f"must be an integer, got {_describe(value)}")
-    if not 0 <= value <= _MAX_SEED:
-        raise _Invalid(f"must be between 0 and {_MAX_SEED}, got {value}")
-    return value
+    number = _integer(value, node, "must be an integer")
+    if not 0 <= number <= _MAX_SEED:
+        raise _Invalid(f"must be between 0 and {_MAX_SEED}, got {number}")
+    return number
 
 
 def _check_tolerance(value: Any, node: ScalarNode) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Invalid(f"must be an integer from 0 to 6, got {_describe(value)}")
-    if not 0 <= value <= 6:
-        raise _Invalid(f"must be from 0 to 6, got {value}")
-    return value
+    number = _integer(value, node, "must be an integer from 0 to 6")
+    if not 0 <= number <= 6:
+        raise _Invalid(f"must be from 0 to 6, got {number}")
+    return number
 
 
 def _check_output_format(value: Any, node: ScalarNode) -> str:
@@ -912,6 +925,95 @@ def _check_output_format(value: Any, node: ScalarNode) -> str:
         near = _suggest(value, _OUTPUT_FORMATS, listing=False) if isinstance(value, str) else ""
         raise _Invalid(f"must be 'png' or 'jpg', got {_describe(value)}{near}")
     return value
+
+
+def _integer(value: Any, node: ScalarNode, must: str) -> int:
+    """An integer field's value, written as a plain decimal; else _Invalid with what the text probably meant."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        misread = _misread(node, value)
+        if misread is not None:
+            raise _Invalid(misread)
+        return int(value)
+    hint = _decimal_hint(str(node.value)) if isinstance(value, str | float) else ""
+    raise _Invalid(f"{must}, got {_describe(value)}{hint}")
+
+
+def _misread(node: ScalarNode, value: Any) -> str | None:
+    """Why a number or boolean is refused when YAML 1.1 may read its text other than the writer meant; else None.
+
+    Only the raw text of the node tells: once constructed, ``010`` is just 8.
+    """
+    text = str(node.value)
+    if node.tag == _TAG_INT and not _PLAIN_INT.fullmatch(text):
+        return f"write integers as plain decimals: {_show(text)}{_decimal_hint(text, value)}"
+    if node.tag == _TAG_FLOAT and ("_" in text or ":" in text):
+        shown = repr(value) if isinstance(value, float) else "another number"
+        return f"write numbers as plain decimals: {_show(text)} (YAML 1.1 reads it as {shown})"
+    if node.tag == _TAG_BOOL and text.lower() not in ("true", "false"):
+        return f"YAML 1.1 reads {_show(text)} as {str(value).lower()}: write true or false"
+    return None
+
+
+def _decimal_hint(text: str, value: Any = None) -> str:
+    """`` (did you mean 10?)`` for a number written another way, or what YAML 1.1 made of base-60 text."""
+    compact = text.strip().replace("_", "")
+    sign = "-" if compact.startswith("-") else ""
+    body = compact.lstrip("+-")
+    meant: int | None = None
+    if ":" in body:
+        return f" (YAML 1.1 reads it as the base-60 number {value})" if isinstance(value, int) else ""
+    if body[:2].lower() in ("0x", "0o", "0b"):
+        with suppress(ValueError):
+            meant = int(body, 0)
+    elif body.isascii() and body.isdigit() and len(body) <= 30:
+        meant = int(body)
+    elif _NUMBER_LIKE.fullmatch(compact) and len(compact) <= 30:
+        number = float(compact)
+        if math.isfinite(number) and number.is_integer() and abs(number) < 2**63:
+            meant = abs(int(number))
+    if meant is None:
+        return ""
+    return f" (did you mean {sign}{meant}?)"
+
+
+def _url_problem(url: str) -> str | None:
+    """Why the API could not fetch this http(s) URL as written, or None. Addresses are judged later, by images.py."""
+    if len(url) > _MAX_URL_CHARS:
+        return f"URL is {len(url):,} characters long, more than {_MAX_URL_CHARS:,}"
+    for char in url:
+        if char.isspace() or unicodedata.category(char)[0] in "CZ":
+            return f"URL contains {_char_name(char)}; percent-encode it (a space is %20)"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - reading it is the check: a port out of range raises
+    except ValueError as exc:
+        return f"URL cannot be read ({exc}): {_show(url)}"
+    if "@" in parts.netloc:
+        # The URL is not shown: it holds a password.
+        return "URL carries a user name or password (user:pass@host); take them out, the API cannot use them"
+    if not host:
+        return f"URL has no host: {_show(url)}"
+    if not _is_host(host):
+        return f"URL host {_show(host)} is not a valid host name"
+    return None
+
+
+def _is_host(host: str) -> bool:
+    if ":" in host:  # an IPv6 literal; urlsplit has already refused one it cannot read
+        return True
+    if not all(c.isalnum() or c in "-._" for c in host):
+        return False
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False  # an empty label (a..b) or one longer than 63 characters
+    return True
+
+
+def _char_name(char: str) -> str:
+    name = unicodedata.name(char, "")
+    return f"U+{ord(char):04X}" + (f" ({name.lower()})" if name else "")
 
 
 _FLUX_CHECKS: dict[str, Callable[[Any, ScalarNode], Any]] = {

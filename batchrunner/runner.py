@@ -6,8 +6,10 @@ resources are opened and closed, so that every check that can fail does so befor
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +18,8 @@ import aiohttp
 
 from batchrunner.client import Client
 from batchrunner.errors import ApiError, ManifestError, UsageError
-from batchrunner.images import check_urls, local_images, url_inputs
+from batchrunner.filenames import check_output_names
+from batchrunner.images import check_url_hosts, check_urls, local_images, url_inputs
 from batchrunner.ledger import RESET, JobStatus, Ledger, LedgerState, RequestLog, read_ledger
 from batchrunner.manifest import DEFAULT_MODEL, Manifest
 from batchrunner.output import OutputDir, RunLock
@@ -27,6 +30,8 @@ log = logging.getLogger("batchrunner")
 
 # Stands in for a local image when an input is checked against a model's schema: the API will see an uploaded URL.
 PLACEHOLDER_URL = "https://uploads.invalid/placeholder.png"
+# Seconds the check of every input against a model's schema may take in all (a real schema takes milliseconds).
+SCHEMA_TIME_LIMIT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +48,13 @@ def content_types(manifest: Manifest) -> dict[str, str]:
     return {sha: image.content_type for sha, image in local_images(manifest).items()}
 
 
+def check_before_paying(manifest: Manifest, out: OutputDir, state: LedgerState, api_url: str) -> None:
+    """The checks of a run that need the API's address and the ledger: input URLs the API can fetch, and output
+    names that land on no paid image and no input. Raises ManifestError (exit 2) naming the job and line."""
+    check_url_hosts(manifest, api_url)
+    check_output_names(manifest, state, out)
+
+
 def reset_failed(manifest: Manifest, state: LedgerState, ledger: Ledger) -> int:
     """Append a ``reset`` for every failed job of the manifest; replay then gives them their attempts back."""
     count = 0
@@ -54,9 +66,21 @@ def reset_failed(manifest: Manifest, state: LedgerState, ledger: Ledger) -> int:
     return count
 
 
-def schema_problems(manifest: Manifest, schema: Mapping[str, Any]) -> ManifestError | None:
-    """The first job whose input the model's JSON Schema refuses, as a manifest error."""
-    for job in manifest.jobs:
+def schema_problems(
+    manifest: Manifest, schema: Mapping[str, Any], *, time_limit: float | None = None
+) -> ManifestError | None:
+    """The first job whose input the model's JSON Schema refuses, as a manifest error; jobs left when
+    ``time_limit`` seconds (default SCHEMA_TIME_LIMIT) have passed go unchecked, with a warning."""
+    deadline = time.monotonic() + (SCHEMA_TIME_LIMIT if time_limit is None else time_limit)
+    for index, job in enumerate(manifest.jobs):
+        if time.monotonic() > deadline:
+            log.warning(
+                "checking inputs against the schema of model %r took too long; %d of %d jobs go unchecked",
+                manifest.model,
+                len(manifest.jobs) - index,
+                len(manifest.jobs),
+            )
+            return None
         body = dict(job.input)
         if job.image_path is not None:
             body["input_image"] = PLACEHOLDER_URL
@@ -68,7 +92,11 @@ def schema_problems(manifest: Manifest, schema: Mapping[str, Any]) -> ManifestEr
 
 async def check_schema(manifest: Manifest, out: OutputDir, scheduler: Scheduler) -> None:
     """For models other than flux-kontext-max (checked by the manifest itself), check inputs against the model's
-    published JSON Schema, cached in the output folder. When it cannot be had, warn and pass through."""
+    published JSON Schema, cached in the output folder. When it cannot be had, warn and pass through.
+
+    The check runs in a worker thread, so the event loop (and the signal handlers on it) stays free however long
+    a hostile schema makes it; patterns are bounded per match (schema.PATTERN_TIMEOUT) and the whole check by
+    SCHEMA_TIME_LIMIT, after which the remaining jobs go unchecked with a warning."""
     if manifest.model == DEFAULT_MODEL:
         return
     schema = load_cached_schema(out.path, manifest.model)
@@ -82,7 +110,7 @@ async def check_schema(manifest: Manifest, out: OutputDir, scheduler: Scheduler)
             log.warning("model %r publishes no input schema; inputs go unchecked", manifest.model)
             return
         save_cached_schema(out.path, manifest.model, schema)
-    problem = schema_problems(manifest, schema)
+    problem = await asyncio.to_thread(schema_problems, manifest, schema)
     if problem is not None:
         raise problem
 
@@ -116,8 +144,10 @@ async def run_batch(
     types = content_types(manifest)
     out.create()
     with RunLock(out.lock):
-        out.prepare()
+        # Under the lock, so no other run appends meanwhile; before prepare(), which empties .partial/.
         state = read_ledger(out.ledger)
+        check_before_paying(manifest, out, state, endpoint.base_url)
+        out.prepare()
         request_log = RequestLog(out.requests)
         request_log.compact(config.rate_period + 5.0)
         try:
@@ -172,6 +202,7 @@ def result_fields(result: RunResult) -> dict[str, Any]:
 
 __all__ = [
     "Endpoint",
+    "check_before_paying",
     "check_input_urls",
     "check_schema",
     "content_types",

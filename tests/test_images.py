@@ -176,6 +176,61 @@ def test_decompression_bomb_keeps_pillows_limit_and_says_so(tmp_path: Path, monk
     assert "decompression-bomb" in message
 
 
+@pytest.mark.parametrize(
+    ("limit", "size", "kind"),
+    [
+        (2000, (64, 48), "a very large image"),  # 3072 pixels: over the limit, under twice it: Pillow warns
+        (3072, (64, 48), None),  # exactly at the limit: no warning
+        (1600, (64, 48), "a very large image"),  # 3072 < 2 x 1600
+    ],
+)
+def test_decompression_bomb_warning_goes_to_our_log_not_to_stderr(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+    limit: int,
+    size: tuple[int, int],
+    kind: str | None,
+) -> None:
+    path = save(tmp_path / "big.png", "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning that escaped would fail the test
+        assert inspect_image(path)[1:] == size
+    said = [r.getMessage() for r in caplog.records]
+    if kind is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and str(path) in said[0] and kind in said[0] and "\n" not in said[0]
+    assert "Warning" not in capfd.readouterr().err
+
+
+def test_other_pillow_warnings_are_logged_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import warnings
+
+    from PIL import ImageFile
+
+    path = save(tmp_path / "a.png", "PNG")
+    real_load = ImageFile.ImageFile.load
+
+    def load_and_warn(self: ImageFile.ImageFile) -> object:
+        warnings.warn("Corrupt EXIF data.  Expecting to read 12 bytes but only got 6.", UserWarning, stacklevel=1)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load_and_warn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inspect_image(path)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: Pillow: Corrupt EXIF data. Expecting to read 12 bytes but only got 6."
+    ]
+
+
 def test_rejection_names_the_jobs_using_the_file(tmp_path: Path) -> None:
     path = save(tmp_path / "in.bmp", "BMP")
     with pytest.raises(InputImageError) as caught:

@@ -189,7 +189,8 @@ OBJ = "object"
         ({"type": "string", "nullable": True}, None, []),
         ({"type": "integer", "minimum": "0"}, -5, []),  # a malformed keyword is ignored
         ({"type": "uuid"}, 5, []),  # an unknown type is not checked
-        ({"format": "email"}, "not-an-email", []),  # only format uri is checked
+        # jsonschema checks the formats it can without optional packages: an address without "@" is no email.
+        ({"format": "email"}, "not-an-email", ["field 'x': must be a valid email, got 'not-an-email'"]),
         (False, 1, ["field 'x': is not allowed here"]),
         (True, 1, []),
     ],
@@ -368,3 +369,199 @@ def test_cache_file_is_json_naming_its_slug(tmp_path: Path) -> None:
     save_cached_schema(tmp_path, "m", {"type": "object"})
     document = json.loads(cached_schema_path(tmp_path, "m").read_text(encoding="utf-8"))
     assert document == {"slug": "m", "schema": {"type": "object"}}
+
+
+# --- jsonschema: drafts, $ref, formats, hostile schemas -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("schema", "value", "expected"),
+    [
+        # $ref is followed within the schema (it used to be ignored)
+        (
+            {"$defs": {"Size": {"enum": ["s", "m"]}}, "properties": {"x": {"$ref": "#/$defs/Size"}}},
+            "l",
+            ["field 'x': must be one of 's', 'm'; got 'l'"],
+        ),
+        (
+            {"definitions": {"N": {"type": "integer"}}, "properties": {"x": {"$ref": "#/definitions/N"}}},
+            "1",
+            ["field 'x': must be an integer, got '1'"],
+        ),
+        ({"$defs": {"N": {"type": "integer"}}, "properties": {"x": {"$ref": "#/$defs/N"}}}, 3, []),
+        # the draft comes from $schema
+        (
+            {
+                "$schema": "http://json-schema.org/draft-04/schema#",
+                "properties": {"x": {"minimum": 0, "exclusiveMinimum": True}},
+            },
+            0,
+            ["field 'x': must be more than 0, got 0"],
+        ),
+        (
+            {
+                "$schema": "http://json-schema.org/draft-07/schema#",
+                "properties": {"x": {"items": [{"type": "string"}]}},
+            },
+            [1],
+            ["field 'x[0]': must be a string, got 1"],
+        ),
+        (
+            {"properties": {"x": {"prefixItems": [{"type": "string"}, {"type": "integer"}]}}},
+            ["a", "b"],
+            ["field 'x[1]': must be an integer, got 'b'"],
+        ),
+        # keywords the subset never knew
+        (
+            {"properties": {"x": {"oneOf": [{"type": "integer"}, {"minimum": 0}]}}},
+            5,
+            ["field 'x': matches more than one of the choices its schema allows only one of (oneOf)"],
+        ),
+        (
+            {"properties": {"x": {"not": {"const": "auto"}}}},
+            "auto",
+            ["field 'x': must not be 'auto' (the schema excludes it)"],
+        ),
+        ({"properties": {"x": {"multipleOf": 8}}}, 12, ["field 'x': must be a multiple of 8, got 12"]),
+        ({"properties": {"x": {"uniqueItems": True}}}, [1, 1], ["field 'x': [1, 1] has non-unique elements"]),
+        ({"if": {"required": ["mask"]}, "then": {"required": ["image"]}}, None, ["field 'image': is required"]),
+        ({"dependentRequired": {"mask": ["image"]}}, "m", ["input: 'image' is a dependency of 'mask'"]),
+        # formats that matter
+        (
+            {"properties": {"x": {"format": "uuid"}}},
+            "not-a-uuid",
+            ["field 'x': must be a valid uuid, got 'not-a-uuid'"],
+        ),
+        (
+            {"properties": {"x": {"format": "date"}}},
+            "2026-13-40",
+            ["field 'x': must be a valid date, got '2026-13-40'"],
+        ),
+        ({"properties": {"x": {"format": "date"}}}, "2026-02-03", []),
+        ({"properties": {"x": {"format": "hostname"}}}, "not a host", []),  # needs an optional package: unchecked
+        # numbers JSON cannot carry are not numbers
+        ({"properties": {"x": {"type": "integer"}}}, float("inf"), ["field 'x': must be an integer, got inf"]),
+        ({"properties": {"x": {"type": "number"}}}, float("nan"), ["field 'x': must be a number, got nan"]),
+        # OpenAPI 3.0 spellings, without $schema
+        ({"properties": {"x": {"enum": ["a"], "nullable": True}}}, None, []),
+        (
+            {"properties": {"x": {"type": "integer", "maximum": 6, "exclusiveMaximum": True}}},
+            6,
+            ["field 'x': must be less than 6, got 6"],
+        ),
+        ({"properties": {"x": {"type": "integer", "maximum": 6, "exclusiveMaximum": False}}}, 6, []),
+    ],
+)
+def test_jsonschema_judges(schema: dict[str, Any], value: Any, expected: list[str]) -> None:
+    instance = {"x": value} if value is not None or "properties" in schema else {"mask": "m"}
+    if "dependentRequired" in schema:
+        instance = {"mask": "m"}
+    assert validate_input(instance, schema) == expected
+
+
+@pytest.mark.parametrize(
+    ("schema", "warning"),
+    [
+        ({"properties": {"x": {"$ref": "https://schemas.example.com/size.json"}}}, "remote references are not fetched"),
+        ({"properties": {"x": {"$ref": "size.json#/Size"}}}, "remote references are not fetched"),
+        ({"properties": {"x": {"$ref": "#/$defs/missing"}}}, "is not in the schema"),
+        (
+            {
+                "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+                "properties": {"x": {"$ref": "#/$defs/a"}},
+            },
+            "refers to itself",
+        ),
+        ({"properties": {"x": {"$ref": "#"}}, "$ref": "#"}, "refers to itself"),
+        ([1, 2], None),  # not a schema at all: nothing to check, nothing to say
+    ],
+    ids=["remote-absolute", "remote-relative", "dangling", "loop", "self-loop", "not-a-schema"],
+)
+def test_schema_that_cannot_be_used_warns_once_and_checks_nothing(
+    schema: Any, warning: str | None, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+    import urllib.request
+
+    def no_network(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the schema check touched the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    assert validate_input({"x": "l"}, schema) == []
+    assert validate_input({"x": "m"}, schema) == []
+    said = [r.getMessage() for r in caplog.records]
+    if warning is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and warning in said[0] and "inputs go unchecked" in said[0]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "text"),
+    [
+        ("^(a+)+$", "a" * 40 + "b"),  # exponential in re; regex matches it in linear time
+        ("^(\\w+\\s?)*$", "a" * 40 + "!"),
+        ("(x+x+)+y", "x" * 40),
+        ("^((a+)+)+$", "a" * 40 + "b"),
+    ],
+)
+def test_backtracking_pattern_is_judged_at_once(pattern: str, text: str) -> None:
+    import time
+
+    schema = {"properties": {"x": {"pattern": pattern}}}
+    started = time.monotonic()
+    (problem,) = validate_input({"x": text}, schema)
+    assert time.monotonic() - started < 0.5
+    assert problem.startswith("field 'x': must match the pattern")
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"properties": {"x": {"pattern": "^(a|aa)+$"}}},
+        {"patternProperties": {"^(a|aa)+$": {"type": "integer"}}},
+        {"properties": {}, "patternProperties": {"^(a|aa)+$": {}}, "additionalProperties": False},
+        {"propertyNames": {"pattern": "^(a|aa)+$"}},
+        {"patternProperties": {"^(a|aa)+$": {}}, "unevaluatedProperties": False},
+    ],
+    ids=["pattern", "patternProperties", "additionalProperties", "propertyNames", "unevaluatedProperties"],
+)
+def test_pattern_that_never_ends_is_cut_short_with_one_warning(
+    schema: dict[str, Any], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    import batchrunner.schema as module
+
+    monkeypatch.setattr(module, "PATTERN_TIMEOUT", 0.05)
+    monkeypatch.setattr(module, "_compiled", {})
+    hostile = "a" * 60 + "b"
+    # The hostile text where each keyword matches it: a value for pattern, a field name for the others.
+    instance = {"x": hostile} if "properties" in schema and "x" in schema["properties"] else {hostile: "v"}
+    started = time.monotonic()
+    for _ in range(3):
+        assert validate_input(instance, dict(schema)) == []
+    assert time.monotonic() - started < 2
+    said = {r.getMessage() for r in caplog.records}
+    assert len(said) == 1 and "took more than 0.05 s to match; it is not checked" in said.pop()
+
+
+@pytest.mark.parametrize("pattern", ["(", "[a-", "(?P<x>a)(?P<x>b)", "a{2,1}"])
+def test_unreadable_pattern_is_not_checked(pattern: str) -> None:
+    assert validate_input({"x": "abc"}, {"properties": {"x": {"pattern": pattern}}}) == []
+
+
+def test_pattern_only_regex_reads_is_checked() -> None:
+    schema = {"properties": {"x": {"pattern": "^\\p{L}+$"}}}  # Unicode classes: ECMA 262 has them, re does not
+    assert validate_input({"x": "Café"}, schema) == []
+    assert validate_input({"x": "C4fé"}, schema) == ["field 'x': must match the pattern '^\\\\p{L}+$', got 'C4fé'"]
+
+
+def test_huge_schema_is_checked_in_reasonable_time() -> None:
+    import time
+
+    schema = {"type": "object", "properties": {f"f{i}": {"type": "integer"} for i in range(20_000)}}
+    started = time.monotonic()
+    assert validate_input({"f7": "x"}, schema) == ["field 'f7': must be an integer, got 'x'"]
+    assert time.monotonic() - started < 10

@@ -103,3 +103,37 @@ def test_other_models_are_checked_against_their_published_schema_once(
     assert main(run_args(good, sim.url, out)) == 0
     assert sim.stats()["requests"] == requests  # done, and the cached schema needs no request
     assert any(p.name.startswith(".schema-") for p in out.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("schema", "said"),
+    [
+        ({"properties": {"prompt": {"pattern": "^(a|aa)+$"}}}, "took more than 0.05 s to match"),
+        ({"properties": {"prompt": {"$ref": "https://schemas.example.com/prompt.json"}}}, "remote references"),
+        ({"$defs": {"p": {"$ref": "#/$defs/p"}}, "properties": {"prompt": {"$ref": "#/$defs/p"}}}, "refers to itself"),
+    ],
+    ids=["backtracking-pattern", "remote-ref", "ref-loop"],
+)
+def test_hostile_model_schema_ends_in_one_warning_and_the_run_goes_on(
+    schema: dict[str, object],
+    said: str,
+    tmp_path: Path,
+    threaded_sim: SimFactory,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import batchrunner.schema as schema_module
+    from batchrunner.schema import save_cached_schema
+
+    monkeypatch.setattr(schema_module, "PATTERN_TIMEOUT", 0.05)
+    monkeypatch.setattr(schema_module, "_compiled", {})
+    sim = threaded_sim(fast_sim())
+    path = tmp_path / "m.yaml"
+    path.write_text(f"model: flux-kontext-pro\njobs:\n  - {{id: a, prompt: {'a' * 60}b}}\n", encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    save_cached_schema(out, "flux-kontext-pro", schema)  # as if the API had published it
+    assert main(run_args(path, sim.url, out, "--quiet")) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert sum(said in line for line in err.splitlines()) == 1
