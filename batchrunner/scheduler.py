@@ -941,6 +941,7 @@ class Scheduler:
             self.recon_failures, exc.retry_after, base=self.config.retry_base, cap=self.config.retry_cap, rng=self._rng
         )
         if outcome is not None and outcome.unresolved:
+            self.recon_failures = 0  # the backoff is per doubt: the next one starts afresh
             log.warning(
                 "the executions listing failed (%s): %d create(s) in doubt will be made again, possibly paid twice",
                 exc,

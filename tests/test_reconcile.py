@@ -21,7 +21,9 @@ from batchrunner.errors import (
 from batchrunner.reconcile import (
     LOOKS,
     MAX_PAGES,
+    TRIES,
     Doubt,
+    Outcome,
     Reconciler,
     candidates,
     create_in_doubt,
@@ -230,13 +232,32 @@ def test_a_span_too_busy_to_search_falls_back() -> None:
     assert [d.fingerprint for d in outcome.unresolved] == ["a"]
 
 
-def test_a_failed_listing_hands_its_doubts_back_unresolved() -> None:
+def test_a_listing_failing_for_good_hands_its_doubts_back_unresolved_after_three_tries() -> None:
     recon = reconciler(doubt("a", base=0.0), doubt("b", base=50.0))
-    recon.start(1.0)  # only "a" is due
-    step(recon)
-    outcome = recon.on_failure()
+    for attempt in range(TRIES):
+        recon.start(1.0)  # only "a" is due
+        assert step(recon) == ("list", 0)
+        outcome = recon.on_failure()
+        if attempt < TRIES - 1:
+            assert outcome.unresolved == ()
+            assert recon.doubts["a"].looks == 0  # a failed look is no look
     assert [d.fingerprint for d in outcome.unresolved] == ["a"]
     assert list(recon.doubts) == ["b"]
+
+
+def test_a_failed_get_of_a_candidate_makes_the_look_a_failure_not_a_look_that_found_nothing() -> None:
+    recon = reconciler(doubt("a"))
+    got: Outcome | None = None
+    for attempt in range(TRIES):
+        recon.start(1.0 + 10 * attempt)
+        step(recon)
+        recon.on_page(page(row("p", 1000.5)))
+        assert step(recon) == ("inspect", "p")
+        got = recon.on_inspect_failed("p")
+        assert got is not None
+        assert got.not_created == ()
+    assert got is not None
+    assert [d.fingerprint for d in got.unresolved] == ["a"]
 
 
 def test_a_refused_page_is_asked_for_again() -> None:
@@ -270,7 +291,7 @@ def test_a_known_prediction_is_never_adopted() -> None:
     assert recon.sweep is None
 
 
-def test_a_failed_get_leaves_the_candidate_for_the_next_look() -> None:
+def test_a_failed_get_leaves_the_candidate_for_the_next_sweep() -> None:
     recon = reconciler(doubt("a", prompt="cat"))
     recon.start(1.0)
     step(recon)

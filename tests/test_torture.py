@@ -67,12 +67,22 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recorded]:
         yield Recorded(sim, manifest, out, (out / "ledger.jsonl").read_bytes().splitlines(keepends=True))
 
 
-def test_batch_killed_at_random_moments_resumes_with_every_image_and_no_unrecorded_duplicate() -> None:
+def test_batch_killed_at_random_moments_resumes_with_every_image_and_nothing_paid_twice() -> None:
     summary = torture(8, jobs=16, concurrency=3, faults=True, seed=5, max_seconds_per_run=0.4)
     checks = dict(summary["checks"])
     assert checks == dict.fromkeys(checks, True), json.dumps(summary)
     assert summary["kills"] >= 1
     assert summary["images"] == 16
+    assert summary["paid_twice"] == 0
+    assert summary["recovered"] >= 1  # creates were left in doubt, and settled from the listing
+
+
+def test_with_the_listing_broken_every_second_payment_is_counted() -> None:
+    summary = torture(6, jobs=12, concurrency=3, faults=True, seed=7, max_seconds_per_run=0.4, listing_broken=True)
+    checks = dict(summary["checks"])
+    assert checks == dict.fromkeys(checks, True), json.dumps(summary)
+    assert "second_payments_all_counted" in checks
+    assert summary["recovered"] == 0
 
 
 @pytest.mark.parametrize(
@@ -82,7 +92,10 @@ def test_batch_killed_at_random_moments_resumes_with_every_image_and_no_unrecord
         ({"final_exit": 75}, "final_run_exit_0"),
         ({"final_exit": None}, "final_run_exit_0"),
         ({"images": 15}, "every_job_has_its_image"),
-        ({"duplicates": 3, "lost_answers_ledger": 2}, "duplicates_within_lost_answers"),
+        ({"duplicates": 3, "lost_answers_ledger": 1, "failed_attempts": 1}, "duplicates_explained"),
+        ({"paid_twice": 1}, "no_prediction_paid_twice"),
+        ({"listing_broken": True, "paid_twice": 3, "possibly_duplicated": 3}, None),
+        ({"listing_broken": True, "paid_twice": 3, "possibly_duplicated": 2}, "second_payments_all_counted"),
         ({"unrecorded_duplicates": {"job-a": 1}}, "no_job_created_twice_unrecorded"),
         ({"unmapped_creates": 1}, "no_job_created_twice_unrecorded"),
         ({"max_in_flight": 5}, "in_flight_within_cap"),
@@ -95,7 +108,11 @@ def test_evaluate_fails_exactly_the_check_the_figures_break(changes: dict[str, A
         "images": 16,
         "jobs": 16,
         "duplicates": 2,
-        "lost_answers_ledger": 2,
+        "lost_answers_ledger": 1,
+        "failed_attempts": 1,
+        "paid_twice": 0,
+        "possibly_duplicated": 1,
+        "listing_broken": False,
         "unrecorded_duplicates": {},
         "unmapped_creates": 0,
         "max_in_flight": 4,

@@ -1,6 +1,6 @@
 """Torture test: a simulated batch SIGKILLed at many random moments, resumed, and checked.
 
-    python tests/torture.py --kills 200 [--jobs N] [--concurrency 4] [--faults] [--seed S]
+    python tests/torture.py --kills 200 [--jobs N] [--concurrency 4] [--faults] [--listing-broken] [--seed S]
                             [--max-seconds-per-run 0.5]
 
 The simulator runs as a separate process (``python -m batchrunner simulate``). The runner is started as
@@ -8,10 +8,14 @@ The simulator runs as a separate process (``python -m batchrunner simulate``). T
 until ``--kills`` kills are done or the batch is complete; a last run then goes to completion. The checks:
 
 - the last run exits 0 and every job has its image, which Pillow decodes;
-- the simulator created no job twice except where an answer was lost: in all, ``duplicates`` (creates beyond
-  the first for the same input) is at most the ledger's ``lost_answers`` (every create the runner did not hear
-  back from: answers the simulator dropped, and creates a kill cut off, which only the ledger can see); and per
-  job, its creates beyond the first are at most its own lost answers plus its failed predictions;
+- no prediction was paid twice: the simulator's ``paid_twice`` (predictions made for an input that already had one
+  that did not fail) is zero, although gateway 504s after creates, dropped answers and kills leave creates in doubt:
+  each is settled from the executions listing before the job is created again. With ``--listing-broken`` the
+  listing answers 500, the runner falls back on creating again, and the check becomes that the ledger's
+  ``possibly_duplicated`` (``lost_answers``) is at least ``paid_twice``: no second payment goes uncounted;
+- the simulator created no job twice except where the ledger can explain it: in all, ``duplicates`` is at most the
+  ledger's ``lost_answers`` plus its failed predictions; and per job, its creates beyond the first are at most its
+  own lost answers plus its failed predictions;
 - the simulator never had more than ``--concurrency`` predictions in flight, and never refused a create for its
   concurrency cap (which is the runner's cap unless ``--sim-concurrency`` says otherwise): with the caps equal,
   such a refusal is the moment the runner tried to put more than ``--concurrency`` in flight.
@@ -51,7 +55,9 @@ from batchrunner.uploads import data_uri
 
 # The fault mix of ``--faults``: lost, garbled and late answers, cut-off downloads, gateway errors.
 FAULTS: tuple[str, ...] = (
-    "reset_after=0.05",
+    # Creates left in doubt: the prediction is made, and the answer is a gateway 504 or never comes.
+    "gateway_timeout_after_create=0.1",
+    "reset_after=0.1",
     "server_error_html=0.05",
     "truncated_download=0.05",
     "reset_before=0.05",
@@ -83,6 +89,7 @@ class Settings:
     sim_min_seconds: float = 0.02
     sim_max_seconds: float = 0.15
     final_timeout: float = 120.0
+    listing_broken: bool = False  # the executions listing answers 500: reconciliation falls back
 
     @property
     def rate(self) -> str:
@@ -140,10 +147,15 @@ def unrecorded_duplicates(
 
 def evaluate(figures: Mapping[str, Any]) -> dict[str, bool]:
     """The verdict of each check on a session's figures."""
+    if figures.get("listing_broken"):
+        payments = {"second_payments_all_counted": figures["possibly_duplicated"] >= figures["paid_twice"]}
+    else:
+        payments = {"no_prediction_paid_twice": figures["paid_twice"] == 0}
     return {
         "final_run_exit_0": figures["final_exit"] == 0,
         "every_job_has_its_image": figures["images"] == figures["jobs"],
-        "duplicates_within_lost_answers": figures["duplicates"] <= figures["lost_answers_ledger"],
+        **payments,
+        "duplicates_explained": figures["duplicates"] <= figures["lost_answers_ledger"] + figures["failed_attempts"],
         "no_job_created_twice_unrecorded": not figures["unrecorded_duplicates"] and figures["unmapped_creates"] == 0,
         "in_flight_within_cap": figures["max_in_flight"] <= figures["concurrency"],
         # With the simulator's cap at the runner's, the simulator never shows more than the cap in flight: a create
@@ -195,6 +207,8 @@ def simulator(settings: Settings, folder: Path) -> Iterator[str]:
     if settings.faults:
         for fault in settings.fault_mix:
             cmd += ["--sim-fault", fault]
+    if settings.listing_broken:
+        cmd += ["--sim-fault", "listing_error=1"]
     log_path = folder / "simulator.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL)
@@ -236,6 +250,9 @@ def runner_command(settings: Settings, manifest: Path, url: str, out: Path) -> l
         settings.rate,
         "--poll-initial",
         "0.01",
+        # The simulator lists a prediction as soon as it is made: no need to wait seconds between looks.
+        "--reconcile-wait",
+        "0.05s",
         "--progress",
         "none",
     ]
@@ -309,6 +326,7 @@ def torture(
     workdir: Path | None = None,
     final_timeout: float = 120.0,
     echo: bool = False,
+    listing_broken: bool = False,
 ) -> dict[str, Any]:
     """Run one torture session (see the module docstring) and return its summary: figures, checks and ``ok``.
 
@@ -328,6 +346,7 @@ def torture(
         sim_concurrency=sim_concurrency,
         fault_mix=tuple(fault_mix),
         final_timeout=final_timeout,
+        listing_broken=listing_broken,
     )
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -412,6 +431,13 @@ def _session(settings: Settings, folder: Path, echo: bool) -> dict[str, Any]:
         "duplicates": stats["duplicates"],
         "lost_answers_sim": stats["lost_answers"],
         "lost_answers_ledger": state.lost_answers,
+        "possibly_duplicated": state.lost_answers,
+        "recovered": state.recovered,
+        "not_created": sum(1 for raw in lines if b'"event":"not_created"' in raw),
+        "paid_twice": stats["paid_twice"],
+        "failed_attempts": sum(st.attempts for st in state.jobs.values()),
+        "listing_broken": settings.listing_broken,
+        "listings": stats.get("listings", 0),
         "unrecorded_duplicates": excess,
         "unmapped_creates": unmapped,
         "max_in_flight": stats["max_in_flight"],
@@ -459,6 +485,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate-limit", default="100/1", metavar="COUNT/SECONDS", help="both sides' window (100/1)")
     parser.add_argument("--sim-concurrency", type=int, default=None, help="the simulator's cap (--concurrency)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the batch, output and logs here")
+    parser.add_argument(
+        "--listing-broken",
+        action="store_true",
+        help="the executions listing answers 500: check that every second payment is counted",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="a line per kill on stderr")
     args = parser.parse_args(argv)
     count, _, period = args.rate_limit.partition("/")
@@ -481,6 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fault_mix=args.fault or FAULTS,
         workdir=args.workdir,
         echo=args.verbose,
+        listing_broken=args.listing_broken,
     )
     print(json.dumps(summary, sort_keys=False))
     return 0 if summary["ok"] else 1
