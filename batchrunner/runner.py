@@ -191,6 +191,7 @@ def result_fields(result: RunResult) -> dict[str, Any]:
         "pending": result.pending,
         "in_flight": result.in_flight,
         "requests": result.requests,
+        "requests_by_kind": dict(sorted(result.by_kind.items())),
         "in_doubt": result.in_doubt,
         "recovered": result.recovered,
         "possibly_duplicated": result.lost_answers,
