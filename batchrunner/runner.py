@@ -16,12 +16,13 @@ import aiohttp
 
 from batchrunner.client import Client
 from batchrunner.errors import ApiError, ManifestError, UsageError
+from batchrunner.files import check_own
 from batchrunner.images import check_urls, local_images, url_inputs
 from batchrunner.ledger import RESET, JobStatus, Ledger, LedgerState, RequestLog, read_ledger
 from batchrunner.manifest import DEFAULT_MODEL, Manifest
 from batchrunner.output import OutputDir, RunLock
 from batchrunner.scheduler import RunConfig, RunResult, Scheduler, Snapshot
-from batchrunner.schema import load_cached_schema, save_cached_schema, validate_input
+from batchrunner.schema import cached_schema_path, load_cached_schema, save_cached_schema, validate_input
 
 log = logging.getLogger("batchrunner")
 
@@ -71,6 +72,8 @@ async def check_schema(manifest: Manifest, out: OutputDir, scheduler: Scheduler)
     published JSON Schema, cached in the output folder. When it cannot be had, warn and pass through."""
     if manifest.model == DEFAULT_MODEL:
         return
+    # The cache is the folder's own file: a link or a pipe in its place is refused here, not followed or waited on.
+    check_own(cached_schema_path(out.path, manifest.model))
     schema = load_cached_schema(out.path, manifest.model)
     if schema is None:
         try:
@@ -118,7 +121,7 @@ async def run_batch(
     with RunLock(out.lock):
         out.prepare()
         state = read_ledger(out.ledger)
-        request_log = RequestLog(out.requests)
+        request_log = RequestLog(out.requests, max_times=config.rate_count)
         request_log.compact(config.rate_period + 5.0)
         try:
             with Ledger(out.ledger) as ledger:

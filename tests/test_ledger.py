@@ -422,7 +422,7 @@ def test_read_ledger_of_a_missing_file_is_empty(tmp_path: Path) -> None:
 
 
 def test_read_ledger_of_a_directory_is_an_output_error(tmp_path: Path) -> None:
-    with pytest.raises(OutputError, match="cannot read ledger"):
+    with pytest.raises(OutputError, match="is a directory, not a regular file"):
         read_ledger(tmp_path)
 
 
@@ -529,12 +529,18 @@ def test_ledger_under_a_file_is_an_output_error(tmp_path: Path) -> None:
     _assert_one_line_output_error(caught.value, blocker / "ledger.jsonl")
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-def test_full_disk_on_write_is_an_output_error(make_ledger: Callable[..., Ledger]) -> None:
-    ledger = make_ledger(Path("/dev/full"), fsync=False)
+def test_full_disk_on_write_is_an_output_error(
+    tmp_path: Path, make_ledger: Callable[..., Ledger], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = make_ledger(fsync=False)
+
+    def full_disk(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", full_disk)
     with pytest.raises(OutputError) as caught:
         ledger.append(RUN_STARTED)
-    _assert_one_line_output_error(caught.value, Path("/dev/full"))
+    _assert_one_line_output_error(caught.value, tmp_path / "ledger.jsonl")
     assert os.strerror(errno.ENOSPC) in str(caught.value)
 
 
