@@ -383,7 +383,9 @@ def _summary(result: RunResult, out: OutputDir) -> str:
     return ", ".join(parts) + f" -> {out.path}"
 
 
-async def _run_async(args: argparse.Namespace, manifest: Manifest, out: OutputDir) -> int:
+async def _run_async(
+    args: argparse.Namespace, manifest: Manifest, out: OutputDir, deadline: float | None = None
+) -> int:
     sim: Simulator | None = None
     poll_initial = args.poll_initial
     if args.simulate:
@@ -435,6 +437,7 @@ async def _run_async(args: argparse.Namespace, manifest: Manifest, out: OutputDi
             retry_failed=args.retry_failed,
             on_progress=progress,
             on_scheduler=_install_signals,
+            deadline=deadline,
         )
     finally:
         progress.close()
@@ -472,14 +475,24 @@ def _remove_signals() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # --max-runtime holds for the whole command: the checks before the run spend from it too.
+    deadline = None if args.max_runtime is None else time.monotonic() + args.max_runtime
     manifest = _load(args)
     out = _output_dir(args)
     if not manifest.jobs:
         print(f"{args.manifest}: the manifest has no jobs; nothing to do", file=sys.stderr)
         return EXIT_OK
     if args.check_urls:
-        asyncio.run(check_input_urls(manifest))
-    return asyncio.run(_run_async(args, manifest, out))
+        try:
+            asyncio.run(asyncio.wait_for(check_input_urls(manifest), _left(deadline)))
+        except TimeoutError:
+            log.warning("--max-runtime reached while checking input URLs; nothing was submitted")
+            return EXIT_INCOMPLETE
+    return asyncio.run(_run_async(args, manifest, out, deadline))
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def cmd_status(args: argparse.Namespace) -> int:

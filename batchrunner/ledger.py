@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import secrets
@@ -81,6 +82,8 @@ RESET = "reset"
 UPLOADED = "uploaded"
 RUN_STARTED = "run_started"
 RUN_FINISHED = "run_finished"
+
+log = logging.getLogger("batchrunner")
 
 
 class JobStatus(StrEnum):
@@ -436,6 +439,9 @@ class Ledger:
         self.close()
 
 
+# Request times ahead of the clock by more than this are no clock's jitter: the clock stepped back, or the file is
+# corrupt. Counted, such a time would hold the window shut until it passed (forever, for 1e308).
+FUTURE_TOLERANCE = 1.0
 # A time as this runner writes it takes about 20 bytes: the tail read gives room for ``max_times`` of them.
 _BYTES_PER_TIME = 32
 
@@ -454,6 +460,7 @@ class RequestLog:
         self._max_bytes = max(1, max_times) * _BYTES_PER_TIME + 4096
         self._fd: int | None = None
         self._torn = False
+        self._warned = False
 
     def _error(self, exc: OSError, verb: str = "write") -> OutputError:
         return OutputError(f"cannot {verb} request log {self.path}: {exc.strerror or exc}")
@@ -461,11 +468,23 @@ class RequestLog:
     def recent(self, period: float) -> list[float]:
         """The request times (epoch seconds, ascending) within the last ``period`` seconds.
 
-        Torn or garbage lines are skipped. Times in the future (the clock stepped back) are kept: counting a
-        request too many only makes the limiter more careful.
+        Torn or garbage lines are skipped. Times more than ``FUTURE_TOLERANCE`` ahead of the clock (a clock
+        stepped back, a corrupt file) are dropped, with one warning per log: each would hold the rate window
+        shut until it came.
         """
-        cutoff = self._clock() - period
-        return [when for when in self._read() if when >= cutoff]
+        now = self._clock()
+        cutoff, latest = now - period, now + FUTURE_TOLERANCE
+        times = self._read()
+        ahead = sum(1 for when in times if when > latest)
+        if ahead and not self._warned:
+            self._warned = True
+            log.warning(
+                "%s: ignoring %d request time%s later than now (the clock stepped back, or the file is corrupt)",
+                self.path,
+                ahead,
+                "" if ahead == 1 else "s",
+            )
+        return [when for when in times if cutoff <= when <= latest]
 
     def _read(self) -> list[float]:
         try:

@@ -6,8 +6,10 @@ resources are opened and closed, so that every check that can fail does so befor
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -114,8 +116,13 @@ async def run_batch(
     retry_failed: bool = False,
     on_progress: Callable[[Snapshot], None] | None = None,
     on_scheduler: Callable[[Scheduler], None] | None = None,
+    deadline: float | None = None,
 ) -> tuple[RunResult, Scheduler]:
-    """Run a manifest's batch into ``out``; raises the error tree for what ends a run early."""
+    """Run a manifest's batch into ``out``; raises the error tree for what ends a run early.
+
+    ``deadline`` (``time.monotonic()``) is when the whole command must be done, checks before the run included: the
+    scheduler gets what is left of it as its ``max_runtime``.
+    """
     types = content_types(manifest)
     out.create()
     with RunLock(out.lock):
@@ -123,6 +130,8 @@ async def run_batch(
         state = read_ledger(out.ledger)
         request_log = RequestLog(out.requests, max_times=config.rate_count)
         request_log.compact(config.rate_period + 5.0)
+        if deadline is not None:
+            config = dataclasses.replace(config, max_runtime=max(0.0, deadline - time.monotonic()))
         try:
             with Ledger(out.ledger) as ledger:
                 if retry_failed and reset_failed(manifest, state, ledger):

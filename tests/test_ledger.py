@@ -602,9 +602,9 @@ def test_request_log_tolerates_torn_and_garbage_lines(tmp_path: Path, request_lo
     assert request_log.recent(60) == [990.5, 995.0, 998.0]
 
 
-def test_request_log_counts_times_ahead_of_the_clock(request_log: RequestLog) -> None:
-    request_log.record(1005.0)  # the clock stepped back
-    assert request_log.recent(60) == [1005.0]
+def test_request_log_keeps_times_just_ahead_of_the_clock(request_log: RequestLog) -> None:
+    request_log.record(1000.5)  # within the tolerance: a clock's jitter, counted
+    assert request_log.recent(60) == [1000.5]
 
 
 def test_request_log_record_is_flushed_at_once(tmp_path: Path, request_log: RequestLog) -> None:
