@@ -821,7 +821,9 @@ class Scheduler:
 
     def _result(self) -> RunResult:
         c = self.counters
-        in_flight = len(self.flights) + len(self.results.undownloaded)
+        # Paid predictions whose output is not saved yet are in flight, whether a download gave up or was cut off by the
+        # stop: the ledger has them as in flight, and the next run fetches them.
+        in_flight = len(self.flights) + len(self.results.undownloaded) + len(self.results.downloading)
         pending = len(self.ready) + len(self.delayed) + self.pending_reserved + len(self.uploads.blocked)
         stop = self.stop_reason
         if stop is None and (pending or in_flight) and self.fatal is None:
