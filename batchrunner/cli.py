@@ -33,6 +33,7 @@ from batchrunner.ledger import Ledger, read_ledger
 from batchrunner.limits import parse_duration, parse_rate
 from batchrunner.manifest import Manifest, load_manifest
 from batchrunner.output import OutputDir, RunLock
+from batchrunner.redact import Redactor, check_api_key
 from batchrunner.report import write_report
 from batchrunner.runner import Endpoint, check_input_urls, content_types, reset_failed, run_batch
 from batchrunner.scheduler import RunConfig, RunResult, Scheduler, Snapshot, StopReason
@@ -275,7 +276,34 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def _setup_logging(args: argparse.Namespace, stream: TextIO) -> None:
+class _RedactingFilter(logging.Filter):
+    """Masks the API key, and every piece of it, in each record a handler writes: the last line of defence."""
+
+    def __init__(self, redact: Redactor) -> None:
+        super().__init__()
+        self._redact = redact
+        self._formatter = logging.Formatter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        redact = self._redact
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a malformed call: logging reports it; mask what it would print
+            message = str(record.msg)
+        record.msg, record.args = redact(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self._formatter.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            record.fields = {k: redact(v) if isinstance(v, str) else v for k, v in fields.items()}
+        return True
+
+
+def _setup_logging(args: argparse.Namespace, stream: TextIO, redact: Redactor | None = None) -> None:
     root = logging.getLogger("batchrunner")
     root.handlers.clear()
     root.propagate = False
@@ -294,6 +322,8 @@ def _setup_logging(args: argparse.Namespace, stream: TextIO) -> None:
             raise UsageError(f"cannot open log file {args.log_file}: {exc.strerror}") from exc
     for h in handlers:
         h.setFormatter(fmt)
+        if redact:
+            h.addFilter(_RedactingFilter(redact))
         root.addHandler(h)
 
 
@@ -383,24 +413,31 @@ def _summary(result: RunResult, out: OutputDir) -> str:
     return ", ".join(parts) + f" -> {out.path}"
 
 
+def _api_key(simulate: bool) -> str:
+    """The key from the environment, checked before anything is opened or sent (UsageError never quotes it)."""
+    key = os.environ.get("EACHLABS_API_KEY", "")
+    if not key.strip():
+        if simulate:
+            return "simulated-key"
+        raise UsageError("EACHLABS_API_KEY is not set (export it, or pass --simulate for the built-in simulator)")
+    return check_api_key(key)
+
+
 async def _run_async(
     args: argparse.Namespace, manifest: Manifest, out: OutputDir, deadline: float | None = None
 ) -> int:
     sim: Simulator | None = None
     poll_initial = args.poll_initial
+    api_key = _api_key(args.simulate)
     if args.simulate:
         sim_config = _sim_config(args)
         sim = Simulator(sim_config)
         base_url = await sim.start()
-        api_key = os.environ.get("EACHLABS_API_KEY") or "simulated-key"
         if poll_initial is None:
             # The simulator's shortest prediction time: the demo needs no three-second prior.
             poll_initial = max(0.05, sim_config.min_seconds)
     else:
         base_url = args.api_url or os.environ.get("EACHLABS_API_URL") or DEFAULT_API_URL
-        api_key = os.environ.get("EACHLABS_API_KEY", "")
-        if not api_key.strip():
-            raise UsageError("EACHLABS_API_KEY is not set (export it, or pass --simulate for the built-in simulator)")
     count, period = args.rate_limit
     config = RunConfig(
         concurrency=args.concurrency,
@@ -482,6 +519,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not manifest.jobs:
         print(f"{args.manifest}: the manifest has no jobs; nothing to do", file=sys.stderr)
         return EXIT_OK
+    _api_key(args.simulate)  # a bad key ends the command before the URL checks spend any time
     if args.check_urls:
         try:
             asyncio.run(asyncio.wait_for(check_input_urls(manifest), _left(deadline)))
@@ -565,9 +603,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Whatever the key holds, no piece of it is written: by our handlers, by Python's last-resort one, or below.
+    redact = Redactor(os.environ.get("EACHLABS_API_KEY", "").strip())
+    if redact and logging.lastResort is not None:
+        logging.lastResort.filters.clear()
+        logging.lastResort.addFilter(_RedactingFilter(redact))
     try:
         if hasattr(args, "log_format"):
-            _setup_logging(args, sys.stderr)
+            _setup_logging(args, sys.stderr, redact)
         commands = {
             "run": cmd_run,
             "status": cmd_status,
@@ -579,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         return commands[args.command](args)
     except BatchrunnerError as exc:
-        print(f"batchrunner: {exc}", file=sys.stderr)
+        print(f"batchrunner: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("batchrunner: interrupted", file=sys.stderr)

@@ -376,17 +376,30 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# The fields that carry messages from the API or the network, the only ones that could quote the key.
+_FREE_TEXT = ("error",)
+
+
 class Ledger:
     """Appends events to the ledger file, each one flushed and (by default) fsynced before ``append`` returns.
 
     ``clock`` gives the epoch time stamped on each event; ``fsync=False`` trades crash safety for speed.
-    Any OSError becomes an OutputError carrying one line.
+    ``redact`` is applied to the free-text fields (the API's error messages), so no piece of the key they may quote
+    is written. Any OSError becomes an OutputError carrying one line.
     """
 
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        fsync: bool = True,
+        redact: Callable[[str], str] | None = None,
+    ) -> None:
         self.path = path
         self._clock = clock
         self._fsync = fsync
+        self._redact = redact
         self._fd: int | None = None
         self._torn: bool | None = None  # None: unknown, look at the file's last byte before the next write
         try:
@@ -405,6 +418,11 @@ class Ledger:
         if self._fd is None:
             raise ValueError(f"ledger {self.path} is closed")
         record: dict[str, Any] = {"ts": _format_ts(self._clock()), "event": event, **fields}
+        if self._redact is not None:
+            # Only free text: ids and fingerprints are keys of the replay, and must stay as they were written.
+            for name in _FREE_TEXT:
+                if isinstance(record.get(name), str):
+                    record[name] = self._redact(record[name])
         # Serialise before touching the file, so a field that is not JSON cannot leave half a line behind.
         line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
         try:

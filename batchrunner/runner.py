@@ -23,6 +23,7 @@ from batchrunner.images import check_urls, local_images, url_inputs
 from batchrunner.ledger import RESET, JobStatus, Ledger, LedgerState, RequestLog, read_ledger
 from batchrunner.manifest import DEFAULT_MODEL, Manifest
 from batchrunner.output import OutputDir, RunLock
+from batchrunner.redact import Redactor
 from batchrunner.scheduler import RunConfig, RunResult, Scheduler, Snapshot
 from batchrunner.schema import cached_schema_path, load_cached_schema, save_cached_schema, validate_input
 
@@ -133,7 +134,7 @@ async def run_batch(
         if deadline is not None:
             config = dataclasses.replace(config, max_runtime=max(0.0, deadline - time.monotonic()))
         try:
-            with Ledger(out.ledger) as ledger:
+            with Ledger(out.ledger, redact=Redactor(endpoint.api_key)) as ledger:
                 if retry_failed and reset_failed(manifest, state, ledger):
                     state = read_ledger(out.ledger)
                 ledger.append("run_started", pid=os.getpid(), jobs=len(manifest.jobs))
