@@ -32,7 +32,7 @@ from batchrunner.errors import BatchrunnerError, UsageError
 from batchrunner.ledger import Ledger, read_ledger
 from batchrunner.limits import parse_duration, parse_rate
 from batchrunner.manifest import Manifest, load_manifest
-from batchrunner.output import OutputDir, RunLock
+from batchrunner.output import OutputDir, RunLock, describe_os_error
 from batchrunner.redact import Redactor, check_api_key
 from batchrunner.report import write_report
 from batchrunner.runner import Endpoint, check_input_urls, content_types, reset_failed, run_batch
@@ -87,6 +87,16 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535 (0: any free one), not {text!r}")
+    return value
 
 
 def _rate(text: str) -> tuple[int, float]:
@@ -185,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="serve the built-in API simulator for experiments")
     sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8787)
+    sim.add_argument("--port", type=_port, default=8787)
     _simulator_options(sim)
     return parser
 
@@ -303,6 +313,27 @@ class _RedactingFilter(logging.Filter):
         return True
 
 
+class _LogFile(logging.FileHandler):
+    """The ``--log-file``. When it cannot be written mid-run (a full disk, a vanished mount) that is said once, on the
+    other handlers, and the file gets no more lines: a run does not give up paid work because its log broke."""
+
+    broken = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.broken:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.broken:
+            return
+        self.broken = True
+        exc = sys.exc_info()[1]
+        reason = describe_os_error(exc) if isinstance(exc, OSError) else type(exc).__name__
+        with contextlib.suppress(Exception):
+            self.close()  # flushing again may fail the same way
+        log.error("cannot write log file %s: %s; logging on to stderr only, the run goes on", self.baseFilename, reason)
+
+
 def _setup_logging(args: argparse.Namespace, stream: TextIO, redact: Redactor | None = None) -> None:
     root = logging.getLogger("batchrunner")
     root.handlers.clear()
@@ -317,9 +348,9 @@ def _setup_logging(args: argparse.Namespace, stream: TextIO, redact: Redactor | 
     if args.log_file is not None:
         try:
             args.log_file.parent.mkdir(parents=True, exist_ok=True)
-            handlers.append(logging.FileHandler(args.log_file, encoding="utf-8"))
+            handlers.append(_LogFile(args.log_file, encoding="utf-8"))
         except OSError as exc:
-            raise UsageError(f"cannot open log file {args.log_file}: {exc.strerror}") from exc
+            raise UsageError(f"cannot open log file {args.log_file}: {describe_os_error(exc)}") from exc
     for h in handlers:
         h.setFormatter(fmt)
         if redact:
@@ -595,8 +626,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     def ready(url: str) -> None:
         print(f"simulator listening on {url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_forever(config, args.host, args.port, ready=ready))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve_forever(config, args.host, args.port, ready=ready))
+    except OSError as exc:  # a busy port, a host that is not this machine's, a privileged port
+        # asyncio words a bind error at length, address included: the errno says it in the usual words.
+        reason = os.strerror(exc.errno) if isinstance(exc.errno, int) and exc.errno > 0 else describe_os_error(exc)
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {reason}") from None
     return EXIT_OK
 
 
