@@ -33,7 +33,8 @@ from batchrunner.errors import BatchrunnerError, UsageError
 from batchrunner.ledger import Ledger, read_ledger
 from batchrunner.limits import parse_duration, parse_rate
 from batchrunner.manifest import Manifest, load_manifest
-from batchrunner.output import OutputDir, RunLock
+from batchrunner.output import OutputDir, RunLock, describe_os_error
+from batchrunner.redact import Redactor, check_api_key
 from batchrunner.report import write_report
 from batchrunner.runner import Endpoint, check_before_paying, check_input_urls, content_types, reset_failed, run_batch
 from batchrunner.scheduler import RunConfig, RunResult, Scheduler, Snapshot, StopReason
@@ -323,7 +324,55 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def _setup_logging(args: argparse.Namespace, stream: TextIO) -> None:
+class _RedactingFilter(logging.Filter):
+    """Masks the API key, and every piece of it, in each record a handler writes: the last line of defence."""
+
+    def __init__(self, redact: Redactor) -> None:
+        super().__init__()
+        self._redact = redact
+        self._formatter = logging.Formatter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        redact = self._redact
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a malformed call: logging reports it; mask what it would print
+            message = str(record.msg)
+        record.msg, record.args = redact(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self._formatter.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            record.fields = {k: redact(v) if isinstance(v, str) else v for k, v in fields.items()}
+        return True
+
+
+class _LogFile(logging.FileHandler):
+    """The ``--log-file``. When it cannot be written mid-run (a full disk, a vanished mount) that is said once, on the
+    other handlers, and the file gets no more lines: a run does not give up paid work because its log broke."""
+
+    broken = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.broken:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.broken:
+            return
+        self.broken = True
+        exc = sys.exc_info()[1]
+        reason = describe_os_error(exc) if isinstance(exc, OSError) else type(exc).__name__
+        with contextlib.suppress(Exception):
+            self.close()  # flushing again may fail the same way
+        log.error("cannot write log file %s: %s; logging on to stderr only, the run goes on", self.baseFilename, reason)
+
+
+def _setup_logging(args: argparse.Namespace, stream: TextIO, redact: Redactor | None = None) -> None:
     root = logging.getLogger("batchrunner")
     root.handlers.clear()
     root.propagate = False
@@ -337,11 +386,13 @@ def _setup_logging(args: argparse.Namespace, stream: TextIO) -> None:
     if args.log_file is not None:
         try:
             args.log_file.parent.mkdir(parents=True, exist_ok=True)
-            handlers.append(logging.FileHandler(args.log_file, encoding="utf-8"))
+            handlers.append(_LogFile(args.log_file, encoding="utf-8"))
         except OSError as exc:
-            raise UsageError(f"cannot open log file {args.log_file}: {exc.strerror}") from exc
+            raise UsageError(f"cannot open log file {args.log_file}: {describe_os_error(exc)}") from exc
     for h in handlers:
         h.setFormatter(fmt)
+        if redact:
+            h.addFilter(_RedactingFilter(redact))
         root.addHandler(h)
 
 
@@ -435,14 +486,26 @@ def _summary(result: RunResult, out: OutputDir) -> str:
     return ", ".join(parts) + f" -> {out.path}"
 
 
-async def _run_async(args: argparse.Namespace, manifest: Manifest, out: OutputDir) -> int:
+def _api_key(simulate: bool) -> str:
+    """The key from the environment, checked before anything is opened or sent (UsageError never quotes it)."""
+    key = os.environ.get("EACHLABS_API_KEY", "")
+    if not key.strip():
+        if simulate:
+            return "simulated-key"
+        raise UsageError("EACHLABS_API_KEY is not set (export it, or pass --simulate for the built-in simulator)")
+    return check_api_key(key)
+
+
+async def _run_async(
+    args: argparse.Namespace, manifest: Manifest, out: OutputDir, deadline: float | None = None
+) -> int:
     sim: Simulator | None = None
     poll_initial, reconcile_wait = args.poll_initial, args.reconcile_wait
+    api_key = _api_key(args.simulate)
     if args.simulate:
         sim_config = _sim_config(args)
         sim = Simulator(sim_config)
         base_url = await sim.start()
-        api_key = os.environ.get("EACHLABS_API_KEY") or "simulated-key"
         if reconcile_wait is None:
             # The simulator lists a prediction the moment it is made (unless told to lag).
             reconcile_wait = max(0.05, sim_config.min_seconds)
@@ -451,9 +514,6 @@ async def _run_async(args: argparse.Namespace, manifest: Manifest, out: OutputDi
             poll_initial = max(0.05, sim_config.min_seconds)
     else:
         base_url = args.api_url or os.environ.get("EACHLABS_API_URL") or DEFAULT_API_URL
-        api_key = os.environ.get("EACHLABS_API_KEY", "")
-        if not api_key.strip():
-            raise UsageError("EACHLABS_API_KEY is not set (export it, or pass --simulate for the built-in simulator)")
     count, period = args.rate_limit
     config = RunConfig(
         concurrency=args.concurrency,
@@ -491,6 +551,7 @@ async def _run_async(args: argparse.Namespace, manifest: Manifest, out: OutputDi
             retry_failed=args.retry_failed,
             on_progress=progress,
             on_scheduler=_install_signals,
+            deadline=deadline,
         )
     finally:
         progress.close()
@@ -528,14 +589,25 @@ def _remove_signals() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # --max-runtime holds for the whole command: the checks before the run spend from it too.
+    deadline = None if args.max_runtime is None else time.monotonic() + args.max_runtime
     manifest = _load(args)
     out = _output_dir(args)
     if not manifest.jobs:
         print(f"{args.manifest}: the manifest has no jobs; nothing to do", file=sys.stderr)
         return EXIT_OK
+    _api_key(args.simulate)  # a bad key ends the command before the URL checks spend any time
     if args.check_urls:
-        asyncio.run(check_input_urls(manifest))
-    return asyncio.run(_run_async(args, manifest, out))
+        try:
+            asyncio.run(asyncio.wait_for(check_input_urls(manifest), _left(deadline)))
+        except TimeoutError:
+            log.warning("--max-runtime reached while checking input URLs; nothing was submitted")
+            return EXIT_INCOMPLETE
+    return asyncio.run(_run_async(args, manifest, out, deadline))
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -603,17 +675,27 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     def ready(url: str) -> None:
         print(f"simulator listening on {url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_forever(config, args.host, args.port, ready=ready))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve_forever(config, args.host, args.port, ready=ready))
+    except OSError as exc:  # a busy port, a host that is not this machine's, a privileged port
+        # asyncio words a bind error at length, address included: the errno says it in the usual words.
+        reason = os.strerror(exc.errno) if isinstance(exc.errno, int) and exc.errno > 0 else describe_os_error(exc)
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {reason}") from None
     return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Whatever the key holds, no piece of it is written: by our handlers, by Python's last-resort one, or below.
+    redact = Redactor(os.environ.get("EACHLABS_API_KEY", "").strip())
+    if redact and logging.lastResort is not None:
+        logging.lastResort.filters.clear()
+        logging.lastResort.addFilter(_RedactingFilter(redact))
     try:
         if hasattr(args, "log_format"):
-            _setup_logging(args, sys.stderr)
+            _setup_logging(args, sys.stderr, redact)
         commands = {
             "run": cmd_run,
             "status": cmd_status,
@@ -625,7 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         return commands[args.command](args)
     except BatchrunnerError as exc:
-        print(f"batchrunner: {exc}", file=sys.stderr)
+        print(f"batchrunner: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("batchrunner: interrupted", file=sys.stderr)

@@ -8,13 +8,14 @@ downloads of outputs and the PUT of an upload go to other hosts and are not coun
 
 The API key travels only in the headers of API-host requests, never to a CDN or an upload host: as
 ``Authorization: Bearer KEY`` (the documented header) and as ``X-API-Key`` beside it (what the model page and the
-official clients send). It is replaced by ``***`` in every message this module builds.
+official clients send). It, and every piece of it that could identify it, is masked in every message this module builds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import email.utils
+import functools
 import importlib.metadata
 import json
 import math
@@ -45,6 +46,7 @@ from batchrunner.errors import (
     ServerError,
     UsageError,
 )
+from batchrunner.redact import Redactor
 
 __all__ = [
     "DEFAULT_API_URL",
@@ -62,16 +64,12 @@ __all__ = [
     "parse_execution",
     "parse_prediction",
     "parse_retry_after",
-    "redact",
 ]
 
 DEFAULT_API_URL = "https://api.eachlabs.ai"
 MAX_DOWNLOAD_BYTES = 100 * 1024 * 1024
 # An API answer is a few kB (a listing page of 100 rows some tens of kB): anything far larger is refused unread.
 MAX_API_BODY_BYTES = 8 * 1024 * 1024
-# The longest run of the key's characters that may appear in a message: any longer piece of it is masked, so a server
-# that echoes a cut-off copy of a header cannot put the key in a log.
-_KEY_PIECE = 6
 
 # Failure codes that say nothing about the job itself: the provider or the API was busy or slow, so the same
 # input is worth a new prediction after a backoff. They decide only when a failure envelope has no ``retryable``
@@ -394,36 +392,14 @@ class _Progress:
     expected: int | None = None
 
 
-def redact(text: str, secret: str, piece: int = _KEY_PIECE) -> str:
-    """``text`` with the key, and every run of more than ``piece`` of its characters in order, masked as ``***``.
-
-    A server that echoes a header cut short (or a key split across a line) would otherwise leak a prefix or a part
-    of it; a piece of ``piece`` characters or fewer says nothing useful about a key of dozens.
-    """
-    if not secret or not text:
-        return text
-    if len(secret) <= piece:
-        return text.replace(secret, "***")
-    covered = bytearray(len(text))
-    for start in range(len(secret) - piece):
-        sub = secret[start : start + piece + 1]
-        at = text.find(sub)
-        while at != -1:
-            covered[at : at + len(sub)] = b"\x01" * len(sub)
-            at = text.find(sub, at + 1)
-    if not any(covered):
-        return text
-    out: list[str] = []
-    for i, ch in enumerate(text):
-        if not covered[i]:
-            out.append(ch)
-        elif i == 0 or not covered[i - 1]:
-            out.append("***")
-    return "".join(out)
+@functools.lru_cache(maxsize=4)
+def _redactor(secret: str) -> Redactor:
+    return Redactor(secret)
 
 
 def _redact(text: str, secret: str) -> str:
-    return redact(text, secret)
+    """``text`` with the key and every piece of it that could identify it masked (see redact.py)."""
+    return _redactor(secret)(text) if secret else text
 
 
 def _snippet(body: bytes | str, secret: str) -> str:

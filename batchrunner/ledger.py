@@ -30,13 +30,20 @@ version wrote the ledger): it is counted in ``lost_answers``, the creates possib
 
 ``RequestLog`` (``<output>/requests.log``) remembers when API requests were made, so a restarted run does not
 burst past a rate window that the killed run partly used.
+
+Both files are the output folder's own: opened without following a link, and only as regular files (``files.py``).
+Reading holds one line of at most ``MAX_LINE`` bytes at a time (a longer one is a bad line), and the request log is
+read from its tail only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -47,6 +54,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from batchrunner.errors import OutputError
+from batchrunner.files import MAX_LINE, BoundedLines, open_own, read_tail
 
 __all__ = [
     "CREATE_FAILED",
@@ -82,6 +90,8 @@ RESET = "reset"
 UPLOADED = "uploaded"
 RUN_STARTED = "run_started"
 RUN_FINISHED = "run_finished"
+
+log = logging.getLogger("batchrunner")
 
 
 class JobStatus(StrEnum):
@@ -337,22 +347,33 @@ def replay(lines: Iterable[str | bytes]) -> LedgerState:
     return LedgerState(jobs, uploads, durations, spend, bad_lines, lost_answers, recovered, predictions)
 
 
-def read_ledger(path: Path) -> LedgerState:
-    """Replay the ledger at ``path``, streaming it line by line; a missing file is an empty ledger."""
+def read_ledger(path: Path, *, max_line: int = MAX_LINE) -> LedgerState:
+    """Replay the ledger at ``path``, streaming it line by line; a missing file is an empty ledger.
+
+    A line longer than ``max_line`` bytes is skipped and counted in ``bad_lines``; no more than one line is held in
+    memory. A link or a special file in the ledger's place is an OutputError, never followed or read.
+    """
     try:
-        # Binary: lines split on b"\n" only, and bytes that are not UTF-8 make a bad line, not an error.
-        with path.open("rb") as lines:
-            return replay(lines)
+        fd = open_own(path, os.O_RDONLY)
     except FileNotFoundError:
         return LedgerState()
     except OSError as exc:
         raise OutputError(f"cannot read ledger {path}: {exc.strerror or exc}") from exc
+    try:
+        # Binary: lines split on b"\n" only, and bytes that are not UTF-8 make a bad line, not an error.
+        with os.fdopen(fd, "rb") as source:
+            lines = BoundedLines(source, max_line)
+            state = replay(lines)
+    except OSError as exc:
+        raise OutputError(f"cannot read ledger {path}: {exc.strerror or exc}") from exc
+    state.bad_lines += lines.overlong
+    return state
 
 
 def _open_append(path: Path) -> tuple[int, bool]:
     """Open ``path`` for appending (creating it); return the descriptor and whether it ends in a torn line."""
     flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
-    fd = os.open(path, flags, 0o644)
+    fd = open_own(path, flags, 0o644)
     try:
         return fd, _ends_torn(fd)
     except BaseException:
@@ -362,7 +383,7 @@ def _open_append(path: Path) -> tuple[int, bool]:
 
 def _ends_torn(fd: int) -> bool:
     size = os.fstat(fd).st_size
-    if size == 0:  # also every character device, such as /dev/full
+    if size == 0:
         return False
     os.lseek(fd, size - 1, os.SEEK_SET)  # reads honour the offset; O_APPEND writes still go to the end
     return os.read(fd, 1) != b"\n"
@@ -388,17 +409,30 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# The fields that carry messages from the API or the network, the only ones that could quote the key.
+_FREE_TEXT = ("error",)
+
+
 class Ledger:
     """Appends events to the ledger file, each one flushed and (by default) fsynced before ``append`` returns.
 
     ``clock`` gives the epoch time stamped on each event; ``fsync=False`` trades crash safety for speed.
-    Any OSError becomes an OutputError carrying one line.
+    ``redact`` is applied to the free-text fields (the API's error messages), so no piece of the key they may quote
+    is written. Any OSError becomes an OutputError carrying one line.
     """
 
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        fsync: bool = True,
+        redact: Callable[[str], str] | None = None,
+    ) -> None:
         self.path = path
         self._clock = clock
         self._fsync = fsync
+        self._redact = redact
         self._fd: int | None = None
         self._torn: bool | None = None  # None: unknown, look at the file's last byte before the next write
         try:
@@ -417,6 +451,11 @@ class Ledger:
         if self._fd is None:
             raise ValueError(f"ledger {self.path} is closed")
         record: dict[str, Any] = {"ts": _format_ts(self._clock()), "event": event, **fields}
+        if self._redact is not None:
+            # Only free text: ids and fingerprints are keys of the replay, and must stay as they were written.
+            for name in _FREE_TEXT:
+                if isinstance(record.get(name), str):
+                    record[name] = self._redact(record[name])
         # Serialise before touching the file, so a field that is not JSON cannot leave half a line behind.
         line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
         try:
@@ -451,18 +490,28 @@ class Ledger:
         self.close()
 
 
+# Request times ahead of the clock by more than this are no clock's jitter: the clock stepped back, or the file is
+# corrupt. Counted, such a time would hold the window shut until it passed (forever, for 1e308).
+FUTURE_TOLERANCE = 1.0
+# A time as this runner writes it takes about 20 bytes: the tail read gives room for ``max_times`` of them.
+_BYTES_PER_TIME = 32
+
+
 class RequestLog:
     """When API requests were made: one epoch time per line, appended as each request goes out.
 
     Written without fsync: it only has to survive the process being killed (the kernel keeps what was
-    written); after a reboot the rate window it protects has long passed.
+    written); after a reboot the rate window it protects has long passed. Read from its tail only: of the
+    times in a window only the latest ``max_times`` (the window's count) can decide a delay.
     """
 
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time, max_times: int = 1000) -> None:
         self.path = path
         self._clock = clock
+        self._max_bytes = max(1, max_times) * _BYTES_PER_TIME + 4096
         self._fd: int | None = None
         self._torn = False
+        self._warned = False
 
     def _error(self, exc: OSError, verb: str = "write") -> OutputError:
         return OutputError(f"cannot {verb} request log {self.path}: {exc.strerror or exc}")
@@ -470,21 +519,41 @@ class RequestLog:
     def recent(self, period: float) -> list[float]:
         """The request times (epoch seconds, ascending) within the last ``period`` seconds.
 
-        Torn or garbage lines are skipped. Times in the future (the clock stepped back) are kept: counting a
-        request too many only makes the limiter more careful.
+        Torn or garbage lines are skipped. Times more than ``FUTURE_TOLERANCE`` ahead of the clock (a clock
+        stepped back, a corrupt file) are dropped, with one warning per log: each would hold the rate window
+        shut until it came.
         """
-        cutoff = self._clock() - period
-        return [when for when in self._read() if when >= cutoff]
+        now = self._clock()
+        cutoff, latest = now - period, now + FUTURE_TOLERANCE
+        times = self._read()
+        ahead = sum(1 for when in times if when > latest)
+        if ahead and not self._warned:
+            self._warned = True
+            log.warning(
+                "%s: ignoring %d request time%s later than now (the clock stepped back, or the file is corrupt)",
+                self.path,
+                ahead,
+                "" if ahead == 1 else "s",
+            )
+        return [when for when in times if cutoff <= when <= latest]
 
     def _read(self) -> list[float]:
         try:
-            data = self.path.read_bytes()
+            fd = open_own(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return []
         except OSError as exc:
             raise self._error(exc, "read") from exc
+        try:
+            data = read_tail(fd, self._max_bytes)
+        except OSError as exc:
+            raise self._error(exc, "read") from exc
+        finally:
+            os.close(fd)
         times: list[float] = []
         for raw in data.split(b"\n"):
+            if len(raw) > 64:
+                continue  # no time is written this long; float() of a huge digit string is slow
             try:
                 when = float(raw)
             except ValueError:
@@ -510,13 +579,20 @@ class RequestLog:
         """Rewrite the file atomically, keeping only the times within the last ``period`` seconds."""
         keep = self.recent(period)
         self.close()  # the open descriptor would keep appending to the replaced file
-        if not keep and not self.path.exists():
+        if not keep and not os.path.lexists(self.path):
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        # A fresh name, created exclusively and not through a link: nothing but this file is written.
+        tmp = self.path.with_name(f"{self.path.name}.{secrets.token_hex(4)}.tmp")
         try:
-            tmp.write_bytes("".join(f"{when!r}\n" for when in keep).encode())
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            try:
+                _write_all(fd, "".join(f"{when!r}\n" for when in keep).encode())
+            finally:
+                os.close(fd)
             os.replace(tmp, self.path)
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise self._error(exc) from exc
 
     def close(self) -> None:

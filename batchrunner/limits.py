@@ -30,6 +30,7 @@ __all__ = [
     "default_margin",
     "parse_duration",
     "parse_rate",
+    "seed_history",
 ]
 
 
@@ -57,6 +58,19 @@ def answer_margin(period: float) -> float:
     return min(0.001 * period + 0.005, 1.0)
 
 
+def seed_history(stamps: Iterable[float], *, now: float, wall_now: float, late: float) -> list[float]:
+    """A request log's send times (wall clock) as grant times on the loop clock, for ``SlidingWindow(history=...)``.
+
+    Each send counts as answered ``late`` seconds after it (the log has no answer times), but never later than
+    ``now``: a time ahead of the clock (a clock stepped back, a corrupt file) then counts as a request made just
+    now, so a limiter seeded with these never waits longer than one window, whatever the file holds. A request a
+    killed run sent before this run started was stamped by the server before now, so ``now`` still bounds it.
+    Times that are not finite numbers are left out.
+    """
+    offset = now - wall_now + late
+    return [min(now, stamp + offset) for stamp in stamps if math.isfinite(stamp)]
+
+
 def _wait_until(now: float, target: float) -> float:
     """The delay d >= 0 with ``now + d >= target`` in floating point: sleeping d, then taking, is allowed.
 
@@ -75,9 +89,10 @@ class SlidingWindow:
     """At most ``count`` grants in any half-open interval of length ``period`` + ``margin``.
 
     ``history`` holds earlier grant times on the same clock as ``now`` (for example from a killed run's
-    request log); they count like grants taken here. Only the latest ``count`` recorded times are kept: an
-    older one can never decide a delay. Grants are taken in time order, so a grant is never allowed before
-    the latest one taken.
+    request log, through ``seed_history``); they count like grants taken here. Only the latest ``count``
+    recorded times are kept: an older one can never decide a delay. Grants are taken in time order, so a
+    grant is never allowed before the latest one taken. While no grant is recorded later than ``now``,
+    ``delay(now)`` is at most one ``window`` (or inf while only answers can make room).
 
     A grant taken with ``pending=True`` is a request on the wire: it counts as inside every window until
     ``settle(ticket, at)`` records it at ``at``, the time its answer came back. The server stamped the

@@ -1,7 +1,9 @@
 """The output folder: the run lock, atomic image files, and the checks that keep files inside the folder.
 
 Disk errors are translated to ``OutputError`` here, so a full disk or a read-only folder ends the run with one line and
-a ledger that the next run reads.
+a ledger that the next run reads. The folder's own files are opened through ``files.open_own``: a symbolic link or a
+special file in the place of the lock or the partial-download area is refused, never followed. An image is renamed
+into place, which replaces whatever link may have held its name and never writes through it.
 """
 
 from __future__ import annotations
@@ -22,14 +24,19 @@ from typing import IO, BinaryIO
 from PIL import Image, UnidentifiedImageError
 
 from batchrunner.errors import DownloadRejected, LockHeld, OutputError
+from batchrunner.files import check_own, open_own, read_small
 
 LEDGER_NAME = "ledger.jsonl"
 REQUESTS_NAME = "requests.log"
 LOCK_NAME = ".batchrunner.lock"
 PARTIAL_DIR = ".partial"
 
+# The lock file holds one short JSON line; more is not ours to read.
+_MAX_LOCK_BYTES = 4096
+
 # Pillow's format name -> the extension the file gets.
 IMAGE_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif"}
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def describe_os_error(exc: OSError) -> str:
@@ -71,25 +78,30 @@ class OutputDir:
             raise OutputError(f"cannot create output folder {self.path}: {describe_os_error(exc)}") from exc
 
     def prepare(self) -> None:
-        """Create the folder (and its partial-download area), and clear what a killed run left half-written."""
+        """Create the folder (and its partial-download area), and clear what a killed run left half-written.
+
+        ``.partial`` must be the folder's own directory: a link there would have every file it points to deleted, so
+        it is refused (OutputError) rather than followed; what is cleared inside it is unlinked, never followed.
+        """
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            self.partial.mkdir(exist_ok=True)
-            for leftover in self.partial.iterdir():
-                leftover.unlink(missing_ok=True)
-            probe = self.path / f".probe-{os.getpid()}"
-            probe.write_bytes(b"")
+            if not check_own(self.partial, directory=True):
+                self.partial.mkdir()
+            _clear_partial(self.partial)
+            probe = self.path / f".probe-{os.getpid()}-{secrets.token_hex(4)}"
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644))
             probe.unlink()
         except OSError as exc:
             raise OutputError(f"cannot write to output folder {self.path}: {describe_os_error(exc)}") from exc
 
     def file_for(self, job_id: str, ext: str) -> Path:
-        """The final path of a job's image; refuses anything that would land outside the folder."""
+        """The final path of a job's image; refuses any name that would land outside the folder.
+
+        Checked on the name alone: the image is renamed into place, and a rename replaces a link of that name instead
+        of following it, so a link planted there cannot send the file elsewhere.
+        """
         name = f"{job_id}.{ext}"
         if "/" in name or "\\" in name or "\x00" in name or name.startswith("."):
-            raise OutputError(f"refusing output file name {name!r}: it would escape {self.path}")
-        target = (self.path / name).resolve()
-        if target.parent != self.path.resolve():
             raise OutputError(f"refusing output file name {name!r}: it would escape {self.path}")
         return self.path / name
 
@@ -110,14 +122,17 @@ class RunLock:
 
     def acquire(self) -> None:
         try:
-            handle = open(self._path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
+            fd = open_own(self._path, os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             raise OutputError(f"cannot open lock file {self._path}: {describe_os_error(exc)}") from exc
+        handle = os.fdopen(fd, "r+", encoding="utf-8")  # held for the whole run
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = _read_holder(handle.read())
+            try:
+                holder = _read_holder(read_small(handle.fileno(), _MAX_LOCK_BYTES))
+            except OSError:
+                holder = "pid unknown"
             handle.close()
             raise LockHeld(f"another run holds {self._path.parent} ({holder}); exiting") from None
         except OSError as exc:
@@ -145,12 +160,30 @@ class RunLock:
         self.release()
 
 
-def _read_holder(text: str) -> str:
+def _read_holder(data: bytes | None) -> str:
+    # Whatever the file holds, only a short, well-formed line is shown: it ends up in the one-line message.
     try:
-        info = json.loads(text)
-        return f"pid {int(info['pid'])}, started {info['started']}"
-    except (ValueError, KeyError, TypeError):
+        info = json.loads(data or b"")
+        pid, started = int(info["pid"]), str(info["started"])
+    except (ValueError, KeyError, TypeError, RecursionError):
         return "pid unknown"
+    if len(started) > 40 or not started.isprintable():
+        started = "at an unknown time"
+    return f"pid {pid}, started {started}"
+
+
+def _clear_partial(partial: Path) -> None:
+    """Unlink what a killed run left in ``partial`` (opened without following a link, as the folder's own)."""
+    fd = os.open(partial, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW)
+    try:
+        with os.scandir(fd) as entries:
+            names = [entry.name for entry in entries if not entry.is_dir(follow_symlinks=False)]
+        for name in names:
+            # Relative to the open folder: a name is unlinked there, whatever link it may be.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 def image_extension(path: Path) -> str:
@@ -183,7 +216,8 @@ async def save_download(
     try:
         try:
             # A local file opened once per download; the chunks the client writes are small, so the loop is not held.
-            with open(tmp, "wb") as sink:  # noqa: ASYNC230
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+            with os.fdopen(fd, "wb") as sink:
                 await fetch(sink)
                 sink.flush()
                 os.fsync(sink.fileno())

@@ -48,11 +48,23 @@ class Results:
         self._retry = retry  # try the job again after this many seconds
         self.downloads = asyncio.Semaphore(config.download_concurrency)
         self.undownloaded: list[str] = []  # jobs whose prediction succeeded but whose output could not be fetched
+        self.downloading: set[str] = set()  # predictions whose output is being fetched (or was, when the run stopped)
 
     async def download(
         self, flight: Flight, prediction: Prediction, duration: float | None, *, client: Client, out: OutputDir
     ) -> None:
-        """Fetch a succeeded prediction's output into ``out`` and record it; a paid output is never given up as lost."""
+        """Fetch a succeeded prediction's output into ``out`` and record it; a paid output is never given up as lost.
+
+        While it runs the prediction is in ``downloading``; a download cut off by the run's stop stays there, so the
+        run's account counts it in flight, as the ledger does.
+        """
+        self.downloading.add(flight.prediction_id)
+        await self._download(flight, prediction, duration, client=client, out=out)
+        self.downloading.discard(flight.prediction_id)
+
+    async def _download(
+        self, flight: Flight, prediction: Prediction, duration: float | None, *, client: Client, out: OutputDir
+    ) -> None:
         url = prediction.urls[0]
         last: ApiError | None = None
         for attempt in range(1, MAX_DOWNLOAD_TRIES + 1):

@@ -7,6 +7,7 @@ resources are opened and closed, so that every check that can fail does so befor
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -19,12 +20,14 @@ import aiohttp
 from batchrunner.client import Client
 from batchrunner.errors import ApiError, ManifestError, UsageError
 from batchrunner.filenames import check_output_names
+from batchrunner.files import check_own
 from batchrunner.images import check_url_hosts, check_urls, local_images, url_inputs
 from batchrunner.ledger import RESET, JobStatus, Ledger, LedgerState, RequestLog, read_ledger
 from batchrunner.manifest import DEFAULT_MODEL, Manifest
 from batchrunner.output import OutputDir, RunLock
+from batchrunner.redact import Redactor
 from batchrunner.scheduler import RunConfig, RunResult, Scheduler, Snapshot
-from batchrunner.schema import load_cached_schema, save_cached_schema, validate_input
+from batchrunner.schema import cached_schema_path, load_cached_schema, save_cached_schema, validate_input
 
 log = logging.getLogger("batchrunner")
 
@@ -99,6 +102,8 @@ async def check_schema(manifest: Manifest, out: OutputDir, scheduler: Scheduler)
     SCHEMA_TIME_LIMIT, after which the remaining jobs go unchecked with a warning."""
     if manifest.model == DEFAULT_MODEL:
         return
+    # The cache is the folder's own file: a link or a pipe in its place is refused here, not followed or waited on.
+    check_own(cached_schema_path(out.path, manifest.model))
     schema = load_cached_schema(out.path, manifest.model)
     if schema is None:
         try:
@@ -139,8 +144,13 @@ async def run_batch(
     retry_failed: bool = False,
     on_progress: Callable[[Snapshot], None] | None = None,
     on_scheduler: Callable[[Scheduler], None] | None = None,
+    deadline: float | None = None,
 ) -> tuple[RunResult, Scheduler]:
-    """Run a manifest's batch into ``out``; raises the error tree for what ends a run early."""
+    """Run a manifest's batch into ``out``; raises the error tree for what ends a run early.
+
+    ``deadline`` (``time.monotonic()``) is when the whole command must be done, checks before the run included: the
+    scheduler gets what is left of it as its ``max_runtime``.
+    """
     types = content_types(manifest)
     out.create()
     with RunLock(out.lock):
@@ -148,10 +158,12 @@ async def run_batch(
         state = read_ledger(out.ledger)
         check_before_paying(manifest, out, state, endpoint.base_url)
         out.prepare()
-        request_log = RequestLog(out.requests)
+        request_log = RequestLog(out.requests, max_times=config.rate_count)
         request_log.compact(config.rate_period + 5.0)
+        if deadline is not None:
+            config = dataclasses.replace(config, max_runtime=max(0.0, deadline - time.monotonic()))
         try:
-            with Ledger(out.ledger) as ledger:
+            with Ledger(out.ledger, redact=Redactor(endpoint.api_key)) as ledger:
                 if retry_failed and reset_failed(manifest, state, ledger):
                     state = read_ledger(out.ledger)
                 ledger.append("run_started", pid=os.getpid(), jobs=len(manifest.jobs))

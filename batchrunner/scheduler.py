@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 from batchrunner.client import Client, Phase, Prediction
 from batchrunner.errors import (
     ApiError,
+    ApiTimeout,
     AuthError,
     BatchrunnerError,
     InputImageError,
@@ -56,7 +57,7 @@ from batchrunner.ledger import (
     LedgerState,
     RequestLog,
 )
-from batchrunner.limits import InFlightGate, SlidingWindow, answer_margin, default_margin
+from batchrunner.limits import InFlightGate, SlidingWindow, answer_margin, default_margin, seed_history
 from batchrunner.manifest import Job, Manifest
 from batchrunner.output import OutputDir, describe_os_error
 from batchrunner.policy import (
@@ -141,7 +142,9 @@ class Scheduler:
         self.delayed: list[tuple[float, Job]] = []
         self.creates_this_run = 0
         self.create_retries: dict[str, int] = {}
-        self.durations: list[float] = list(state.durations[-500:])
+        # A ledger's durations past the job timeout (or below zero) are corrupt or from another configuration; kept, one
+        # of 1e300 s would hold a lost create's slot and push every deadline out of reach.
+        self.durations: list[float] = [d for d in state.durations if 0.0 <= d <= config.job_timeout][-500:]
         self.plan: PollPlan = self._new_plan()
         self.sorted_durations: list[float] = sorted(self.durations)
         self.stop_reason: StopReason | None = None
@@ -151,6 +154,7 @@ class Scheduler:
         self.wake = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
         self.started = 0.0
+        self._begun = False
         self.deadline: float | None = None
         self.uploads = Uploads(config, ledger, content_types, rng=self._rng, clock=self.now)
         self.results = Results(ledger, state, self.counters, config, rng=self._rng, retry=self._retry_later)
@@ -246,7 +250,9 @@ class Scheduler:
         hold = doubt_hold(self.durations, self.config.poll_initial)
         for st in self.state.jobs.values():
             if st.doubt_open and st.doubt_at is not None and st.fingerprint not in jobs_by_fp:
-                release_at = now - (wall_now - st.doubt_at) + hold
+                # An intent stamped in the future (a clock stepped back, an edited ledger) counts as made now: its
+                # slot is held for one hold at most, not until that future comes.
+                release_at = now - max(0.0, wall_now - st.doubt_at) + hold
                 if release_at > now:
                     self.phantoms.append(release_at)
                     self.gate.in_flight += 1
@@ -265,7 +271,7 @@ class Scheduler:
             late = default_margin(self.config.rate_period)
             recent = self.request_log.recent(self.config.rate_period + self.window.margin + late)
             if recent:
-                history = [now - (wall_now - w) + late for w in recent]
+                history = seed_history(recent, now=now, wall_now=wall_now, late=late)
                 self.window = SlidingWindow(
                     self.config.rate_count, self.config.rate_period, margin=self.window.margin, history=history
                 )
@@ -280,11 +286,18 @@ class Scheduler:
         return None
 
     # ----------------------------------------------------------------------------------------------- the run
-    async def run(self) -> RunResult:
-        """Run until every job is done or failed, or a stop condition ends the run; returns the account."""
+    def _begin(self) -> None:
+        """Start the run's clock, once: ``--max-runtime`` counts from the first wait or request, the schema's too."""
+        if self._begun:
+            return
+        self._begun = True
         self.started = self.now()
         if self.config.max_runtime is not None:
             self.deadline = self.started + self.config.max_runtime
+
+    async def run(self) -> RunResult:
+        """Run until every job is done or failed, or a stop condition ends the run; returns the account."""
+        self._begin()
         self._load()
         self._progress()
         try:
@@ -294,17 +307,31 @@ class Scheduler:
         return self._result()
 
     async def fetch_schema(self, slug: str) -> Mapping[str, Any] | None:
-        """Fetch a model's input schema before the run, within the same request window."""
+        """Fetch a model's input schema before the run, within the same request window and the run's deadline.
+
+        Raises ApiTimeout when the deadline comes first; the run that follows then stops at once.
+        """
+        self._begin()
         self._seed_window()
         # Before the run nothing is on the wire, so the delay is finite; a timer may fire a little early: ask again.
-        while (delay := self.window.delay(self.now())) > 0:  # noqa: ASYNC110 - no event to wait for here
+        while (delay := self.window.delay(self.now())) > 0:
+            left = self._until_deadline()
+            if left is not None and left <= delay:
+                await asyncio.sleep(left)
+                raise ApiTimeout("the run's deadline came before the request window had room")
             await asyncio.sleep(delay)
         ticket = self._take_grant(self.now())
         token = _TICKET.set(ticket)
         try:
-            return await self._call("schema", self.client.model_schema(slug))
+            async with asyncio.timeout(self._until_deadline()):
+                return await self._call("schema", self.client.model_schema(slug))
+        except TimeoutError:
+            raise ApiTimeout("the run's deadline came before the model's schema") from None
         finally:
             _TICKET.reset(token)
+
+    def _until_deadline(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - self.now())
 
     def request_stop(self, reason: StopReason, *, drain: float | None = None) -> None:
         """Stop submitting; finish what is in flight for ``drain`` seconds (default: the configured drain timeout)."""
@@ -312,6 +339,8 @@ class Scheduler:
             self.stop_reason = reason
         grace = self.config.drain_timeout if drain is None else drain
         until = self.now() + grace
+        if self.deadline is not None:
+            until = min(until, max(self.now(), self.deadline))  # a drain after Ctrl-C still ends by the deadline
         self.stopping_at = until if self.stopping_at is None else min(self.stopping_at, until)
         self.wake.set()
 
@@ -384,9 +413,11 @@ class Scheduler:
 
     async def _sleep(self, wake_at: float | None, now: float) -> None:
         timeout = None if wake_at is None else max(0.0, wake_at - now)
-        if self.stopping_at is not None:
-            until_stop = max(0.0, self.stopping_at - now)
-            timeout = until_stop if timeout is None else min(timeout, until_stop)
+        # Whatever the wait is for (the window, a poll, an answer), it ends by the stop or the deadline.
+        for limit in (self.stopping_at, self.deadline):
+            if limit is not None:
+                until = max(0.0, limit - now)
+                timeout = until if timeout is None else min(timeout, until)
         if timeout is not None and timeout <= 0:
             await asyncio.sleep(0)
             return
@@ -1051,7 +1082,9 @@ class Scheduler:
 
     def _result(self) -> RunResult:
         c = self.counters
-        in_flight = len(self.flights) + len(self.results.undownloaded)
+        # Paid predictions whose output is not saved yet are in flight, whether a download gave up or was cut off by the
+        # stop: the ledger has them as in flight, and the next run fetches them.
+        in_flight = len(self.flights) + len(self.results.undownloaded) + len(self.results.downloading)
         pending = len(self.ready) + len(self.delayed) + self.pending_reserved + len(self.uploads.blocked)
         stop = self.stop_reason
         if stop is None and (pending or in_flight) and self.fatal is None:

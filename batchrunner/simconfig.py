@@ -28,6 +28,7 @@ class Faults:
     server_error_empty: float = 0.0
     malformed_json: float = 0.0
     reset_before: float = 0.0
+    reset_before_create: float = 0.0  # a create's connection drops before it is acted on: nothing is made
     reset_after: float = 0.0
     slow: float = 0.0
     slow_seconds: float = 2.0

@@ -319,6 +319,9 @@ class Simulator:
         faults = self.config.faults
         if self._inject("reset_before", faults.reset_before):
             return _drop(request)
+        is_create = request.method == "POST" and request.path.rstrip("/") == "/v1/prediction"
+        if is_create and self._inject("reset_before_create", faults.reset_before_create):
+            return _drop(request)
         if self._inject("rate_limit", faults.rate_limit):
             return _json({"error": "Too many requests"}, 429, {"Retry-After": "1"})
         if self._inject("rate_limit_no_retry_after", faults.rate_limit_no_retry_after):

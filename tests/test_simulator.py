@@ -750,7 +750,8 @@ async def test_malformed_json_answer_is_not_json_and_its_create_is_a_lost_answer
 
 
 @pytest.mark.parametrize(
-    ("faults", "creates", "lost"), [(Faults(reset_before=1.0), 0, 0), (Faults(reset_after=1.0), 1, 1)]
+    ("faults", "creates", "lost"),
+    [(Faults(reset_before=1.0), 0, 0), (Faults(reset_before_create=1.0), 0, 0), (Faults(reset_after=1.0), 1, 1)],
 )
 async def test_connection_reset_is_a_disconnect_and_counts_what_was_created(
     make_sim: MakeSim, http: aiohttp.ClientSession, faults: Faults, creates: int, lost: int
@@ -759,6 +760,13 @@ async def test_connection_reset_is_a_disconnect_and_counts_what_was_created(
     with pytest.raises(aiohttp.ServerDisconnectedError):
         await create(http, sim)
     assert (sim.stats.creates, sim.stats.lost_answers) == (creates, lost)
+
+
+async def test_reset_before_create_spares_every_other_request(make_sim: MakeSim, http: aiohttp.ClientSession) -> None:
+    sim = await make_sim(faults=Faults(reset_before_create=1.0))
+    reply = await call(http, "GET", f"{sim.base_url}/v1/executions")
+    assert reply.status == 200
+    assert sim.stats.faults_injected == {}
 
 
 async def test_slow_create_past_client_timeout_is_a_lost_answer(make_sim: MakeSim) -> None:
