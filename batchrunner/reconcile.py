@@ -183,7 +183,10 @@ class Reconciler:
         self.tries = tries
         self.doubts: dict[str, Doubt] = {}
         self.sweep: Sweep | None = None
-        self.inspected: set[str] = set()  # candidates already got this run and matching nothing then
+        # Candidates already got this run, with the input they hold (None: unknown to the API), matching nothing then.
+        # A doubt that arises later (its create answered after the prediction was listed) is matched against these
+        # without a new request: skipping them would leave that doubt's prediction unseen, and paid again.
+        self.inspected: dict[str, Mapping[str, Any] | None] = {}
 
     def __len__(self) -> int:
         return len(self.doubts)
@@ -236,11 +239,16 @@ class Reconciler:
         self._answered()
 
     def on_page(self, page: ExecutionsPage) -> Outcome | None:
-        """A page of the listing arrived: queue its candidates, and the next page when there may be one."""
+        """A page of the listing arrived: queue its new candidates (those got before are matched again here), and the
+        next page when there may be one."""
         sweep = self._answered()
         sweep.pages += 1
-        found = candidates(page.rows, model=self.model, start=sweep.start, end=sweep.end, known=self.known)
-        sweep.queue.extend(i for i in found if i not in self.inspected and i not in sweep.queue)
+        adopted: list[tuple[Doubt, str]] = []
+        for found in candidates(page.rows, model=self.model, start=sweep.start, end=sweep.end, known=self.known):
+            if found in self.inspected:
+                adopted.extend(self._match(sweep, found, self.inspected[found]))
+            elif found not in sweep.queue:
+                sweep.queue.append(found)
         older = [r.created_at for r in page.rows if r.created_at is not None]
         past_span = bool(older) and max(older) < sweep.start  # newest first: the rest is older still
         if not page.full or past_span:
@@ -248,30 +256,43 @@ class Reconciler:
         elif sweep.pages >= MAX_PAGES:
             # Too busy a span to search: no later look would do better.
             self.sweep = None
-            return Outcome(unresolved=tuple(self.doubts.pop(fp) for fp in sweep.doubts if fp in self.doubts))
+            gone = tuple(self.doubts.pop(fp) for fp in sweep.doubts if fp in self.doubts)
+            return Outcome(adopted=tuple(adopted), unresolved=gone)
         else:
             sweep.offset += len(page.rows)
-        return self._maybe_finish()
+        return self._with(tuple(adopted), self._maybe_finish())
 
     def on_prediction(self, prediction_id: str, input: Mapping[str, Any] | None) -> Outcome | None:
         """A candidate's GET arrived: adopt it for the doubt whose request it is, if any."""
         sweep = self._answered()
-        self.inspected.add(prediction_id)
-        adopted: tuple[tuple[Doubt, str], ...] = ()
-        if prediction_id not in self.known:
-            # The sweep's own doubts first (oldest first), then any other doubt the prediction may belong to.
-            order = [*sweep.doubts, *(fp for fp in self.doubts if fp not in sweep.doubts)]
-            for fp in order:
-                doubt = self.doubts.get(fp)
-                if doubt is not None and inputs_match(doubt.request, input):
-                    del self.doubts[fp]
-                    self.known.add(prediction_id)
-                    adopted = ((doubt, prediction_id),)
-                    break
-        finished = self._maybe_finish()
+        adopted = self._match(sweep, prediction_id, input)
+        if not adopted:
+            self.inspected[prediction_id] = input
+        return self._with(adopted, self._maybe_finish())
+
+    def _match(
+        self, sweep: Sweep, prediction_id: str, input: Mapping[str, Any] | None
+    ) -> tuple[tuple[Doubt, str], ...]:
+        if prediction_id in self.known:
+            return ()
+        # The sweep's own doubts first (oldest first), then any other doubt the prediction may belong to.
+        order = [*sweep.doubts, *(fp for fp in self.doubts if fp not in sweep.doubts)]
+        for fp in order:
+            doubt = self.doubts.get(fp)
+            if doubt is not None and inputs_match(doubt.request, input):
+                del self.doubts[fp]
+                self.known.add(prediction_id)
+                self.inspected.pop(prediction_id, None)
+                return ((doubt, prediction_id),)
+        return ()
+
+    @staticmethod
+    def _with(adopted: tuple[tuple[Doubt, str], ...], finished: Outcome | None) -> Outcome | None:
         if finished is None:
             return Outcome(adopted=adopted) if adopted else None
-        return Outcome(adopted=adopted + finished.adopted, not_created=finished.not_created)
+        return Outcome(
+            adopted=adopted + finished.adopted, not_created=finished.not_created, unresolved=finished.unresolved
+        )
 
     def on_inspect_failed(self, prediction_id: str) -> Outcome | None:
         """A candidate's GET failed: it is looked at again on the next look (not marked inspected), and this look

@@ -260,6 +260,25 @@ def test_a_failed_get_of_a_candidate_makes_the_look_a_failure_not_a_look_that_fo
     assert [d.fingerprint for d in got.unresolved] == ["a"]
 
 
+def test_a_prediction_got_before_its_doubt_arose_is_matched_when_it_does() -> None:
+    # Create B was made on the server and listed while its slow answer was still on the way: a sweep for doubt A got
+    # it and found it matched nothing. When B's answer fails and B is in doubt, that prediction is B's: skipping it as
+    # "inspected already" would create B again and pay twice.
+    recon = reconciler(doubt("a", prompt="cat"))
+    recon.start(1.0)
+    step(recon)
+    recon.on_page(page(row("pb", 1000.6)))
+    assert step(recon) == ("inspect", "pb")
+    assert recon.on_prediction("pb", {"prompt": "dog"}) is not None  # A's look is over, nothing found yet
+    recon.add(doubt("b", prompt="dog", base=1.2))
+    recon.start(3.0)
+    step(recon)
+    outcome = recon.on_page(page(row("pb", 1000.6)))
+    assert outcome is not None
+    assert [(d.fingerprint, pid) for d, pid in outcome.adopted] == [("b", "pb")]
+    assert recon.next_request() is None  # no second GET of "pb", and the sweep is over
+
+
 def test_a_refused_page_is_asked_for_again() -> None:
     recon = reconciler(doubt("a"))
     recon.start(1.0)
