@@ -74,7 +74,7 @@ from batchrunner.policy import (
     poll_value,
     retry_delay,
 )
-from batchrunner.reconcile import PAGE_SIZE, Doubt, Outcome, Reconciler, create_in_doubt
+from batchrunner.reconcile import PAGE_SIZE, TRIES, Doubt, Outcome, Reconciler, create_in_doubt
 from batchrunner.results import Results
 from batchrunner.runstate import Counters, Flight, RunConfig, RunResult, Snapshot, StopReason, classify, job_state
 from batchrunner.uploads import Uploads, data_uri
@@ -946,6 +946,7 @@ class Scheduler:
             return
         self._api_ok()
         self.recon_failures = 0
+        self.recon.tries = TRIES
         self._settle_doubts(self.recon.on_page(page))
 
     async def _inspect(self, prediction_id: str) -> None:
@@ -966,17 +967,24 @@ class Scheduler:
         self._settle_doubts(self.recon.on_prediction(prediction_id, prediction.input), prediction)
 
     def _listing_failed(self, exc: ApiError, outcome: Outcome | None) -> None:
-        """A request of a sweep failed: back off before the next sweep; say so of doubts given up."""
-        self.recon_failures += 1
-        self.recon_paused_until = self.now() + retry_delay(
-            self.recon_failures, exc.retry_after, base=self.config.retry_base, cap=self.config.retry_cap, rng=self._rng
-        )
+        """A request of a sweep failed: back off before the doubts' next try; say so of doubts given up."""
         if outcome is not None and outcome.unresolved:
-            self.recon_failures = 0  # the backoff is per doubt: the next one starts afresh
+            # The listing is down: until it answers again, one failed try settles a doubt (one request, no wait).
+            self.recon.tries = 1
+            self.recon_failures = 0
             log.warning(
                 "the executions listing failed (%s): %d create(s) in doubt will be made again, possibly paid twice",
                 exc,
                 len(outcome.unresolved),
+            )
+        else:
+            self.recon_failures += 1
+            self.recon_paused_until = self.now() + retry_delay(
+                self.recon_failures,
+                exc.retry_after,
+                base=self.config.retry_base,
+                cap=self.config.retry_cap,
+                rng=self._rng,
             )
         self._settle_doubts(outcome)
 
