@@ -34,15 +34,17 @@ from pathlib import Path
 import aiohttp
 from PIL import Image
 
-from batchrunner.client import Client, Phase, Prediction
+from batchrunner.client import Client, ExecutionsPage, Phase, Prediction
 from batchrunner.errors import RateLimited
 from batchrunner.ledger import Ledger, RequestLog, read_ledger
 from batchrunner.manifest import Job, Manifest, load_manifest
 from batchrunner.output import OutputDir, image_extension, save_download
 from batchrunner.scheduler import RunConfig, Scheduler, Snapshot, classify
-from batchrunner.simulator import SimConfig, Simulator
+from batchrunner.simulator import Faults, SimConfig, Simulator
 
 KEY = "bench-key"
+# runner-poll: the runner with --watch poll (each prediction polled, as before the listing watcher).
+CLIENTS = ("runner", "runner-poll", "baseline")
 # A window no client reaches: the simulator counts every request, so "polls free" is modelled by a loose server
 # window plus a check, from the server's own create times, that creates stayed within R per W.
 UNLIMITED = 1_000_000
@@ -102,9 +104,9 @@ class Regime:
     min_seconds: float
     max_seconds: float
     scope: str = "all"
-    poll_initial: float = 1.0
-    poll_min_interval: float = 0.0
     baseline_poll: float = 0.1
+    jobs: int | None = None  # the regime's own batch size, when --jobs does not apply
+    faults: Faults = field(default_factory=Faults)
 
     @property
     def per_job(self) -> int:
@@ -112,10 +114,37 @@ class Regime:
 
 
 REGIMES: dict[str, Regime] = {
-    "a": Regime("a realistic", 60, 6.0, 10, 1.0, 6.0, poll_initial=1.0),
-    "b": Regime("b request-bound", 60, 6.0, 10, 0.2, 1.0, poll_initial=0.2),
-    "c": Regime("c polls free", 60, 6.0, 10, 1.0, 6.0, scope="creates", poll_initial=1.0, poll_min_interval=0.1),
+    "a": Regime("a realistic", 60, 6.0, 10, 1.0, 6.0),
+    "b": Regime("b request-bound", 60, 6.0, 10, 0.2, 1.0),
+    "c": Regime("c polls free", 60, 6.0, 10, 1.0, 6.0, scope="creates"),
+    "d": Regime("d 100x limits", 6000, 6.0, 1000, 1.0, 6.0, jobs=10_000),
+    "e": Regime("e listing down", 60, 6.0, 10, 0.2, 1.0, faults=Faults(listing_error=1.0)),
 }
+# Regimes run at a tenth of real time, and so do the runner's time-like defaults: the runner is benchmarked with its
+# defaults, never with settings picked for a regime.
+TIME_SCALE = 0.1
+
+
+def scaled_defaults(regime: Regime, watch: str = "auto") -> RunConfig:
+    """The runner's defaults (``RunConfig()``, as the CLI fills them), times x ``TIME_SCALE``, the regime's limits."""
+    d = RunConfig()
+    min_interval = 1.0 if regime.scope == "creates" else 0.0  # the CLI's default for --rate-limit-scope creates
+    return RunConfig(
+        concurrency=regime.concurrency,
+        rate_count=regime.rate_count,
+        rate_period=regime.rate_period,
+        rate_scope=regime.scope,
+        job_timeout=d.job_timeout * TIME_SCALE,
+        drain_timeout=d.drain_timeout * TIME_SCALE,
+        poll_initial=d.poll_initial * TIME_SCALE,
+        poll_min_interval=min_interval * TIME_SCALE,
+        retry_base=d.retry_base * TIME_SCALE,
+        retry_cap=d.retry_cap * TIME_SCALE,
+        reconcile_wait=d.reconcile_wait * TIME_SCALE,
+        clock_skew=d.clock_skew * TIME_SCALE,
+        listing_probe=d.listing_probe * TIME_SCALE,
+        watch=watch,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +193,16 @@ class _Watch(Client):
             self.seen.setdefault(prediction_id, asyncio.get_running_loop().time())
         return prediction
 
+    async def executions(
+        self, *, model: str, start: float, end: float, limit: int = 100, offset: int = 0, kind: str = "list"
+    ) -> ExecutionsPage:
+        page = await super().executions(model=model, start=start, end=end, limit=limit, offset=offset, kind=kind)
+        now = asyncio.get_running_loop().time()
+        for row in page.rows:
+            if row.prediction is not None and row.prediction.phase is not Phase.RUNNING:
+                self.seen.setdefault(row.id, now)
+        return page
+
 
 @dataclass(slots=True)
 class _Run:
@@ -197,6 +236,7 @@ def sim_config(regime: Regime, seed: int) -> SimConfig:
         max_seconds=regime.max_seconds,
         seed=seed,
         image_size=32,
+        faults=regime.faults,
     )
 
 
@@ -228,7 +268,12 @@ def _measure(regime: Regime, who: str, jobs: int, sim: Simulator, run: _Run, cpu
         makespan=last - run.started,
         request_bound=request_bound(jobs, regime.rate_count, regime.rate_period, per_job=regime.per_job),
         slot_bound=slot_bound(durations, c),
-        requests=stats.creates + stats.concurrency_rejected + stats.polls + stats.cancels + stats.rate_limited,
+        requests=stats.creates
+        + stats.concurrency_rejected
+        + stats.polls
+        + stats.listings
+        + stats.cancels
+        + stats.rate_limited,
         creates=stats.creates,
         rejected=stats.rate_limited + stats.concurrency_rejected,
         max_window=window,
@@ -249,17 +294,10 @@ def _prepare(folder: Path, jobs: int, name: str) -> tuple[Manifest, OutputDir]:
     return manifest, out
 
 
-async def run_runner(regime: Regime, jobs: int, base_url: str, folder: Path) -> _Run:
+async def run_runner(regime: Regime, jobs: int, base_url: str, folder: Path, watch: str = "auto") -> _Run:
     """Run the Scheduler as ``cli._run_async`` does against ``base_url``; returns start, successes, sightings."""
     manifest, out = _prepare(folder, jobs, "runner")
-    config = RunConfig(
-        concurrency=regime.concurrency,
-        rate_count=regime.rate_count,
-        rate_period=regime.rate_period,
-        rate_scope=regime.scope,
-        poll_initial=regime.poll_initial,
-        poll_min_interval=regime.poll_min_interval,
-    )
+    config = scaled_defaults(regime, watch)
     loop = asyncio.get_running_loop()
     run = _Run(started=loop.time())
     done = [0]
@@ -274,7 +312,7 @@ async def run_runner(regime: Regime, jobs: int, base_url: str, folder: Path) -> 
     try:
         with Ledger(out.ledger) as ledger:
             async with aiohttp.ClientSession() as session:
-                client = _Watch(session, base_url=base_url, api_key=KEY)
+                client = _Watch(session, base_url=base_url, api_key=KEY, timeout=30.0 * TIME_SCALE)
                 client.seen = run.seen
                 state = read_ledger(out.ledger)
                 scheduler = Scheduler(
@@ -323,12 +361,16 @@ async def run_baseline(regime: Regime, jobs: int, base_url: str, folder: Path) -
     return run
 
 
-async def measure(regime: Regime, who: str, jobs: int, seed: int, folder: Path) -> Measurement:
-    """One client (``runner`` or ``baseline``) over ``jobs`` jobs of ``regime`` against a fresh in-process simulator."""
+async def measure(regime: Regime, who: str, jobs: int, seed: int, folder: Path, watch: str = "auto") -> Measurement:
+    """One client (``runner``, ``runner-poll`` or ``baseline``) over ``jobs`` jobs of ``regime`` against a fresh
+    in-process simulator. ``runner-poll`` is the runner with ``--watch poll``: each prediction polled."""
+    jobs = regime.jobs or jobs
     async with Simulator(sim_config(regime, seed)) as sim:
         cpu0 = time.process_time()
-        go = run_runner if who == "runner" else run_baseline
-        run = await go(regime, jobs, sim.base_url, folder)
+        if who == "baseline":
+            run = await run_baseline(regime, jobs, sim.base_url, folder)
+        else:
+            run = await run_runner(regime, jobs, sim.base_url, folder, "poll" if who == "runner-poll" else watch)
         return _measure(regime, who, jobs, sim, run, time.process_time() - cpu0)
 
 
@@ -508,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--regimes", default="a,b,c", help="comma-separated, from: " + ", ".join(REGIMES))
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--repeat", type=int, default=1, help="runs per regime, with seeds SEED, SEED+1, ...")
-    p.add_argument("--clients", default="runner,baseline", help="comma-separated, from: runner, baseline")
+    p.add_argument("--clients", default="runner,baseline", help="comma-separated, from: " + ", ".join(CLIENTS))
     p.add_argument("--scale", action="store_true", help="also run the scale and CPU checks")
     p.add_argument("--scale-child", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -519,8 +561,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     clients = [c.strip() for c in args.clients.split(",") if c.strip()]
     if unknown or args.jobs < 1 or args.repeat < 1:
         p.error(f"unknown regime(s) {unknown}" if unknown else "--jobs and --repeat must be at least 1")
-    if not clients or any(c not in ("runner", "baseline") for c in clients):
-        p.error(f"--clients: expected runner and/or baseline, not {args.clients!r}")
+    if not clients or any(c not in CLIENTS for c in clients):
+        p.error(f"--clients: expected some of {', '.join(CLIENTS)}, not {args.clients!r}")
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; times in seconds (scaled x10); seed {args.seed}")
     print(HEADER, flush=True)
     rows = asyncio.run(_bench([REGIMES[n] for n in names], args.jobs, args.seed, args.repeat, clients))

@@ -183,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--timeout", type=_positive_duration, default=30.0, help="HTTP timeout per request (30s)")
     run.add_argument(
+        "--watch",
+        choices=("auto", "list", "poll"),
+        default="auto",
+        help="watch predictions in flight through the executions listing, one request for all (auto: falls back on "
+        "polling each while the listing fails; list: listing only; poll: each polled)",
+    )
+    run.add_argument(
         "--reconcile-wait",
         type=_positive_duration,
         default=None,
@@ -535,6 +542,7 @@ async def _run_async(
             else (1.0 if args.rate_limit_scope == "creates" else 0.0)
         ),
         reconcile_wait=reconcile_wait if reconcile_wait is not None else 2.0,
+        watch=args.watch,
     )
     if config.budget is not None and config.price is None:
         raise UsageError("--budget needs a price per prediction: pass --price or set `price:` in the manifest")

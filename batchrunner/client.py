@@ -277,12 +277,17 @@ def parse_prediction(prediction_id: str, body: Mapping[str, Any]) -> Prediction:
 
 @dataclass(frozen=True, slots=True)
 class Execution:
-    """One row of ``GET /v1/executions``: a prediction of the account's, without its input."""
+    """One row of ``GET /v1/executions``: a prediction of the account's, without its input.
+
+    ``prediction`` reads the row as a GET of the prediction would be read: its status, its output URLs on success, its
+    failure envelope, and the server's ``execution_cost`` and ``run_time`` as cost and predict time.
+    """
 
     id: str
     model: str | None
     status: str
     created_at: float | None  # epoch seconds; None when the row's time is missing or unreadable
+    prediction: Prediction | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,11 +323,19 @@ def parse_execution(row: Mapping[str, Any]) -> Execution | None:
     if isinstance(raw_id, bool) or not isinstance(raw_id, str | int) or not str(raw_id).strip():
         return None
     raw_status = row.get("status")
+    row_id = str(raw_id).strip()
+    as_prediction = {
+        "id": row_id,
+        "status": raw_status,
+        "output": row.get("output"),
+        "metrics": {"cost": row.get("execution_cost"), "predict_time": row.get("run_time")},
+    }
     return Execution(
-        id=str(raw_id).strip(),
+        id=row_id,
         model=_text(row.get("model")) or _text(row.get("requested_model")),
         status=raw_status.strip() if isinstance(raw_status, str) else "",
         created_at=_epoch(row.get("created_at")),
+        prediction=parse_prediction(row_id, as_prediction),
     )
 
 
@@ -685,12 +698,12 @@ class Client:
         return status.strip().lower() if isinstance(status, str) and status.strip() else None
 
     async def executions(
-        self, *, model: str, start: float, end: float, limit: int = 100, offset: int = 0
+        self, *, model: str, start: float, end: float, limit: int = 100, offset: int = 0, kind: str = "list"
     ) -> ExecutionsPage:
         """One page of the account's predictions of ``model`` created in [start, end] (epoch seconds), newest first.
 
-        Counts as one ``list`` request. Rows carry no input: get a prediction for that. ``total_count`` is capped
-        by the API, so callers page until a page that is not ``full``.
+        Counts as one ``kind`` request (``list`` by default). Rows carry no input: get a prediction for that.
+        ``total_count`` is capped by the API, so callers page until a page that is not ``full``.
         """
         params = {
             "model": model,
@@ -699,7 +712,7 @@ class Client:
             "limit": str(limit),
             "offset": str(offset),
         }
-        body = await self._call("list", "GET", "/v1/executions", params=params)
+        body = await self._call(kind, "GET", "/v1/executions", params=params)
         raw = body.get("executions")
         if raw is None:
             raw = body.get("data", body.get("items"))

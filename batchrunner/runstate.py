@@ -51,6 +51,8 @@ class RunConfig:
     # creation times from the send to the answer widened by clock_skew either side (our clock against the API's).
     reconcile_wait: float = 2.0
     clock_skew: float = 10.0
+    watch: str = "auto"  # how predictions in flight are watched: auto | list | poll (watch.py)
+    listing_probe: float = 30.0  # while the listing fails, it is tried again this often (auto)
 
 
 @dataclass(slots=True)
@@ -74,6 +76,7 @@ class Flight:
     cancelled_at: float | None = None  # loop time of our cancel after --job-timeout; the prediction may run on
     not_found: int = 0  # 404s in a row: a fresh prediction may not be readable yet
     empty_success: int = 0  # successes seen without an output URL
+    listed: bool = False  # watched by the executions listing (not polled on its own)
 
 
 @dataclass(slots=True)

@@ -67,8 +67,8 @@ from batchrunner.policy import (
     done_probability,
     doubt_hold,
     expected_duration,
+    learnt_duration,
     likely_done_age,
-    observed_duration,
     plan_polls,
     poll_reserve,
     poll_value,
@@ -78,6 +78,7 @@ from batchrunner.reconcile import PAGE_SIZE, TRIES, Doubt, Outcome, Reconciler, 
 from batchrunner.results import Results
 from batchrunner.runstate import Counters, Flight, RunConfig, RunResult, Snapshot, StopReason, classify, job_state
 from batchrunner.uploads import Uploads, data_uri
+from batchrunner.watch import Watch, listing_interval
 
 # What callers import from here, including the run's records (runstate.py) and data_uri (uploads.py) re-exported.
 __all__ = ["RunConfig", "RunResult", "Scheduler", "Snapshot", "StopReason", "classify", "data_uri"]
@@ -89,6 +90,8 @@ T = TypeVar("T")
 MAX_CONSECUTIVE_FAILURES = 12
 # Transient failures of one create within one run before the job is left for a later run.
 MAX_CREATE_RETRIES = 8
+# A prediction a resumed run takes over is watched by the listing when younger than this, else polled.
+RESUMED_LISTED_AGE = 600.0
 # 404s in a row before a prediction is taken to be unknown: a fresh one may not be readable yet.
 NOT_FOUND_LOOKS = 3
 # An early poll, beyond the plan, is spent only on a prediction at least this likely to be done.
@@ -176,6 +179,9 @@ class Scheduler:
         self.doubt_jobs: dict[str, Job] = {}
         self.recon_paused_until = 0.0
         self.recon_failures = 0  # failed sweep requests in a row, for the backoff between sweeps
+        # Every prediction in flight watched by one listing request (watch.py), else each polled.
+        self.watch = Watch(config.watch, probe_every=config.listing_probe)
+        self.learned = 0  # prediction times learnt this run (the plan is redone now and then, not after each)
 
     # ----------------------------------------------------------------------------------------------- set-up
     def now(self) -> float:
@@ -231,6 +237,9 @@ class Scheduler:
                 job=jobs_by_fp.get(st.fingerprint),
                 next_poll_at=now,
                 resumed=True,
+                # A recent prediction is found by the listing; an old one would make every round page through all
+                # the predictions made since: it is polled.
+                listed=self.watch.mode != "poll" and age < RESUMED_LISTED_AGE,
             )
             self.flights[flight.prediction_id] = flight
             self.gate.in_flight += 1
@@ -467,6 +476,11 @@ class Scheduler:
             soonest(min(t for t, _ in self.delayed))
         if self.ready and self.creates_paused_until > now and self.stop_reason is None:
             soonest(self.creates_paused_until)
+        watching = self._watch_action(now, soonest)
+        if watching is not None:
+            return watching, None
+        if self.watch.active:
+            idle = [f for f in idle if not f.listed]  # the others are seen by the listing
         due = min(idle, key=lambda f: f.next_poll_at, default=None)
         if due is not None:
             # When no create can use a request, it goes to the prediction most likely done, planned or not.
@@ -479,6 +493,36 @@ class Scheduler:
         if self.deadline is not None:
             soonest(self.deadline)
         return None, wake_at
+
+    def _watch_action(self, now: float, soonest: Callable[[float], None]) -> tuple[str, Any] | None:
+        """The next page of the listing that watches the predictions in flight, when one is due."""
+        watch = self.watch
+        if watch.mode == "poll" or not self.flights:
+            return None
+        current = watch.round
+        if current is not None:
+            return None if current.busy else ("watch", current.offset)
+        if not any(f.listed for f in self.flights.values()) and watch.working:
+            return None
+        if not watch.due(now):
+            soonest(watch.next_at)
+            return None
+        return ("watch", 0)
+
+    def _listing_pause(self) -> float:
+        """The pause until the next listing round (watch.listing_interval, from the run's limits and what is left)."""
+        cfg = self.config
+        rate = cfg.rate_count / cfg.rate_period if cfg.rate_scope == "all" else 1e9
+        mean = sum(self.durations) / len(self.durations) if self.durations else cfg.poll_initial
+        return listing_interval(
+            to_create=len(self.ready) + len(self.delayed),
+            in_flight=len(self.flights),
+            mean_duration=mean,
+            concurrency=cfg.concurrency,
+            rate=rate,
+            shortest=max(cfg.poll_min_interval, 1.0 / rate, 0.01),
+            longest=max(4 * mean, 1.0),
+        )
 
     def _reconcile_action(self, now: float, soonest: Callable[[float], None]) -> tuple[str, Any] | None:
         """The next request that settles creates in doubt (a listing page, or a candidate's GET), if one is due.
@@ -600,6 +644,16 @@ class Scheduler:
             flight: Flight = target
             flight.busy = True
             self._spawn(self._api_task(self._poll(flight), ticket))
+        elif kind == "watch":
+            if self.watch.round is None:
+                wall_now = self._wall()
+                wanted = [f for f in self.flights.values() if f.listed or not self.watch.working]
+                oldest = min((f.created_at for f in wanted), default=now)
+                start = wall_now - (now - oldest) - self.config.clock_skew
+                self.watch.begin(start, wall_now + self.config.clock_skew, (f.prediction_id for f in wanted))
+            assert self.watch.round is not None
+            self.watch.round.busy = True
+            self._spawn(self._api_task(self._watch_page(), ticket))
         elif kind == "list":
             self.recon.begin(("list", target))
             self._spawn(self._api_task(self._list(target), ticket))
@@ -720,6 +774,7 @@ class Scheduler:
             job=job,
             next_poll_at=now + self.plan.next_poll_age(0, 0.0),
             attempt=attempt,
+            listed=self.watch.mode != "poll",
         )
         self.flights[prediction_id] = flight
 
@@ -783,6 +838,61 @@ class Scheduler:
         self.uploads.record(sha, presigned)
         self.counters.uploads += 1
 
+    async def _watch_page(self) -> None:
+        """One page of a listing round: every prediction of ours it shows is seen as a poll would see it."""
+        watch = self.watch
+        current = watch.round
+        if current is None:
+            return
+        try:
+            page = await self._call(
+                "watch",
+                self.client.executions(
+                    model=self.manifest.model,
+                    start=current.start,
+                    end=current.end,
+                    limit=PAGE_SIZE,
+                    offset=current.offset,
+                    kind="watch",
+                ),
+            )
+        except ApiError as exc:
+            if isinstance(exc, AuthError):
+                self.fatal = exc
+                return
+            self.counters.rate_limited += int(exc.status == 429)
+            backoff = retry_delay(
+                watch.failures + 1,
+                exc.retry_after,
+                base=self.config.retry_base,
+                cap=self.config.retry_cap,
+                rng=self._rng,
+            )
+            if watch.active and watch.mode == "auto":
+                log.warning("the executions listing failed (%s): polling each prediction until it answers again", exc)
+            watch.on_failure(self.now(), backoff)
+            return
+        self._api_ok()
+        if not watch.active and watch.mode == "auto":
+            log.info("the executions listing answers again: watching the predictions in flight through it")
+        ours, more = watch.on_page(page)
+        for row in ours:
+            flight = self.flights.get(row.id)
+            if flight is None or flight.busy or row.prediction is None:
+                continue
+            flight.listed = True
+            self._observe(flight, row.prediction)
+        if more:
+            return
+        now = self.now()
+        missing = watch.finish(now, self._listing_pause())
+        # Not in a listing that went far enough back (listing lag, a busy account): polled one by one from now on.
+        grace = 2 * self.config.reconcile_wait
+        for prediction_id in missing:
+            flight = self.flights.get(prediction_id)
+            if flight is not None and now - flight.created_at > grace:
+                flight.listed = False
+
     async def _poll(self, flight: Flight) -> None:
         self.counters.polls += 1
         request_id = f"br-{flight.fingerprint[:12]}-a{flight.attempt}-p{flight.polls + 1}"
@@ -831,14 +941,15 @@ class Scheduler:
             flight.busy = False
             return
         if prediction.phase is Phase.SUCCEEDED and not prediction.urls and flight.empty_success == 0:
-            # A success without an output URL may be a read of a record still being written: one more look.
+            # A success without an output URL may be a read of a record still being written: one more look, a GET.
             flight.empty_success += 1
+            flight.listed = False
             self._poll_later(flight, 1, None)
             return
         self._finish_flight(flight)
         duration: float | None = None
         if not flight.resumed:
-            self._learn(observed_duration(age, flight.last_running_age))
+            self._learn(learnt_duration(age, flight.last_running_age, prediction.predict_time))
             duration = round(age, 3)
         if prediction.phase is Phase.SUCCEEDED and prediction.urls:
             self._spawn(self.results.download(flight, prediction, duration, client=self.client, out=self.out))
@@ -1061,9 +1172,10 @@ class Scheduler:
         self.durations.append(duration)
         if len(self.durations) > 500:
             del self.durations[:-500]
-        n = len(self.durations)
-        # Re-plan on the first few samples, then now and again: the plan changes slowly once it has data.
-        if n <= 20 or n % 10 == 0:
+        self.learned += 1
+        # Re-plan on the first few samples, then every tenth: the plan changes slowly once it has data. (Counted by the
+        # samples learnt, not those kept: once 500 are kept their number stays put, and the plan was redone each time.)
+        if self.learned <= 20 or self.learned % 10 == 0:
             self.plan = self._new_plan()
             self.sorted_durations = sorted(self.durations)
 

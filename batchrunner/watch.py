@@ -1,0 +1,156 @@
+"""Watching every prediction in flight with one request: the executions listing as a batch poll.
+
+A client that polls predictions one at a time spends at least two requests a job (a create and a poll), so the window
+bounds its batch at ``W * (ceil(2N/R) - 1)``. ``GET /v1/executions`` returns up to 100 of the account's predictions,
+with status and output, in one request: one listing sees every prediction of a run in flight at once.
+
+``listing_interval`` chooses the pause between listings from a fluid model of the rest of the batch: a shorter pause
+finds finished predictions sooner (slots refill sooner) but spends requests that creates need. ``Watch`` holds the
+state of the listing rounds (a round pages until every prediction it looks for has been seen, or the rows are older than
+the oldest of them) and of a listing that fails: in ``auto`` mode the run falls back on polling each prediction and
+probes the listing again now and then. Nothing here makes a request or reads a clock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from batchrunner.client import Execution, ExecutionsPage
+
+__all__ = ["MODES", "Round", "Watch", "listing_interval"]
+
+MODES = ("auto", "list", "poll")
+# Pages one round may read; past that the predictions not yet seen are polled one by one.
+MAX_ROUND_PAGES = 20
+# Candidate pauses between listings, as multiples of the shortest allowed.
+_GRID = tuple(1.25**k for k in range(40))
+# A pause that finishes the batch within this share of the best is as good, and fewer listings are better.
+_TOLERANCE = 0.02
+
+
+def listing_interval(
+    *,
+    to_create: int,
+    in_flight: int,
+    mean_duration: float,
+    concurrency: int,
+    rate: float,
+    shortest: float,
+    longest: float,
+) -> float:
+    """The pause between listings that finishes the rest of the batch soonest (the longest within 2 % of that).
+
+    Fluid model: each job holds a slot for its duration and, on average, half a pause unseen, so the slots need
+    ``jobs * (mean + pause / 2) / concurrency``; the window must carry the creates and one listing per pause, so at
+    ``rate`` requests a second the rest takes at least ``to_create / (rate - 1 / pause)``. The batch takes the larger.
+    """
+    shortest = max(shortest, 1e-3)
+    longest = max(longest, shortest)
+    jobs = to_create + in_flight
+    best: list[tuple[float, float]] = []
+    for k in _GRID:
+        pause = shortest * k
+        if pause > longest:
+            break
+        unseen = mean_duration + pause / 2
+        slots = max(unseen, jobs * unseen / max(1, concurrency))
+        spare = rate - 1.0 / pause
+        requests = 0.0 if to_create == 0 else (to_create / spare if spare > 0 else math.inf)
+        best.append((max(slots, requests), pause))
+    if not best:
+        return shortest
+    fastest = min(t for t, _ in best)
+    return max(p for t, p in best if t <= fastest * (1 + _TOLERANCE))
+
+
+@dataclass(slots=True)
+class Round:
+    """One listing round: the creation times it covers (epoch seconds) and what it has seen so far."""
+
+    start: float
+    end: float
+    wanted: frozenset[str]
+    offset: int = 0
+    pages: int = 0
+    seen: set[str] = field(default_factory=set)
+    busy: bool = False  # a page is on the wire
+
+
+@dataclass(slots=True)
+class Watch:
+    """The listing watcher's state: whether to list, when next, the round in progress, failures.
+
+    ``mode``: ``auto`` lists and falls back on per-prediction polls while the listing fails; ``list`` only lists
+    (polling only what the listing does not show); ``poll`` never lists.
+    """
+
+    mode: str = "auto"
+    probe_every: float = 30.0
+    working: bool = True
+    next_at: float = 0.0  # loop time of the next round
+    round: Round | None = None
+    failures: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"watch mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        self.working = self.mode != "poll"
+
+    @property
+    def active(self) -> bool:
+        """Whether the listing watches the predictions now (else each is polled)."""
+        return self.mode != "poll" and self.working
+
+    def due(self, now: float) -> bool:
+        """Whether a new round should start now (a failed listing in ``auto`` mode is probed at ``next_at``)."""
+        return self.mode != "poll" and self.round is None and now >= self.next_at
+
+    def begin(self, start: float, end: float, wanted: Iterable[str]) -> Round:
+        """Start a round over creation times ``[start, end]``, looking for the ids ``wanted``."""
+        self.round = Round(start, end, frozenset(wanted))
+        return self.round
+
+    def on_page(self, page: ExecutionsPage) -> tuple[list[Execution], bool]:
+        """A page of the round arrived: the rows of predictions it looks for, and whether to read another page.
+
+        The round ends when every wanted id has been seen, at a page that is not full, at rows older than its start
+        (newest come first), or after ``MAX_ROUND_PAGES``.
+        """
+        current = self.round
+        if current is None:
+            return [], False
+        current.busy = False
+        current.pages += 1
+        ours = [row for row in page.rows if row.id in current.wanted and row.id not in current.seen]
+        current.seen.update(row.id for row in ours)
+        times = [row.created_at for row in page.rows if row.created_at is not None]
+        more = (
+            page.full
+            and not current.wanted <= current.seen
+            and not (times and max(times) < current.start)
+            and current.pages < MAX_ROUND_PAGES
+        )
+        if more:
+            current.offset += len(page.rows)
+        self.failures = 0
+        self.working = self.mode != "poll"
+        return ours, more
+
+    def finish(self, now: float, pause: float) -> frozenset[str]:
+        """End the round; the next is due ``pause`` later. Returns the wanted ids the round did not see."""
+        current, self.round = self.round, None
+        self.next_at = now + pause
+        return frozenset() if current is None else current.wanted - current.seen
+
+    def on_failure(self, now: float, backoff: float) -> None:
+        """The listing failed: ``auto`` falls back on polls and probes it again after ``probe_every``; ``list`` tries
+        again after ``backoff``."""
+        self.round = None
+        self.failures += 1
+        if self.mode == "auto":
+            self.working = False
+            self.next_at = now + self.probe_every
+        else:
+            self.next_at = now + backoff
