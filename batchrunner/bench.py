@@ -106,6 +106,7 @@ class Regime:
     scope: str = "all"
     baseline_poll: float = 0.1
     jobs: int | None = None  # the regime's own batch size, when --jobs does not apply
+    external: bool = False  # the simulator in its own process (the CPU column is then the client's alone)
     faults: Faults = field(default_factory=Faults)
 
     @property
@@ -117,7 +118,7 @@ REGIMES: dict[str, Regime] = {
     "a": Regime("a realistic", 60, 6.0, 10, 1.0, 6.0),
     "b": Regime("b request-bound", 60, 6.0, 10, 0.2, 1.0),
     "c": Regime("c polls free", 60, 6.0, 10, 1.0, 6.0, scope="creates"),
-    "d": Regime("d 100x limits", 6000, 6.0, 1000, 1.0, 6.0, jobs=10_000),
+    "d": Regime("d 100x limits", 6000, 6.0, 1000, 1.0, 6.0, jobs=10_000, external=True),
     "e": Regime("e listing down", 60, 6.0, 10, 0.2, 1.0, faults=Faults(listing_error=1.0)),
 }
 # Regimes run at a tenth of real time, and so do the runner's time-like defaults: the runner is benchmarked with its
@@ -248,8 +249,57 @@ def prediction_records(sim: Simulator) -> list[tuple[str, float, float, float]]:
     return sim.prediction_times()
 
 
-def _measure(regime: Regime, who: str, jobs: int, sim: Simulator, run: _Run, cpu: float) -> Measurement:
-    records = prediction_records(sim)
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    """What the simulator saw, from its object or from its test endpoints in another process."""
+
+    records: list[tuple[str, float, float, float]]
+    creates: int
+    polls: int
+    listings: int
+    cancels: int
+    rate_limited: int
+    concurrency_rejected: int
+    max_window: int
+    max_in_flight: int
+
+    @classmethod
+    def of(cls, sim: Simulator) -> _Seen:
+        st = sim.stats
+        return cls(
+            prediction_records(sim),
+            st.creates,
+            st.polls,
+            st.listings,
+            st.cancels,
+            st.rate_limited,
+            st.concurrency_rejected,
+            st.max_window,
+            st.max_in_flight,
+        )
+
+    @classmethod
+    async def fetch(cls, session: aiohttp.ClientSession, url: str) -> _Seen:
+        async with session.get(f"{url}/_sim/stats") as answer:
+            st = await answer.json()
+        async with session.get(f"{url}/_sim/predictions") as answer:
+            rows = (await answer.json())["predictions"]
+        records = [(pid, c, d, math.inf if f is None else f) for pid, c, d, f in rows]
+        return cls(
+            records,
+            creates=int(st["creates"]),
+            polls=int(st["polls"]),
+            listings=int(st["listings"]),
+            cancels=int(st["cancels"]),
+            rate_limited=int(st["rate_limited"]),
+            concurrency_rejected=int(st["concurrency_rejected"]),
+            max_window=int(st["max_window"]),
+            max_in_flight=int(st["max_in_flight"]),
+        )
+
+
+def _measure(regime: Regime, who: str, jobs: int, seen: _Seen, run: _Run, cpu: float) -> Measurement:
+    records = seen.records
     durations = [d for _, _, d, _ in records]
     creates = sorted(c for _, c, _, _ in records)
     finishes = {pid: f for pid, _, _, f in records}
@@ -258,7 +308,7 @@ def _measure(regime: Regime, who: str, jobs: int, sim: Simulator, run: _Run, cpu
     c = regime.concurrency
     refills = [creates[k] - freed[k - c] for k in range(c, min(len(creates), len(freed) + c))]
     last = max(run.successes, default=run.started)
-    stats = sim.stats
+    stats = seen
     window = stats.max_window if regime.scope == "all" else max_in_window(creates, regime.rate_period)
     return Measurement(
         regime=regime.name,
@@ -365,13 +415,33 @@ async def measure(regime: Regime, who: str, jobs: int, seed: int, folder: Path, 
     """One client (``runner``, ``runner-poll`` or ``baseline``) over ``jobs`` jobs of ``regime`` against a fresh
     in-process simulator. ``runner-poll`` is the runner with ``--watch poll``: each prediction polled."""
     jobs = regime.jobs or jobs
+    if regime.external:
+        return await _measure_external(regime, who, jobs, seed, folder, watch)
     async with Simulator(sim_config(regime, seed)) as sim:
         cpu0 = time.process_time()
         if who == "baseline":
             run = await run_baseline(regime, jobs, sim.base_url, folder)
         else:
             run = await run_runner(regime, jobs, sim.base_url, folder, "poll" if who == "runner-poll" else watch)
-        return _measure(regime, who, jobs, sim, run, time.process_time() - cpu0)
+        return _measure(regime, who, jobs, _Seen.of(sim), run, time.process_time() - cpu0)
+
+
+async def _measure_external(regime: Regime, who: str, jobs: int, seed: int, folder: Path, watch: str) -> Measurement:
+    """As ``measure``, with the simulator in its own process: at 100x the limits one process cannot serve both, and
+    the CPU column is then the client's alone."""
+    args = ["--sim-rate-limit", f"{regime.rate_count}/{regime.rate_period:g}", "--sim-seed", str(seed)]
+    args += ["--sim-concurrency", str(regime.concurrency), "--sim-image-size", "32"]
+    args += ["--sim-min-seconds", str(regime.min_seconds), "--sim-max-seconds", str(regime.max_seconds)]
+    with external_simulator(args) as url:
+        cpu0 = time.process_time()
+        if who == "baseline":
+            run = await run_baseline(regime, jobs, url, folder)
+        else:
+            run = await run_runner(regime, jobs, url, folder, "poll" if who == "runner-poll" else watch)
+        cpu = time.process_time() - cpu0
+        async with aiohttp.ClientSession() as session:
+            seen = await _Seen.fetch(session, url)
+    return _measure(regime, who, jobs, seen, run, cpu)
 
 
 # ----------------------------------------------------------------------------------------------- scale checks

@@ -215,26 +215,35 @@ async def save_download(
     tmp = out.partial / f"{job_id}.{secrets.token_hex(4)}.part"
     try:
         try:
-            # A local file opened once per download; the chunks the client writes are small, so the loop is not held.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+            # The chunks the client writes are small, so the loop is not held by them; opening, fsync and the rename
+            # wait on the disk and go to a worker thread (at a thousand predictions in flight they held the loop).
+            fd = await asyncio.to_thread(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
             with os.fdopen(fd, "wb") as sink:
                 await fetch(sink)
-                sink.flush()
-                os.fsync(sink.fileno())
+                await asyncio.to_thread(_flush_and_sync, sink)
         except OSError as exc:
             raise OutputError(f"cannot write {tmp}: {describe_os_error(exc)}") from exc
         runner = to_thread or asyncio.to_thread
         ext = await runner(image_extension, tmp)
         final = out.file_for(job_id, ext)
         try:
-            os.replace(tmp, final)
-            _fsync_dir(out.path)
+            await asyncio.to_thread(_replace_durably, tmp, final, out.path)
         except OSError as exc:
             raise OutputError(f"cannot write {final}: {describe_os_error(exc)}") from exc
         return final.name
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+def _flush_and_sync(sink: BinaryIO) -> None:
+    sink.flush()
+    os.fsync(sink.fileno())
+
+
+def _replace_durably(tmp: Path, final: Path, folder: Path) -> None:
+    os.replace(tmp, final)
+    _fsync_dir(folder)
 
 
 def _fsync_dir(path: Path) -> None:

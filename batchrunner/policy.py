@@ -149,8 +149,8 @@ def learnt_duration(age_done: float, age_last_running: float | None, predict_tim
 
     It finished after its last poll that saw it running and before the one that saw it done; the server's own
     ``predict_time`` (or a listing's ``run_time``) is a lower bound from the other side, since the create came first.
-    Without it the middle of the interval is all there is: a first poll later than every prediction would teach that
-    predictions take as long as the first poll, and the plan would never poll earlier.
+    Without it only the polls speak (``observed_duration``): a first poll later than every prediction would teach
+    that predictions take as long as the first poll, and the plan would never poll earlier.
     """
     if predict_time is None or not 0 < predict_time <= age_done:
         return observed_duration(age_done, age_last_running)

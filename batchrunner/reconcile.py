@@ -41,9 +41,11 @@ __all__ = [
 
 # Looks at the listing before a doubt is taken to have created nothing.
 LOOKS = 3
-# Sweeps that fail (the listing, or a candidate's GET) before a doubt is given up as unsettled: a listing that
-# answers 500 for good costs this many requests, a garbled answer now and then costs nothing.
-TRIES = 3
+# Sweeps that fail (the listing, or a candidate's GET) before a doubt is given up as unsettled, with a backoff between
+# them (0.5, 1, 2, 4, 8 s): a flaky listing (one answer in eight lost) then gives a doubt up once in a few hundred
+# thousand, not once in five hundred. Only the first doubt after the listing breaks for good pays the whole series: the
+# scheduler then gives the next ones one try each until the listing answers again.
+TRIES = 6
 # Rows a listing page asks for (the API's maximum).
 PAGE_SIZE = 100
 # Pages one sweep may read; a span holding more than this many of the account's predictions is too busy to search,

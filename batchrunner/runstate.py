@@ -26,6 +26,10 @@ class StopReason(StrEnum):
     API_DOWN = "api_unavailable"
 
 
+# Downloads at once at most, whatever the slots: more would crowd the connection pool the API's requests share.
+MAX_DOWNLOADS = 64
+
+
 @dataclass(frozen=True, slots=True)
 class RunConfig:
     """Everything the scheduler needs to know about limits and policies."""
@@ -44,7 +48,7 @@ class RunConfig:
     poll_initial: float = 3.0
     poll_min_interval: float = 0.0
     inline_images: bool = False  # send local images as data URIs instead of uploading them
-    download_concurrency: int = 4
+    download_concurrency: int = 0  # downloads at once; 0: as many as slots, between 4 and MAX_DOWNLOADS
     retry_base: float = 0.5
     retry_cap: float = 30.0
     # In-doubt creates: the listing is looked at reconcile_wait x 0.5, 1.5 and 3.5 s after the answer, over the

@@ -501,7 +501,8 @@ class Scheduler:
             return None
         current = watch.round
         if current is not None:
-            return None if current.busy else ("watch", current.offset)
+            offset = current.next_page()
+            return None if offset is None else ("watch", offset)
         if not any(f.listed for f in self.flights.values()) and watch.working:
             return None
         if not watch.due(now):
@@ -651,9 +652,10 @@ class Scheduler:
                 oldest = min((f.created_at for f in wanted), default=now)
                 start = wall_now - (now - oldest) - self.config.clock_skew
                 self.watch.begin(start, wall_now + self.config.clock_skew, (f.prediction_id for f in wanted))
-            assert self.watch.round is not None
-            self.watch.round.busy = True
-            self._spawn(self._api_task(self._watch_page(), ticket))
+            current = self.watch.round
+            assert current is not None
+            current.sent()
+            self._spawn(self._api_task(self._watch_page(current.number, target), ticket))
         elif kind == "list":
             self.recon.begin(("list", target))
             self._spawn(self._api_task(self._list(target), ticket))
@@ -745,7 +747,16 @@ class Scheduler:
         tries = self.create_retries.get(job.fingerprint, 0)
         request_id = f"br-{job.fingerprint[:12]}-a{attempt}-t{tries + 1}"
         sent_at = self._wall()
-        self.ledger.append(SUBMITTING, job=job.id, fingerprint=job.fingerprint, attempt=attempt, request_id=request_id)
+        # The intent is on disk before the create is sent (write-ahead); one fsync serves every intent written by then.
+        self.ledger.append(
+            SUBMITTING, durable=False, job=job.id, fingerprint=job.fingerprint, attempt=attempt, request_id=request_id
+        )
+        try:
+            await self.ledger.commit()
+        except BaseException:
+            self.pending_reserved -= 1
+            self.gate.release()
+            raise
         try:
             prediction_id = await self._call(
                 "create",
@@ -761,7 +772,11 @@ class Scheduler:
         self.pending_reserved -= 1
         self._api_ok()
         self.creates_this_run += 1
-        self.ledger.append(SUBMITTED, job=job.id, fingerprint=job.fingerprint, prediction_id=prediction_id)
+        # Not fsynced on its own (the next intent's fsync covers it): lost to a power cut, the intent stays open and the
+        # next run finds the prediction in the listing.
+        self.ledger.append(
+            SUBMITTED, durable=False, job=job.id, fingerprint=job.fingerprint, prediction_id=prediction_id
+        )
         self.recon.known.add(prediction_id)
         st = job_state(self.state, job.id, job.fingerprint)
         st.status, st.doubt_open = JobStatus.IN_FLIGHT, False
@@ -838,11 +853,11 @@ class Scheduler:
         self.uploads.record(sha, presigned)
         self.counters.uploads += 1
 
-    async def _watch_page(self) -> None:
+    async def _watch_page(self, number: int, offset: int) -> None:
         """One page of a listing round: every prediction of ours it shows is seen as a poll would see it."""
         watch = self.watch
         current = watch.round
-        if current is None:
+        if current is None or current.number != number:
             return
         try:
             page = await self._call(
@@ -852,7 +867,7 @@ class Scheduler:
                     start=current.start,
                     end=current.end,
                     limit=PAGE_SIZE,
-                    offset=current.offset,
+                    offset=offset,
                     kind="watch",
                 ),
             )
@@ -860,6 +875,8 @@ class Scheduler:
             if isinstance(exc, AuthError):
                 self.fatal = exc
                 return
+            if watch.round is None or watch.round.number != number:
+                return  # the round already failed or was replaced
             self.counters.rate_limited += int(exc.status == 429)
             backoff = retry_delay(
                 watch.failures + 1,
@@ -875,14 +892,14 @@ class Scheduler:
         self._api_ok()
         if not watch.active and watch.mode == "auto":
             log.info("the executions listing answers again: watching the predictions in flight through it")
-        ours, more = watch.on_page(page)
+        ours, done = watch.on_page(number, page)
         for row in ours:
             flight = self.flights.get(row.id)
             if flight is None or flight.busy or row.prediction is None:
                 continue
             flight.listed = True
             self._observe(flight, row.prediction)
-        if more:
+        if not done:
             return
         now = self.now()
         missing = watch.finish(now, self._listing_pause())
@@ -1090,10 +1107,11 @@ class Scheduler:
             )
         else:
             self.recon_failures += 1
+            # Timed like the looks (--reconcile-wait / 4: 0.5, 1, 2, 4, 8 s by default), not like other retries.
             self.recon_paused_until = self.now() + retry_delay(
                 self.recon_failures,
                 exc.retry_after,
-                base=self.config.retry_base,
+                base=self.config.reconcile_wait / 4,
                 cap=self.config.retry_cap,
                 rng=self._rng,
             )

@@ -180,6 +180,7 @@ class Simulator:
         router.add_get("/files/{id}", self._file)
         router.add_get("/outputs/{name}", self._output)
         router.add_get("/_sim/stats", self._stats)
+        router.add_get("/_sim/predictions", self._prediction_times)
         router.add_post("/_sim/reset", self._reset)
 
     def _reset_state(self) -> None:
@@ -690,6 +691,14 @@ class Simulator:
         return found
 
     # -- test hooks --------------------------------------------------------------------------------
+
+    async def _prediction_times(self, request: web.Request) -> web.StreamResponse:
+        """``prediction_times()`` as JSON (a finish that never comes is null), for a benchmark in another process."""
+        rows = [
+            [pid, created, duration, None if math.isinf(finish) else finish]
+            for pid, created, duration, finish in self.prediction_times()
+        ]
+        return _json({"predictions": rows})
 
     async def _stats(self, request: web.Request) -> web.StreamResponse:
         return _json({**self.stats.to_json(), "in_flight": self.in_flight()})

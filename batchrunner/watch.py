@@ -19,11 +19,14 @@ from dataclasses import dataclass, field
 
 from batchrunner.client import Execution, ExecutionsPage
 
-__all__ = ["MODES", "Round", "Watch", "listing_interval"]
+__all__ = ["MAX_PARALLEL_PAGES", "MAX_ROUND_PAGES", "MODES", "PAGE", "Round", "Watch", "listing_interval"]
 
 MODES = ("auto", "list", "poll")
 # Pages one round may read; past that the predictions not yet seen are polled one by one.
 MAX_ROUND_PAGES = 20
+# Rows a page asks for (the API's maximum), and pages of one round on the wire at once.
+PAGE = 100
+MAX_PARALLEL_PAGES = 4
 # Candidate pauses between listings, as multiples of the shortest allowed.
 _GRID = tuple(1.25**k for k in range(40))
 # A pause that finishes the batch within this share of the best is as good, and fewer listings are better.
@@ -67,15 +70,40 @@ def listing_interval(
 
 @dataclass(slots=True)
 class Round:
-    """One listing round: the creation times it covers (epoch seconds) and what it has seen so far."""
+    """One listing round: the creation times it covers (epoch seconds) and what it has seen so far.
 
+    Its pages go out up to ``parallel`` at a time (offsets are known in advance: a page is ``PAGE`` rows), so a round
+    over a thousand predictions in flight takes a few round trips, not ten.
+    """
+
+    number: int
     start: float
     end: float
     wanted: frozenset[str]
-    offset: int = 0
-    pages: int = 0
+    parallel: int = 1
+    next_offset: int = 0
+    issued: int = 0
+    outstanding: int = 0
+    ended: bool = False  # a page said there is nothing further back
     seen: set[str] = field(default_factory=set)
-    busy: bool = False  # a page is on the wire
+
+    def next_page(self) -> int | None:
+        """The offset of the next page to send now, or None (the round has all it needs, or enough on the wire)."""
+        if self.ended or self.issued >= MAX_ROUND_PAGES or self.outstanding >= self.parallel:
+            return None
+        if self.wanted <= self.seen:
+            return None
+        return self.next_offset
+
+    def sent(self) -> None:
+        self.next_offset += PAGE
+        self.issued += 1
+        self.outstanding += 1
+
+    @property
+    def done(self) -> bool:
+        finished = self.ended or self.wanted <= self.seen or self.issued >= MAX_ROUND_PAGES
+        return finished and self.outstanding == 0
 
 
 @dataclass(slots=True)
@@ -92,6 +120,7 @@ class Watch:
     next_at: float = 0.0  # loop time of the next round
     round: Round | None = None
     failures: int = 0
+    rounds: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -109,34 +138,30 @@ class Watch:
 
     def begin(self, start: float, end: float, wanted: Iterable[str]) -> Round:
         """Start a round over creation times ``[start, end]``, looking for the ids ``wanted``."""
-        self.round = Round(start, end, frozenset(wanted))
+        ids = frozenset(wanted)
+        self.rounds += 1
+        parallel = max(1, min(MAX_PARALLEL_PAGES, math.ceil(len(ids) / PAGE)))
+        self.round = Round(self.rounds, start, end, ids, parallel=parallel)
         return self.round
 
-    def on_page(self, page: ExecutionsPage) -> tuple[list[Execution], bool]:
-        """A page of the round arrived: the rows of predictions it looks for, and whether to read another page.
+    def on_page(self, number: int, page: ExecutionsPage) -> tuple[list[Execution], bool]:
+        """A page of round ``number`` arrived: the rows of predictions it looks for, and whether the round is done.
 
-        The round ends when every wanted id has been seen, at a page that is not full, at rows older than its start
-        (newest come first), or after ``MAX_ROUND_PAGES``.
+        A round ends when every wanted id has been seen, at a page that is not full, at rows older than its start
+        (newest come first), or after ``MAX_ROUND_PAGES``. A page of an earlier round is ignored.
         """
         current = self.round
-        if current is None:
+        if current is None or current.number != number:
             return [], False
-        current.busy = False
-        current.pages += 1
+        current.outstanding -= 1
         ours = [row for row in page.rows if row.id in current.wanted and row.id not in current.seen]
         current.seen.update(row.id for row in ours)
         times = [row.created_at for row in page.rows if row.created_at is not None]
-        more = (
-            page.full
-            and not current.wanted <= current.seen
-            and not (times and max(times) < current.start)
-            and current.pages < MAX_ROUND_PAGES
-        )
-        if more:
-            current.offset += len(page.rows)
+        if not page.full or (times and max(times) < current.start):
+            current.ended = True
         self.failures = 0
         self.working = self.mode != "poll"
-        return ours, more
+        return ours, current.done
 
     def finish(self, now: float, pause: float) -> frozenset[str]:
         """End the round; the next is due ``pause`` later. Returns the wanted ids the round did not see."""

@@ -49,13 +49,13 @@ def test_transient_fault_ends_with_every_image_and_no_unexplained_duplicate(
     name: str, faults: Faults, tmp_path: Path, threaded_sim: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     sim = threaded_sim(fast_sim(faults=faults, seed=11))
-    manifest = write_manifest(tmp_path, 8, image=False)
+    manifest = write_manifest(tmp_path, 16, image=False)
     out = tmp_path / "out"
     code = main(run_args(manifest, sim.url, out, "--max-attempts", "6"))
     err = capsys.readouterr().err
     assert code == 0, err
     assert "Traceback" not in err
-    assert len(images_in(out)) == 8
+    assert len(images_in(out)) == 16
     stats = sim.stats()
     assert sum(stats["faults_injected"].values()) > 0, name
     state = read_ledger(out / "ledger.jsonl")
