@@ -10,7 +10,11 @@ Regimes are the real limits scaled x10 in time (60/60 -> 60/6, predictions 10-60
 seconds. ``--scale`` adds the scale checks (a 100,000-job manifest against a 300,000-line ledger, in a subprocess so
 its peak memory is its own) and the runner's CPU per job with the simulator in another process.
 
-    python -m batchrunner.bench [--jobs 100] [--regimes a,b,c] [--seed N] [--repeat K] [--scale]
+    python -m batchrunner.bench [--jobs 100] [--regimes a,b,c,d,e] [--clients runner,runner-poll,baseline]
+                                [--seed N] [--repeat K] [--scale]
+
+(d) is 100x the limits (6000/6, 1000 in flight, 10,000 jobs) with the simulator in its own process; (e) is (b) with
+the executions listing answering 500. The runner runs with its defaults, time-like ones x0.1 (``scaled_defaults``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import asyncio
 import contextlib
 import heapq
 import json
+import logging
 import math
 import os
 import resource
@@ -28,7 +33,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -556,6 +562,62 @@ def _scale_child(folder: Path) -> int:
     return 0
 
 
+def resume_check(in_flight: int = 10_000) -> str:
+    """A run resuming with ``in_flight`` predictions left in flight: seconds from the start (ledger read, manifest
+    matched, scheduler set up) to its first request, which must come within 3 s; the simulator in its own process."""
+
+    async def go(url: str, folder: Path) -> tuple[float, float]:
+        started = time.monotonic()
+        first: list[float] = []
+        manifest = load_manifest(folder / "large.yaml", allow_large=True)
+        out = OutputDir(folder / "out")
+        out.prepare()
+        state = read_ledger(folder / "out" / "ledger.jsonl")
+        regime = REGIMES["d"]
+        config = replace(scaled_defaults(regime), max_runtime=1.0)
+        with Ledger(out.ledger) as ledger:
+            async with aiohttp.ClientSession() as session:
+                client = Client(
+                    session, base_url=url, api_key=KEY, on_request=lambda kind: first.append(time.monotonic())
+                )
+                scheduler = Scheduler(manifest, client, ledger, out, state, config)
+                await scheduler.run()
+        return (first[0] - started) if first else math.inf, time.monotonic() - started
+
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-resume-") as tmp,
+        external_simulator(
+            ["--sim-rate-limit", "6000/6", "--sim-concurrency", "1000", "--sim-image-size", "32"]
+        ) as url,
+    ):
+        folder = Path(tmp)
+        write_resume_inputs(folder, in_flight)
+        quiet = logging.getLogger("batchrunner")
+        level, quiet.level = quiet.level, logging.ERROR  # the predictions are unknown to this simulator: 404s
+        try:
+            delay, _ = asyncio.run(go(url, folder))
+        finally:
+            quiet.setLevel(level)
+    verdict = "PASS" if delay < 3.0 else "FAIL"
+    return f"resume with {in_flight:,} in flight: first request after {delay:.2f} s -> {verdict} (< 3 s)"
+
+
+def write_resume_inputs(folder: Path, jobs: int) -> None:
+    """A ``jobs``-job manifest and a ledger leaving every job's prediction in flight (submitted seconds ago)."""
+    prompts = 100
+    lines = ["model: flux-kontext-max", "matrix:", "  prompt:"]
+    lines += [f'    - "Turn the scene into a snowy winter evening, variant {i}"' for i in range(prompts)]
+    lines.append(f"  seed: [{', '.join(str(i) for i in range(jobs // prompts))}]")
+    (folder / "large.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (folder / "out").mkdir()
+    ts = datetime.fromtimestamp(time.time() - 5, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    with (folder / "out" / "ledger.jsonl").open("w", encoding="utf-8") as fh:
+        for i, job in enumerate(load_manifest(folder / "large.yaml", allow_large=True).jobs):
+            head = f'{{"ts":"{ts}","event":"%s","job":"{job.id}","fingerprint":"{job.fingerprint}"'
+            fh.write(head % "submitting" + ',"attempt":1}\n')
+            fh.write(head % "submitted" + f',"prediction_id":"resumed-{i:08d}"}}\n')
+
+
 def scale_check() -> str:
     """Run the large-manifest check in a subprocess (its peak RSS is then its own); one line of results."""
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
@@ -617,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print its table (and, with ``--scale``, the scale checks)."""
     p = argparse.ArgumentParser(prog="python -m batchrunner.bench", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=100)
-    p.add_argument("--regimes", default="a,b,c", help="comma-separated, from: " + ", ".join(REGIMES))
+    p.add_argument("--regimes", default="a,b,c,e", help="comma-separated, from: " + ", ".join(REGIMES))
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--repeat", type=int, default=1, help="runs per regime, with seeds SEED, SEED+1, ...")
     p.add_argument("--clients", default="runner,baseline", help="comma-separated, from: " + ", ".join(CLIENTS))
@@ -637,6 +699,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(HEADER, flush=True)
     rows = asyncio.run(_bench([REGIMES[n] for n in names], args.jobs, args.seed, args.repeat, clients))
     print(LEGEND)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"  peak RSS of this process (the client; the simulator too where it runs in-process): {peak_mb:.0f} MB")
     if args.repeat > 1:
         print("means:")
         for regime in names:
@@ -647,6 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scale:
         print("scale checks:", flush=True)
         print("  " + scale_check(), flush=True)
+        print("  " + resume_check(), flush=True)
         for name in ("a", "b"):
             regime = REGIMES[name]
             ms, span = cpu_per_job_external(regime, args.jobs, args.seed)

