@@ -27,6 +27,7 @@ class Faults:
     server_error_html: float = 0.0
     server_error_empty: float = 0.0
     malformed_json: float = 0.0
+    malformed_create: float = 0.0  # only a create's 200 answer is garbled (the prediction is made)
     reset_before: float = 0.0
     reset_before_create: float = 0.0  # a create's connection drops before it is acted on: nothing is made
     reset_after: float = 0.0

@@ -344,10 +344,14 @@ class Simulator:
                 # The client gave up waiting: whatever was acted on stays done, its answer is lost.
                 self.stats.lost_answers += answer.created
                 return _drop(request)
-        if 200 <= answer.status < 300 and self._inject("malformed_json", faults.malformed_json):
+        garble = 200 <= answer.status < 300 and self._inject("malformed_json", faults.malformed_json)
+        if not garble and answer.created:
+            garble = self._inject("malformed_create", faults.malformed_create)
+        if garble:
             self.stats.lost_answers += answer.created
             text = json.dumps(answer.body)
-            garbled = text[: len(text) // 2] if self.stats.faults_injected["malformed_json"] % 2 else "OK"
+            cut = sum(self.stats.faults_injected.get(k, 0) for k in ("malformed_json", "malformed_create")) % 2
+            garbled = text[: len(text) // 2] if cut else "OK"
             return web.Response(status=200, text=garbled, content_type="application/json")
         if answer.created and self._inject("reset_after", faults.reset_after):
             self.stats.lost_answers += 1
