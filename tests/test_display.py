@@ -146,7 +146,7 @@ def test_bar_and_status_line_fit_the_terminal_and_keep_the_counts(width: int) ->
 
 
 def test_at_80_columns_the_bar_says_how_long_and_how_long_left() -> None:
-    left, right = bar_texts(SNAP, 79, 55)
+    _, right = bar_texts(SNAP, 79, 55)
     assert right == f"  48% 2m 03s, about {duration(105 * 123 / 40)} left"
 
 
@@ -218,7 +218,8 @@ def test_summary_has_one_vocabulary_this_runs_spend_and_the_report() -> None:
             {"stop_reason": StopReason.PAYMENT},
             RunConfig(),
             [
-                "stopped: the account is out of credit (HTTP 402); add credit, then rerun to continue: batchrunner run jobs/x.yaml"
+                "stopped: the account is out of credit (HTTP 402); add credit, "
+                "then rerun to continue: batchrunner run jobs/x.yaml"
             ],
         ),
     ],
