@@ -240,3 +240,23 @@ def test_run_help_groups_options_and_explains_durations_and_exit_codes() -> None
     assert "durations: 90s, 14m, 1h, 1h30m" in text
     assert "75       incomplete, resumable" in text and "130/143" in text
     assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_report_open_opens_the_page_in_the_browser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    opened: list[str] = []
+
+    def browse(url: str) -> bool:
+        opened.append(url)
+        return True
+
+    monkeypatch.setattr("webbrowser.open", browse)
+    manifest = write_manifest(tmp_path, 2, image=False)
+    out = tmp_path / "out"
+    assert main(["report", str(manifest), "--output", str(out), "--open"]) == 0
+    assert opened == [(out / "report.html").resolve().as_uri()]
+    assert capsys.readouterr().out.strip() == str(out / "report.html")
+    monkeypatch.setattr("webbrowser.open", lambda url: False)
+    assert main(["report", str(manifest), "--output", str(out), "--open"]) == 0
+    assert "no web browser could be started" in capsys.readouterr().err
