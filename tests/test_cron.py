@@ -168,7 +168,8 @@ def test_text_logs_are_timestamped_plain_lines(
 def test_cron_line_overlapping_then_sequential_runs(tmp_path: Path, threaded_sim: SimFactory) -> None:
     """The README's cron line, twice overlapping and then in sequence."""
     sim = threaded_sim(fast_sim(min_seconds=0.1, max_seconds=0.2, concurrency=2))
-    manifest = write_manifest(tmp_path, 10, image=False)
+    # 20 jobs two at a time take at least 1.5 s: the first run still holds the folder when the second starts.
+    manifest = write_manifest(tmp_path, 20, image=False)
     out = tmp_path / "out"
     env = {**os.environ, "EACHLABS_API_KEY": SECRET_KEY}
     cron = [sys.executable, "-m", "batchrunner", *run_args(manifest, sim.url, out, "--concurrency", "2")]
@@ -183,7 +184,7 @@ def test_cron_line_overlapping_then_sequential_runs(tmp_path: Path, threaded_sim
     assert first.returncode in (0, 75), err.decode()
     sequential = subprocess.run(cron, env=env, stderr=subprocess.PIPE, timeout=30, check=False)
     assert sequential.returncode == 0, sequential.stderr.decode()
-    assert len(images_in(out)) == 10
+    assert len(images_in(out)) == 20
     assert sim.stats()["duplicates"] == 0
 
 
