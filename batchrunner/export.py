@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import json
 import os
 import secrets
@@ -131,10 +130,3 @@ def write_export(
             tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write {to}: {describe_os_error(exc)}") from None
     return count
-
-
-def export_text(manifest: Manifest, state: LedgerState, out: OutputDir, history: History, *, fmt: str) -> str:
-    """The export as text (for tests)."""
-    buf = io.StringIO(newline="")
-    write_export(manifest, state, out, history, fmt=fmt, to=None, stdout=buf)
-    return buf.getvalue()

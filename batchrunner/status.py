@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -387,7 +386,3 @@ _REASONS = {
     "payment_required": "out of credit",
     "api_unavailable": "the API kept failing",
 }
-
-
-def where_of(path: Path) -> str:
-    return str(path)
