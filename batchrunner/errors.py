@@ -7,7 +7,8 @@ concern: HTTP in ``client.py``, YAML in ``manifest.py``, disk in ``output.py``.
     BatchrunnerError                 exit 1   base: something went wrong
     ├── UsageError                   exit 2   bad arguments or configuration, nothing submitted
     │   ├── ManifestError            exit 2   the manifest (file, job, field, line)
-    │   └── InputImageError          exit 2   a local input image is missing, unreadable or not an image
+    │   ├── InputImageError          exit 2   a local input image is missing, unreadable or not an image
+    │   └── Problems                 exit 2   several of these at once (``validate``), one line each
     ├── LockHeld                     exit 75  another live run holds the output folder
     ├── OutputError                  exit 74  the output folder cannot be written (disk full, permissions)
     └── ApiError                     exit 1   the API or the network answered badly
@@ -79,6 +80,18 @@ class InputImageError(UsageError):
         shown = ", ".join(jobs[:3]) + (f" and {len(jobs) - 3} more" if len(jobs) > 3 else "")
         used_by = f" (used by {shown})" if jobs else ""
         super().__init__(f"{self.file}: {message}{used_by}")
+
+
+class Problems(UsageError):
+    """Several usage problems found in one pass (``validate``): ``str()`` is one line per problem."""
+
+    def __init__(self, problems: list[UsageError], *, more: bool = False) -> None:
+        self.problems = problems
+        self.more = more
+        lines = [str(p) for p in problems]
+        if more:
+            lines.append(f"(stopped after {len(problems)} problems; there are more)")
+        super().__init__("\n".join(lines))
 
 
 class LockHeld(BatchrunnerError):

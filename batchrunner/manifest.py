@@ -38,14 +38,14 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from batchrunner.errors import InputImageError, ManifestError
+from batchrunner.errors import InputImageError, ManifestError, Problems, UsageError
 
 __all__ = [
     "ASPECT_RATIOS",
@@ -164,7 +164,9 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_manifest(path: Path, *, allow_large: bool = False, max_jobs: int = DEFAULT_MAX_JOBS) -> Manifest:
+def load_manifest(
+    path: Path, *, allow_large: bool = False, max_jobs: int = DEFAULT_MAX_JOBS, collect: int = 0
+) -> Manifest:
     """Read and validate the manifest at ``path`` (see :func:`parse_manifest`); unreadable: ManifestError."""
     try:
         with path.open("rb") as fh:
@@ -184,7 +186,7 @@ def load_manifest(path: Path, *, allow_large: bool = False, max_jobs: int = DEFA
         raise ManifestError(
             f"is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})", file=path, line=line
         ) from None
-    return parse_manifest(text, path=path, allow_large=allow_large, max_jobs=max_jobs)
+    return parse_manifest(text, path=path, allow_large=allow_large, max_jobs=max_jobs, collect=collect)
 
 
 def parse_manifest(
@@ -194,8 +196,12 @@ def parse_manifest(
     allow_large: bool = False,
     max_jobs: int = DEFAULT_MAX_JOBS,
     hash_file: Callable[[Path], str] = sha256_file,
+    collect: int = 0,
 ) -> Manifest:
     """Validate manifest ``text`` (read from ``path``) and expand it into distinct jobs.
+
+    With ``collect`` > 0, problems in fields, jobs and images are gathered, up to that many, and raised together
+    as ``Problems`` (``validate`` names them all at once); a problem in the file's structure still ends the parse.
 
     Matrix jobs come first in product order (axes in the order written), then explicit jobs; a job whose
     fingerprint equals an earlier one's is dropped and counted in ``duplicates``. Local input images are
@@ -204,7 +210,19 @@ def parse_manifest(
     ``allow_large``.
     """
     with _gc_paused():
-        return _Parser(text, path, allow_large=allow_large, max_jobs=max_jobs, hash_file=hash_file).parse()
+        parser = _Parser(text, path, allow_large=allow_large, max_jobs=max_jobs, hash_file=hash_file)
+        if collect <= 0:
+            return parser.parse()
+        parser.problems, parser.max_problems = [], collect
+        try:
+            manifest = parser.parse()
+        except _TooMany:
+            raise Problems(parser.problems, more=True) from None
+        except UsageError as exc:
+            parser.problems.append(exc)
+        if parser.problems:
+            raise Problems(parser.problems)
+        return manifest
 
 
 @contextmanager
@@ -226,6 +244,21 @@ def _gc_paused() -> Iterator[None]:
 
 # --------------------------------------------------------------------------------------------------
 # Internal records
+
+
+_T = TypeVar("_T")
+
+
+def _raise(problem: UsageError) -> NoReturn:
+    raise problem
+
+
+class _Skip(Exception):
+    """Collecting problems, a job whose problems are noted is left out of the batch."""
+
+
+class _TooMany(Exception):
+    """Collecting problems, the parser has as many as it was asked for."""
 
 
 class _Invalid(Exception):
@@ -348,6 +381,8 @@ class _Parser:
         self.memo: dict[int, tuple[Any, int]] = {}
         self.active: set[int] = set()
         self.local_cache: dict[str, Path] = {}
+        self.problems: list[UsageError] | None = None  # collecting (validate): problems so far
+        self.max_problems = 0
 
     # -- errors ----------------------------------------------------------------------------------------------
 
@@ -356,6 +391,25 @@ class _Parser:
     ) -> NoReturn:
         raise ManifestError(message, file=self.path, job=job, field=field, line=_line(node))
 
+    def attempt(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T | None:
+        """``fn(...)``; when collecting problems, one it raises is noted and None returned, so the parse goes on."""
+        if self.problems is None:
+            return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except UsageError as exc:
+            self.problems.append(exc)
+            if len(self.problems) >= self.max_problems:
+                raise _TooMany from None
+            return None
+        except _Skip:
+            return None
+
+    def note(self, problem: UsageError) -> None:
+        if self.problems is None:
+            raise problem
+        self.attempt(_raise, problem)
+
     # -- top level -------------------------------------------------------------------------------------------
 
     def parse(self) -> Manifest:
@@ -363,7 +417,7 @@ class _Parser:
         top = self.pairs(root, job=None)
         for key, (key_node, _) in top.items():
             if key not in _TOP_KEYS:
-                self.fail(f"unknown key {key!r}{_suggest(key, _TOP_KEYS)}", node=key_node)
+                self.attempt(self.fail, f"unknown key {key!r}{_suggest(key, _TOP_KEYS)}", node=key_node)
 
         self.model = self.name_value(top, "model", DEFAULT_MODEL)
         version = self.name_value(top, "version", DEFAULT_VERSION)
@@ -396,15 +450,22 @@ class _Parser:
         if total > HARD_MAX_JOBS:
             self.fail(f"the manifest expands to {total:,} jobs, more than the limit of {HARD_MAX_JOBS:,}; split it")
 
-        defaults = {
-            name: self.field_value(name, value_node, job=None, key_node=key_node, where="defaults")
-            for name, (key_node, value_node) in defaults_pairs.items()
-        }
-        axes = {
-            name: [self.field_value(name, node, job="matrix", key_node=key_node, where="matrix") for node in nodes]
-            for name, (key_node, nodes) in axes_nodes.items()
-        }
-        explicit = [self.explicit_job(index, node) for index, node in enumerate(job_nodes)]
+        defaults: dict[str, _Field] = {}
+        for name, (key_node, value_node) in defaults_pairs.items():
+            value = self.attempt(self.field_value, name, value_node, job=None, key_node=key_node, where="defaults")
+            if value is not None:
+                defaults[name] = value
+        axes: dict[str, list[_Field]] = {}
+        for name, (key_node, nodes) in axes_nodes.items():
+            values = [
+                self.attempt(self.field_value, name, node, job="matrix", key_node=key_node, where="matrix")
+                for node in nodes
+            ]
+            kept = [v for v in values if v is not None]
+            if kept:
+                axes[name] = kept
+        found = [self.attempt(self.explicit_job, index, node) for index, node in enumerate(job_nodes)]
+        explicit = [job for job in found if job is not None]
         matrix_line = _line(top["matrix"][0]) if "matrix" in top else None
 
         if self.model == DEFAULT_MODEL:
@@ -417,7 +478,9 @@ class _Parser:
                 )
             for job in explicit:
                 if "prompt" not in job.fields and "prompt" not in defaults:
-                    raise ManifestError("is required", file=self.path, job=job.label, field="prompt", line=job.line)
+                    self.note(
+                        ManifestError("is required", file=self.path, job=job.label, field="prompt", line=job.line)
+                    )
 
         self.hash_images(defaults, axes, explicit)
         for f in itertools.chain(defaults.values(), *axes.values(), *(j.fields.values() for j in explicit)):
@@ -547,11 +610,18 @@ class _Parser:
             id_node = pairs["id"][1]
             explicit_id = self.job_id(id_node, label)
             label, id_line = explicit_id, _line(id_node)
-        fields = {
-            name: self.field_value(name, value_node, job=label, key_node=key_node, where="job")
-            for name, (key_node, value_node) in pairs.items()
-            if name != "id"
-        }
+        fields: dict[str, _Field] = {}
+        failed = False
+        for name, (key_node, value_node) in pairs.items():
+            if name == "id":
+                continue
+            value = self.attempt(self.field_value, name, value_node, job=label, key_node=key_node, where="job")
+            if value is None:
+                failed = True
+            else:
+                fields[name] = value
+        if failed:
+            raise _Skip  # its problems are noted; a job with a field missing must not be expanded
         return _Explicit(label=label, explicit_id=explicit_id, line=_line(node), id_line=id_line, fields=fields)
 
     def job_id(self, node: Node, label: str) -> str:
@@ -736,7 +806,9 @@ class _Parser:
 
         hashes: dict[Path, str] = {}
         for resolved, labels in users.items():
-            hashes[resolved] = self.hash_image(resolved, written[resolved], tuple(labels))
+            digest = self.attempt(self.hash_image, resolved, written[resolved], tuple(labels))
+            if digest is not None:
+                hashes[resolved] = digest
         for f in itertools.chain(defaults.values(), *axes.values(), *(j.fields.values() for j in explicit)):
             if f.local is not None:
                 f.sha256 = hashes.get(f.local)

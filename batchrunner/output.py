@@ -160,6 +160,30 @@ class RunLock:
         self.release()
 
 
+def lock_holder(path: Path) -> str | None:
+    """``pid 1234, started 2026-...Z`` when a run holds the lock at ``path``, else None; takes nothing and writes
+    nothing. The probe is a shared lock held for an instant: a run starting in that instant is told another holds
+    the folder, as two overlapping runs are."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None  # no lock file: no run ever held the folder, or it is not ours to open
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return _read_holder(read_small(fd, _MAX_LOCK_BYTES))
+            except OSError:
+                return "pid unknown"
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def _read_holder(data: bytes | None) -> str:
     # Whatever the file holds, only a short, well-formed line is shown: it ends up in the one-line message.
     try:

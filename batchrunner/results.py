@@ -103,6 +103,7 @@ class Results:
                 file=name,
                 cost=cost,
                 duration=duration,
+                model_time=prediction.predict_time,  # the API's own prediction time, for the report
             )
             st = job_state(self.state, flight.job_id, flight.fingerprint)
             st.status, st.file = JobStatus.SUCCEEDED, name
@@ -162,8 +163,25 @@ class Results:
         st.error_code = error_code
         if retryable and st.attempts < self.config.max_attempts and job is not None:
             self.counters.retried += 1
-            log.warning("job %s: attempt %d failed: %s; trying again", job_id, st.attempts, error)
+            log.warning(
+                "job %s: attempt %d failed: %s; trying again",
+                job_id,
+                st.attempts,
+                error,
+                extra={"fields": _failure_fields("attempt_failed", job_id, error, error_code, st.attempts)},
+            )
             self._retry(job, backoff(st.attempts, rng=self._rng))
         else:
             self.counters.failed += 1
-            log.error("job %s failed: %s%s", job_id, error, f" [{error_code}]" if error_code else "")
+            log.error(
+                "job %s failed: %s%s",
+                job_id,
+                error,
+                f" [{error_code}]" if error_code else "",
+                extra={"fields": _failure_fields("job_failed", job_id, error, error_code, st.attempts)},
+            )
+
+
+def _failure_fields(event: str, job: str, error: str, error_code: str | None, attempts: int) -> dict[str, Any]:
+    """The fields of a failure's log record (``--log-format json``)."""
+    return {"event": event, "job": job, "error_code": error_code, "error": error, "attempts": attempts}

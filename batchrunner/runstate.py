@@ -117,6 +117,21 @@ class Snapshot:
     requests: int
     elapsed: float
     window_used: int = 0  # requests in the current rate window (at most the limit's COUNT)
+    # Of the jobs: done = skipped + succeeded this run; in_flight counts creates on the wire, predictions running and
+    # outputs downloading; in_doubt the creates being looked for in the listing. done + failed + in_flight + in_doubt
+    # + pending = total.
+    in_doubt: int = 0
+    skipped: int = 0  # done before this run
+    downloading: int = 0  # of in_flight: outputs being fetched
+    spend: float = 0.0  # in all, the ledger's included
+    spend_before: float = 0.0  # what the ledger had spent when the run began
+    slots_used: int = 0  # in-flight slots held (predictions of jobs no longer in the manifest too)
+    slots: int = 0  # --concurrency
+    window_limit: int = 0  # --rate-limit COUNT
+    window_period: float = 0.0  # --rate-limit SECONDS
+    window_wait: float = 0.0  # seconds until the window lets the next request go (inf: until an answer comes)
+    creates_paused: float = 0.0  # seconds until creates resume after the API asked us to slow down
+    stopping: str | None = None  # the stop reason's value once the run no longer submits
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +156,7 @@ class RunResult:
     by_kind: Mapping[str, int]
     recovered: int = 0
     in_doubt: int = 0  # creates still in doubt at the end: the next run settles them from the listing
+    spend_before: float = 0.0  # what the ledger had spent when the run began: this run spent spend - spend_before
 
     @property
     def complete(self) -> bool:

@@ -1203,16 +1203,33 @@ class Scheduler:
 
     # ----------------------------------------------------------------------------------------------- reporting
     def snapshot(self) -> Snapshot:
-        c = self.counters
+        c, now = self.counters, self.now()
+        done = c.skipped + c.succeeded
+        in_flight = sum(1 for f in self.flights.values() if f.job is not None) + self.pending_reserved
+        downloading = len(self.results.downloading) + len(self.results.undownloaded)
+        in_doubt = len(self.recon)
         return Snapshot(
             total=c.total,
-            done=c.skipped + c.succeeded,
+            done=done,
             failed=c.failed,
-            in_flight=len(self.flights) + self.pending_reserved + len(self.recon),
-            pending=len(self.ready) + len(self.delayed),
+            in_flight=in_flight + downloading,
+            # What is neither done, failed, in flight nor in doubt waits: ready, delayed, or behind an upload.
+            pending=max(0, c.total - done - c.failed - in_flight - downloading - in_doubt),
             requests=c.requests,
-            elapsed=(self.now() - self.started) if self.started else 0.0,
-            window_used=self.window.used(self.now()),
+            elapsed=(now - self.started) if self.started else 0.0,
+            window_used=self.window.used(now),
+            in_doubt=in_doubt,
+            skipped=c.skipped,
+            downloading=downloading,
+            spend=c.spend,
+            spend_before=self.state.spend,
+            slots_used=self.gate.in_flight,
+            slots=self.gate.limit,
+            window_limit=self.config.rate_count,
+            window_period=self.config.rate_period,
+            window_wait=self.window.delay(now),
+            creates_paused=max(0.0, self.creates_paused_until - now),
+            stopping=self.stop_reason.value if self.stop_reason is not None else None,
         )
 
     def _progress(self) -> None:
@@ -1247,4 +1264,5 @@ class Scheduler:
             by_kind=dict(c.by_kind),
             recovered=c.recovered,
             in_doubt=len(self.recon),
+            spend_before=round(self.state.spend, 6),
         )

@@ -1,14 +1,24 @@
-"""Where a batch stands, from the manifest and the ledger alone: no request is made."""
+"""Where a batch stands and what a run would do, from the manifest and the ledger alone: no request is made.
+
+The words are ``words.py``'s (done, failed, in flight, in doubt, pending), the same as the progress display's and
+the summary's.
+"""
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
+from batchrunner.history import RunRecord
 from batchrunner.ledger import JobStatus, LedgerState
-from batchrunner.manifest import Manifest
+from batchrunner.manifest import Manifest, sha256_file
 from batchrunner.output import OutputDir
 from batchrunner.runstate import classify
+from batchrunner.words import Tally, duration, money, plural, tally_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +28,7 @@ class Failure:
     error_code: str | None
     retryable: bool
     attempts: int
+    final: bool = True  # failed for good; False: a failed attempt, the job will be tried again
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +50,8 @@ class StatusCounts:
     def to_json(self) -> dict[str, Any]:
         return {
             "total": self.total,
-            "succeeded": self.succeeded,
+            "done": self.succeeded,
+            "succeeded": self.succeeded,  # the name before 0.2
             "failed": self.failed,
             "pending": self.pending,
             "in_flight": self.in_flight,
@@ -55,33 +67,46 @@ class StatusCounts:
                     "error_code": f.error_code,
                     "retryable": f.retryable,
                     "attempts": f.attempts,
+                    "final": f.final,
                 }
                 for f in self.failures
             ],
         }
 
+    @property
+    def tally(self) -> Tally:
+        return Tally(self.total, self.succeeded, self.failed, self.in_flight, self.in_doubt, self.pending)
+
     def describe(self, where: str) -> str:
-        lines = [
-            f"{where}: {self.total} jobs: {self.succeeded} succeeded, {self.failed} failed, "
-            f"{self.pending} pending, {self.in_flight} in flight"
-            + (f", {self.in_doubt} in doubt" if self.in_doubt else ""),
-        ]
-        if self.in_doubt:
-            lines.append(
-                f"{self.in_doubt} creates got no clear answer: the next run looks for them in the account's executions"
-            )
-        if self.recovered:
-            lines.append(f"{self.recovered} creates in doubt were found in the listing and kept (not paid twice)")
-        if self.lost_answers:
-            lines.append(f"{self.lost_answers} creates were sent again while in doubt (possibly paid twice)")
-        if self.orphans:
-            lines.append(f"{self.orphans} jobs in the ledger are no longer in the manifest")
+        lines = [f"{where}: {tally_text(self.tally)}"]
         if self.spend:
-            lines.append(f"spend so far: ${self.spend:.2f}")
+            lines.append(f"spent {money(self.spend)} in all")
+        lines += self.notes()
+        if self.failures:
+            lines.append("recent failed attempts:")
         for f in self.failures:
             code = f" [{f.error_code}]" if f.error_code else ""
-            lines.append(f"  failed {f.job} (attempt {f.attempts}): {f.error}{code}")
+            label = "failed for good" if f.final else "will be tried again"
+            lines.append(f"  {f.job}: attempt {f.attempts} failed ({label}): {f.error}{code}")
         return "\n".join(lines)
+
+    def notes(self) -> list[str]:
+        """The lines about creates in doubt, recovered or possibly duplicated, and jobs the manifest dropped."""
+        lines = []
+        if self.in_doubt:
+            lines.append(
+                f"{plural(self.in_doubt, 'create')} in doubt (no clear answer): "
+                "the next run looks for them in the account's executions first"
+            )
+        if self.recovered:
+            lines.append(
+                f"{self.recovered} recovered: creates in doubt found in the executions listing, not paid twice"
+            )
+        if self.lost_answers:
+            lines.append(f"{self.lost_answers} possibly duplicated: created again while in doubt (the listing failed)")
+        if self.orphans:
+            lines.append(f"{plural(self.orphans, 'job')} in the ledger no longer in the manifest")
+        return lines
 
 
 def count_status(
@@ -107,7 +132,7 @@ def count_status(
         else:
             pending += 1
         if st is not None and st.status is JobStatus.FAILED and st.error:
-            failure = Failure(st.job, st.error, st.error_code, st.retryable, st.attempts)
+            failure = Failure(st.job, st.error, st.error_code, st.retryable, st.attempts, final=verdict == "failed")
             failures.append((st.finished_at or 0.0, failure))
     orphans = sum(1 for fp in state.jobs if fp not in fingerprints)
     failures.sort(key=lambda item: item[0], reverse=True)
@@ -136,44 +161,78 @@ class Plan:
 
     counts: StatusCounts
     retryable_failed: int  # failed jobs a run would try again (counted in pending)
-    to_submit: int
+    to_submit: int  # every job a run would create
     uploads: int  # distinct local images not yet uploaded
     requests: int  # expected requests to the API host
     seconds: float  # expected duration at the configured limits
     cost: float | None  # expected cost at the price, when there is one
     mean_prediction: float  # seconds, from the ledger or the typical figure
+    this_run: int = -1  # creates this run, after --max-jobs and --budget (-1: all of to_submit)
+    limited_by: str | None = None  # the option that stops a run before to_submit: "--max-jobs 5", "--budget $5.00"
+    concurrency: int = 10
+    rate: str = "60 per 60s"
+    duplicates: int = 0  # combinations that collapsed into another's request
+    collapse: str | None = None  # why, when it can be told: "img/b.jpg has the same bytes as img/a.jpg"
+
+    @property
+    def creates(self) -> int:
+        return self.to_submit if self.this_run < 0 else self.this_run
 
     def to_json(self) -> dict[str, Any]:
         return {
             **self.counts.to_json(),
             "new": self.to_submit - self.retryable_failed,
             "retry": self.retryable_failed,
+            "to_go": self.counts.total - self.counts.succeeded - self.counts.failed,
+            "this_run": self.creates,
+            "limited_by": self.limited_by,
             "uploads": self.uploads,
             "expected_requests": self.requests,
             "expected_seconds": round(self.seconds, 1),
             "expected_cost": None if self.cost is None else round(self.cost, 4),
             "mean_prediction_seconds": round(self.mean_prediction, 2),
+            "combinations": self.counts.total + self.duplicates,
+            "collapsed": self.duplicates,
+            "collapse": self.collapse,
         }
 
     def describe(self, where: str) -> str:
         c = self.counts
-        cost = "unknown (no price: pass --price or set `price:`)" if self.cost is None else f"${self.cost:.2f}"
-        lines = [
-            f"{where}: {c.total} jobs: {c.succeeded} done, {self.to_submit - self.retryable_failed} new, "
-            f"{self.retryable_failed} to retry, {c.failed} failed for good, {c.in_flight} in flight"
-            + (f", {c.orphans} in the ledger but no longer in the manifest" if c.orphans else ""),
-            f"a run would make about {self.requests} requests ({self.to_submit} creates, {self.uploads} uploads) "
-            f"and take about {_human(self.seconds)} at the configured limits; cost {cost}",
-        ]
+        head = f"{where}: {tally_text(c.tally)}"
+        if self.retryable_failed:
+            head += f" ({self.retryable_failed} of them failed before and are tried again)"
+        lines = [head]
+        if self.duplicates:
+            combos = c.total + self.duplicates
+            why = f": {self.collapse}" if self.collapse else " (some combinations send the same request)"
+            lines.append(f"{combos} combinations, {c.total} distinct requests{why}")
+        lines += c.notes()
+        if not self.creates and not c.in_flight and not c.in_doubt:
+            lines.append("a run would have nothing to do" + (f" ({self.limited_by})" if self.limited_by else ""))
+            return "\n".join(lines)
+        cost = (
+            "cost unknown (no price: pass --price or set `price:`)"
+            if self.cost is None
+            else f"about {money(self.cost)}"
+        )
+        stop = f", then stop ({self.limited_by})" if self.limited_by else ""
+        lines.append(
+            f"a run would create {self.creates}{stop}: about {self.requests} requests "
+            f"({plural(self.uploads, 'upload')}), about {duration(max(1.0, self.seconds))} at {self.rate} and "
+            f"{self.concurrency} in flight; {cost}" + (f"; spent {money(c.spend)} so far" if c.spend else "")
+        )
         return "\n".join(lines)
 
-
-def _human(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f}s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
+    def line(self, where: str) -> str:
+        """The one line a run writes before spending: jobs, done, to go, how long and how much, where it writes."""
+        c = self.counts
+        to_go = c.total - c.succeeded - c.failed
+        cost = "" if self.cost is None else f" and {money(self.cost)}"
+        stop = f" ({self.creates} this run: {self.limited_by})" if self.limited_by else ""
+        return (
+            f"plan: {plural(c.total, 'job')}, {c.succeeded} done, {to_go} to go{stop}: "
+            f"about {duration(max(1.0, self.seconds))}{cost}; images go to {where}"
+        )
 
 
 def make_plan(
@@ -188,12 +247,14 @@ def make_plan(
     price: float | None,
     inline_images: bool = False,
     polls_per_job: float | None = None,
+    max_jobs: int | None = None,
+    budget: float | None = None,
 ) -> Plan:
     """Estimate a run: requests from one create and the expected polls per job, time from the tighter limit."""
     counts = count_status(manifest, state, out, max_attempts=max_attempts)
     retryable_failed = 0
-    images: set[str] = set()
     to_submit = 0
+    submit_images: list[str | None] = []
     for job in manifest.jobs:
         st = state.jobs.get(job.fingerprint)
         present = st is not None and out.has_file(st.file)
@@ -202,15 +263,24 @@ def make_plan(
         to_submit += 1
         if st is not None and st.status is JobStatus.FAILED:
             retryable_failed += 1
-        if job.image_sha256 is not None and job.image_sha256 not in state.uploads and not inline_images:
-            images.add(job.image_sha256)
+        submit_images.append(job.image_sha256)
+    this_run, limited_by = to_submit, None
+    if max_jobs is not None and max_jobs < this_run:
+        this_run, limited_by = max_jobs, f"--max-jobs {max_jobs}"
+    if budget is not None and price is not None and price > 0:
+        affordable = max(0, math.floor((budget - state.spend) / price + 1e-9))
+        if affordable < this_run:
+            this_run, limited_by = affordable, f"--budget {money(budget)}"
+    images = {
+        sha for sha in submit_images[:this_run] if sha is not None and sha not in state.uploads and not inline_images
+    }
     durations = state.durations[-500:]
     mean = sum(durations) / len(durations) if durations else TYPICAL_PREDICTION_SECONDS
     polls = polls_per_job if polls_per_job is not None else 2.0
-    requests = round(to_submit * (1 + polls) + counts.in_flight * polls + len(images))
+    requests = round(this_run * (1 + polls) + counts.in_flight * polls + len(images))
     by_requests = rate_period * max(0, -(-requests // rate_count) - 1) if requests else 0.0
     # Slots run in rounds of `concurrency` predictions; even one job takes one prediction time.
-    by_slots = -(-(to_submit + counts.in_flight) // concurrency) * mean
+    by_slots = -(-(this_run + counts.in_flight) // concurrency) * mean
     return Plan(
         counts=counts,
         retryable_failed=retryable_failed,
@@ -218,6 +288,101 @@ def make_plan(
         uploads=len(images),
         requests=requests,
         seconds=max(by_requests, by_slots),
-        cost=None if price is None else to_submit * price,
+        cost=None if price is None else this_run * price,
         mean_prediction=mean,
+        this_run=this_run,
+        limited_by=limited_by,
+        concurrency=concurrency,
+        rate=f"{rate_count} requests per {rate_period:g}s",
+        duplicates=manifest.duplicates,
+        collapse=explain_collapse(manifest) if manifest.duplicates else None,
     )
+
+
+# --------------------------------------------------------------------------------------------------- collapses
+def explain_collapse(manifest: Manifest) -> str | None:
+    """Why combinations collapsed, when local images with the same bytes explain it (``img/red-copy.jpg has the
+    same bytes as img/red.jpg``). Reads the manifest's YAML again for the names as written, and hashes them."""
+    try:
+        data = yaml.safe_load(manifest.path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeError, yaml.YAMLError):
+        return None
+    names = _written_images(data)
+    base = manifest.path.parent
+    by_hash: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        if "://" in name or name[:5].lower() == "data:":
+            continue
+        path = base / name
+        try:
+            if not path.is_file():
+                continue
+            digest = sha256_file(path)
+        except OSError:
+            continue
+        if name not in by_hash[digest]:
+            by_hash[digest].append(name)
+    same = [group for group in by_hash.values() if len(group) > 1]
+    return same_bytes_text(same)
+
+
+def same_bytes_text(groups: list[list[str]]) -> str | None:
+    """``b has the same bytes as a``; ``b and c have the same bytes as a``; several groups joined by ``; ``."""
+    texts = []
+    for first, *others in groups:
+        verb = "has" if len(others) == 1 else "have"
+        texts.append(f"{' and '.join(others)} {verb} the same bytes as {first}")
+    return "; ".join(texts) or None
+
+
+def _written_images(data: object) -> list[str]:
+    names: list[str] = []
+    if not isinstance(data, dict):
+        return names
+
+    def add(value: object) -> None:
+        if isinstance(value, str):
+            names.append(value)
+
+    defaults, matrix, jobs = data.get("defaults"), data.get("matrix"), data.get("jobs")
+    if isinstance(defaults, dict):
+        add(defaults.get("input_image"))
+    if isinstance(matrix, dict) and isinstance(matrix.get("input_image"), list):
+        for value in matrix["input_image"]:
+            add(value)
+    if isinstance(jobs, list):
+        for job in jobs:
+            if isinstance(job, dict):
+                add(job.get("input_image"))
+    return names
+
+
+# --------------------------------------------------------------------------------------------------- runs
+def run_activity(holder: str | None, last: RunRecord | None, *, now: float) -> str | None:
+    """Whether a run is active, or how the last one ended, in a line; None when no run is on record."""
+    if holder is not None:
+        return f"a run is active ({holder})"
+    if last is None:
+        return None
+    when = "" if last.started_at is None else f", started {duration(now - last.started_at)} ago"
+    if last.unfinished:
+        pid = "" if last.pid is None else f" (pid {last.pid}{when})"
+        return f"the last run ended unfinished{pid or when}: it never wrote its end (killed?); rerun to continue"
+    f = last.finished or {}
+    ended = "" if last.finished_at is None else f" {duration(now - last.finished_at)} ago"
+    reason = f.get("stop_reason")
+    if last.incomplete or reason:
+        why = f" (stopped: {_REASONS.get(str(reason), str(reason))})" if reason else ""
+        return f"the last run ended{ended} with work left{why}"
+    return f"the last run finished{ended}"
+
+
+_REASONS = {
+    "interrupted": "Ctrl-C",
+    "terminated": "SIGTERM",
+    "deadline": "--max-runtime reached",
+    "max_jobs": "--max-jobs reached",
+    "budget": "--budget reached",
+    "payment_required": "out of credit",
+    "api_unavailable": "the API kept failing",
+}

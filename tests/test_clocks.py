@@ -233,7 +233,7 @@ def test_the_deadline_ends_a_wait_for_the_request_window(
     started = time.monotonic()
     assert main(run_args(manifest, sim.url, out, "--rate-limit", "60/60", "--max-runtime", "0.5s")) == 75
     assert time.monotonic() - started < 3
-    assert "stopped: deadline" in capsys.readouterr().err
+    assert "stopped by --max-runtime" in capsys.readouterr().err
     assert sim.stats()["requests"] == 0
 
 

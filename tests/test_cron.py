@@ -43,7 +43,7 @@ def test_plan_makes_no_request_and_counts_what_a_run_would_do(
     assert plan["succeeded"] == 2 and plan["new"] == 3 and plan["expected_cost"] == 1.5
     assert plan["expected_requests"] >= 6
     assert main(["plan", str(manifest), "--output", str(out)]) == 0
-    assert "3 new" in capsys.readouterr().out
+    assert "3 pending" in capsys.readouterr().out
 
 
 def test_plan_needs_no_key_and_no_network(
@@ -139,10 +139,18 @@ def test_json_logs_have_one_line_per_failure_with_job_and_message_and_a_summary(
     log_file = tmp_path / "logs" / "run.log"
     assert main(run_args(manifest, sim.url, out, "--log-format", "json", "--log-file", str(log_file))) == 1
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
-    failures = [e for e in lines if e["level"] == "error" and "failed" in e["message"]]
+    failures = [e for e in lines if e["event"] == "job_failed"]
     assert len(failures) == 2
+    assert all(e["error_code"] == "INPUT_DOWNLOAD_ERROR" and e["job"] and e["error"] for e in failures)
     assert all("INPUT_DOWNLOAD_ERROR" in e["message"] for e in failures)
-    assert lines[-1]["message"].startswith("summary: 0/2 done")
+    summary = next(e for e in lines if e["event"] == "summary")
+    assert summary["message"].startswith("summary: 0/2 done")
+    counted = ("total", "done", "failed", "in_flight", "in_doubt", "pending", "requests", "spend")
+    for record in [e for e in lines if e["event"] in ("start", "resume", "progress", "summary")]:
+        assert set(counted) <= set(record)
+        assert sum(record[k] for k in counted[1:6]) == record["total"]
+    assert [e["event"] for e in lines][:2] == ["plan", "start"]
+    assert lines[-1]["event"] == "next" and "batchrunner retry" in lines[-1]["next"]
     assert all(json.loads(line) for line in log_file.read_text().splitlines())
 
 
@@ -160,7 +168,8 @@ def test_text_logs_are_timestamped_plain_lines(
 def test_cron_line_overlapping_then_sequential_runs(tmp_path: Path, threaded_sim: SimFactory) -> None:
     """The README's cron line, twice overlapping and then in sequence."""
     sim = threaded_sim(fast_sim(min_seconds=0.1, max_seconds=0.2, concurrency=2))
-    manifest = write_manifest(tmp_path, 10, image=False)
+    # 20 jobs two at a time take at least 1.5 s: the first run still holds the folder when the second starts.
+    manifest = write_manifest(tmp_path, 20, image=False)
     out = tmp_path / "out"
     env = {**os.environ, "EACHLABS_API_KEY": SECRET_KEY}
     cron = [sys.executable, "-m", "batchrunner", *run_args(manifest, sim.url, out, "--concurrency", "2")]
@@ -175,19 +184,8 @@ def test_cron_line_overlapping_then_sequential_runs(tmp_path: Path, threaded_sim
     assert first.returncode in (0, 75), err.decode()
     sequential = subprocess.run(cron, env=env, stderr=subprocess.PIPE, timeout=30, check=False)
     assert sequential.returncode == 0, sequential.stderr.decode()
-    assert len(images_in(out)) == 10
+    assert len(images_in(out)) == 20
     assert sim.stats()["duplicates"] == 0
-
-
-def test_progress_bar_shows_counts_and_the_requests_in_the_window(capsys: pytest.CaptureFixture[str]) -> None:
-    from batchrunner.cli import _Progress
-    from batchrunner.scheduler import Snapshot
-
-    bar = _Progress("bar", 10, window="60/60s")
-    bar(Snapshot(total=10, done=3, failed=1, in_flight=4, pending=2, requests=20, elapsed=5.0, window_used=20))
-    bar.close()
-    err = capsys.readouterr().err
-    assert "4/10" in err and "done=3 failed=1 in-flight=4 requests=20/60/60s" in err
 
 
 def test_quiet_run_prints_only_the_summary(
@@ -198,3 +196,30 @@ def test_quiet_run_prints_only_the_summary(
     assert main(run_args(manifest, sim.url, tmp_path / "out", "--quiet")) == 0
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "summary: 3/3 done" in lines[0]
+
+
+def test_quiet_run_with_nothing_to_do_prints_nothing(
+    tmp_path: Path, threaded_sim: SimFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sim = threaded_sim(fast_sim())
+    manifest = write_manifest(tmp_path, 3, image=False)
+    assert main(run_args(manifest, sim.url, tmp_path / "out", "--quiet")) == 0
+    capsys.readouterr()
+    assert main(run_args(manifest, sim.url, tmp_path / "out", "--quiet")) == 0  # the next cron tick: idle
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+    assert main(run_args(manifest, sim.url, tmp_path / "out")) == 0  # without --quiet it still says so
+    assert "summary: 3/3 done" in capsys.readouterr().err
+
+
+def test_a_run_writes_the_report_and_names_it_in_the_summary(
+    tmp_path: Path, threaded_sim: SimFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sim = threaded_sim(fast_sim())
+    manifest = write_manifest(tmp_path, 2)
+    out = tmp_path / "out"
+    assert main(run_args(manifest, sim.url, out, "--max-jobs", "1")) == 75
+    err = capsys.readouterr().err
+    assert f"report {out / 'report.html'}" in err and (out / "report.html").is_file()
+    assert len(list((out / "thumbs").iterdir())) == 2  # the input and the one output
+    assert "next: stopped by --max-jobs 1: rerun to continue: batchrunner run" in err

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from batchrunner.cli import _LogFile, main
+from batchrunner.cli import main
+from batchrunner.logs import LogFile
 from tests.conftest import ThreadedSimulator, fast_sim, images_in, run_args, write_manifest
 
 SimFactory = Callable[..., ThreadedSimulator]
@@ -55,7 +56,7 @@ def test_a_log_file_that_breaks_mid_run_is_reported_once_and_gets_no_more_lines(
     log.propagate = False
     other = io.StringIO()
     log.addHandler(logging.StreamHandler(other))
-    handler = _LogFile(tmp_path / "run.log", encoding="utf-8")
+    handler = LogFile(tmp_path / "run.log", encoding="utf-8")
     handler.stream = _Breaks(good)  # type: ignore[assignment]  # any text stream will do
     log.addHandler(handler)
     # The handler reports through the runner's logger: give it the same place to write.

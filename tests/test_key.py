@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from batchrunner.cli import _setup_logging, build_parser, main
+from batchrunner.cli import build_parser, main
 from batchrunner.errors import UsageError
 from batchrunner.ledger import FAILED, Ledger
+from batchrunner.logs import setup_logging
 from batchrunner.redact import MASK, MAX_KEY_LENGTH, Redactor, check_api_key
 from tests.conftest import SECRET_KEY, ThreadedSimulator, fast_sim, run_args, write_manifest
 
@@ -143,7 +144,7 @@ def logged(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], str]]:
 
 def _setup(fmt: str, stream: io.StringIO) -> str:
     args = build_parser().parse_args(["run", "m.yaml", "--log-format", fmt])
-    _setup_logging(args, stream, Redactor(KEY))
+    setup_logging(stream, fmt=args.log_format, redact=Redactor(KEY))
     log = logging.getLogger("batchrunner.client")
     log.warning("the server said: %s", f"invalid key {KEY[:12]}")
     log.error("job %s failed: %s", "j1", f"token ...{KEY[-8:]}", extra={"fields": {"detail": KEY[2:14]}})

@@ -43,7 +43,7 @@ def test_a_deadline_during_downloads_exits_75_with_them_in_flight(
     out = tmp_path / "out"
     assert main(run_args(manifest, sim.url, out, "--max-runtime", "1s")) == 75
     err = capsys.readouterr().err
-    assert _summary_in_flight(err) == 3 and "stopped: deadline" in err
+    assert _summary_in_flight(err) == 3 and "stopped by --max-runtime" in err
     assert images_in(out) == []
     # status, from the ledger alone, says the same.
     assert main(["status", str(manifest), "--output", str(out), "--json"]) == 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from batchrunner import cli
+from batchrunner import cli, options
 from batchrunner.errors import ManifestError, UsageError
 from batchrunner.images import check_url_hosts, unfetchable_host
 from batchrunner.limits import parse_duration
@@ -234,7 +234,7 @@ def test_no_infinity_reaches_json_output(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_argument_helpers_raise_argparse_errors() -> None:
     with pytest.raises(argparse.ArgumentTypeError):
-        cli._positive_duration("0")
+        options._positive_duration("0")
 
 
 # --- input URLs the API can fetch ---------------------------------------------------------------------------
