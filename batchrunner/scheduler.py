@@ -886,6 +886,10 @@ class Scheduler:
                 cap=self.config.retry_cap,
                 rng=self._rng,
             )
+            if isinstance(exc, RateLimited):
+                # Busy, not broken: the round is tried again after the pause, and nothing falls back on polls.
+                watch.retry_later(self.now(), backoff)
+                return
             if watch.active and watch.mode == "auto":
                 log.warning("the executions listing failed (%s): polling each prediction until it answers again", exc)
             watch.on_failure(self.now(), backoff)

@@ -169,6 +169,11 @@ class Watch:
         self.next_at = now + pause
         return frozenset() if current is None else current.wanted - current.seen
 
+    def retry_later(self, now: float, pause: float) -> None:
+        """The listing was refused for now (429): the round starts again after ``pause``, the watch stays as it was."""
+        self.round = None
+        self.next_at = now + pause
+
     def on_failure(self, now: float, backoff: float) -> None:
         """The listing failed: ``auto`` falls back on polls and probes it again after ``probe_every``; ``list`` tries
         again after ``backoff``."""

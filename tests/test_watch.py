@@ -171,6 +171,13 @@ def test_a_failed_listing_falls_back_on_polls_and_is_probed_again_in_auto_mode()
     assert watch.active  # it answers again
 
 
+def test_a_refused_listing_is_tried_again_without_falling_back() -> None:
+    watch = Watch("auto")
+    watch.begin(0.0, 1.0, {"a"})
+    watch.retry_later(5.0, 1.0)
+    assert watch.active and watch.round is None and watch.next_at == 6.0
+
+
 def test_list_mode_keeps_listing_after_a_failure_and_poll_mode_never_lists() -> None:
     watch = Watch("list")
     watch.on_failure(5.0, backoff=0.5)
@@ -288,3 +295,16 @@ def test_a_prediction_the_listing_does_not_show_is_polled(tmp_path: Path, thread
     assert main(run_args(manifest, sim.url, tmp_path / "out")) == 0
     assert len(images_in(tmp_path / "out")) == 4
     assert sim.stats()["polls"] >= 4
+
+
+@pytest.mark.usefixtures("api_key")
+def test_a_listing_refused_with_429_is_tried_again_not_given_up(
+    tmp_path: Path, threaded_sim: SimFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sim = threaded_sim(fast_sim(min_seconds=0.02, max_seconds=0.05, faults=Faults(rate_limit=0.3), seed=2))
+    manifest = write_manifest(tmp_path, 8, image=False)
+    assert main(run_args(manifest, sim.url, tmp_path / "out")) == 0
+    stats = sim.stats()
+    assert stats["faults_injected"].get("rate_limit", 0) > 0
+    assert stats["polls"] == 0  # a 429 is the API busy, not the listing broken
+    assert "polling each prediction" not in capsys.readouterr().err
