@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from batchrunner import __version__
+from batchrunner.accountlimits import check_store_spec
+from batchrunner.accountreport import account_report, describe_account
 from batchrunner.client import DEFAULT_API_URL
 from batchrunner.errors import BatchrunnerError, UsageError
 from batchrunner.ledger import Ledger, read_ledger
@@ -193,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-large", action="store_true", help="allow a manifest of more than 10,000 jobs")
     _logging_options(run)
     _simulator_options(run)
+    _limits_store_option(run)
 
     status = sub.add_parser("status", help="where a manifest's batch stands (no request is made)")
     status.add_argument("manifest", type=Path)
@@ -230,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     _output_option(report)
     report.add_argument("--max-attempts", type=_positive_int, default=3)
     report.add_argument("--allow-large", action="store_true")
+
+    _account_parser(sub)
 
     sim = sub.add_parser("simulate", help="serve the built-in API simulator for experiments")
     sim.add_argument("--host", default="127.0.0.1")
@@ -481,6 +486,8 @@ def _summary(result: RunResult, out: OutputDir) -> str:
         parts.append(f"{result.recovered} recovered")
     if result.lost_answers:
         parts.append(f"{result.lost_answers} possibly duplicated")
+    if result.rate_limited:
+        parts.append(f"{result.rate_limited} refused with 429 (something else spends the key)")
     if result.stop_reason is not None:
         parts.append(f"stopped: {result.stop_reason.value}")
     return ", ".join(parts) + f" -> {out.path}"
@@ -535,6 +542,7 @@ async def _run_async(
             else (1.0 if args.rate_limit_scope == "creates" else 0.0)
         ),
         reconcile_wait=reconcile_wait if reconcile_wait is not None else 2.0,
+        limits_store=_limits_store(args),
     )
     if config.budget is not None and config.price is None:
         raise UsageError("--budget needs a price per prediction: pass --price or set `price:` in the manifest")
@@ -559,8 +567,9 @@ async def _run_async(
         if sim is not None:
             await sim.stop()
     # The summary line is always written (--quiet included): a warning when something is left to look at.
-    clean = result.complete and not result.failed
-    log.log(NOTICE if clean else logging.WARNING, _summary(result, out))
+    clean = result.complete and not result.failed and not result.rate_limited
+    fields = {"rate_limited": result.rate_limited, "requests": result.requests}
+    log.log(NOTICE if clean else logging.WARNING, _summary(result, out), extra={"fields": fields})
     return _exit_code(result)
 
 
@@ -685,6 +694,45 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------------------------------- the account
+def _limits_store_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--limits-store",
+        default=None,
+        metavar="STORE",
+        help="where the key's limits are shared with its other runs: sqlite (default, this machine), "
+        "redis://HOST:PORT/DB (several machines), or local (this run alone); env BATCHRUNNER_LIMITS_STORE",
+    )
+
+
+def _limits_store(args: argparse.Namespace) -> str | None:
+    """The store of ``--limits-store`` or the environment; the built-in simulator is an account of its own."""
+    if getattr(args, "simulate", False):
+        return "local"
+    spec = args.limits_store or os.environ.get("BATCHRUNNER_LIMITS_STORE", "").strip() or None
+    return None if spec is None else check_store_spec(spec)
+
+
+def _account_parser(sub: Any) -> None:
+    account = sub.add_parser("account", help="the runs now on this key, their slots and the window's use")
+    account.add_argument(
+        "--api-url", default=None, help=f"API base URL (env EACHLABS_API_URL; default {DEFAULT_API_URL})"
+    )
+    account.add_argument("--json", action="store_true", help="machine-readable output")
+    _limits_store_option(account)
+
+
+def cmd_account(args: argparse.Namespace) -> int:
+    spec = _limits_store(args)
+    if spec == "local":
+        raise UsageError("--limits-store local keeps no account: each run has its own limits")
+    key = _api_key(False)
+    api_url = args.api_url or os.environ.get("EACHLABS_API_URL") or DEFAULT_API_URL
+    report = asyncio.run(account_report(spec, api_url=api_url, api_key=key))
+    print(json.dumps(report) if args.json else describe_account(report))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -704,6 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "retry": cmd_retry,
             "report": cmd_report,
             "simulate": cmd_simulate,
+            "account": cmd_account,
         }
         return commands[args.command](args)
     except BatchrunnerError as exc:

@@ -24,6 +24,7 @@ class StopReason(StrEnum):
     BUDGET = "budget"
     PAYMENT = "payment_required"
     API_DOWN = "api_unavailable"
+    LIMITS_STORE = "limits_store_lost"  # the account's limits store failed mid-run: in flight finished, resumable
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,9 @@ class RunConfig:
     # creation times from the send to the answer widened by clock_skew either side (our clock against the API's).
     reconcile_wait: float = 2.0
     clock_skew: float = 10.0
+    # Where the account's limits are shared with the key's other runs: None or "sqlite" (the state folder's database),
+    # "redis://HOST:PORT/DB", or "local" (this run's own limits only); see accountlimits.py.
+    limits_store: str | None = None
 
 
 @dataclass(slots=True)
@@ -110,6 +114,7 @@ class Snapshot:
     requests: int
     elapsed: float
     window_used: int = 0  # requests in the current rate window (at most the limit's COUNT)
+    rate_limited: int = 0  # 429s the API sent this run: something else is spending the key
 
 
 @dataclass(frozen=True, slots=True)

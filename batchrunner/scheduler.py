@@ -34,6 +34,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
+from batchrunner.account import StoreLost
+from batchrunner.accountlimits import AccountLimiter, GateLike, LocalLimits, WindowLike
 from batchrunner.client import Client, Phase, Prediction
 from batchrunner.errors import (
     ApiError,
@@ -57,7 +59,7 @@ from batchrunner.ledger import (
     LedgerState,
     RequestLog,
 )
-from batchrunner.limits import InFlightGate, SlidingWindow, answer_margin, default_margin, seed_history
+from batchrunner.limits import SlidingWindow, default_margin, seed_history
 from batchrunner.manifest import Job, Manifest
 from batchrunner.output import OutputDir, describe_os_error
 from batchrunner.policy import (
@@ -115,6 +117,7 @@ class Scheduler:
         rng: random.Random | None = None,
         on_progress: Callable[[Snapshot], None] | None = None,
         content_types: Mapping[str, str] | None = None,
+        limits: AccountLimiter | LocalLimits | None = None,
     ) -> None:
         self.manifest = manifest
         self.client = client
@@ -128,9 +131,10 @@ class Scheduler:
         self._rng = rng or random.Random()
         self._on_progress = on_progress
         self.counters = Counters()
-        # Requests count at their answers (see SlidingWindow.settle), so the margin covers clock drift only.
-        self.window = SlidingWindow(config.rate_count, config.rate_period, margin=answer_margin(config.rate_period))
-        self.gate = InFlightGate(config.concurrency)
+        # The run's own window and gate, or the account's through its store (accountlimits.py).
+        self.limits = limits if limits is not None else LocalLimits(config)
+        self.window: WindowLike = self.limits.window
+        self.gate: GateLike = self.limits.gate
         # Polls are paced at the window's sustainable rate; when only creates count, at what the per-prediction minimum
         # interval allows for a full set of slots.
         pace = config.rate_count / config.rate_period
@@ -176,6 +180,11 @@ class Scheduler:
         self.doubt_jobs: dict[str, Job] = {}
         self.recon_paused_until = 0.0
         self.recon_failures = 0  # failed sweep requests in a row, for the backoff between sweeps
+        self.limits.bind(
+            wake=self.wake.set,
+            on_lost=self._limits_lost,
+            hold=lambda: doubt_hold(self.durations, self.config.poll_initial),
+        )
 
     # ----------------------------------------------------------------------------------------------- set-up
     def now(self) -> float:
@@ -261,8 +270,8 @@ class Scheduler:
 
     def _seed_window(self) -> None:
         """Count the requests a killed run made in the current window (once, before the first request)."""
-        if self._window_seeded:
-            return
+        if self._window_seeded or self.limits.shared:
+            return  # the account's store holds every run's requests, a killed one's included
         self._window_seeded = True
         now, wall_now = self.now(), self._wall()
         if self.request_log is not None:
@@ -314,7 +323,9 @@ class Scheduler:
         self._begin()
         self._seed_window()
         # Before the run nothing is on the wire, so the delay is finite; a timer may fire a little early: ask again.
-        while (delay := self.window.delay(self.now())) > 0:
+        # With the account's limits, the store says whether the grant is this run's (else the delay is its wait).
+        while (delay := self.window.delay(self.now())) > 0 or not await self.limits.acquire(grant=True, slot=False):
+            delay = self.window.delay(self.now())
             left = self._until_deadline()
             if left is not None and left <= delay:
                 await asyncio.sleep(left)
@@ -388,10 +399,32 @@ class Scheduler:
                 # inf: every place in the window is held by a request on the wire; its answer wakes us.
                 await self._sleep(None if math.isinf(delay) else now + delay, now)
                 continue
+            if self.limits.shared and not await self._account_grant(kind, target, counts):
+                continue
             if paced:
                 self.pacer.take(now)
             ticket = self._take_grant(now) if counts else None
             self._start(kind, target, now, ticket)
+
+    async def _account_grant(self, kind: str, target: Any, counts: bool) -> bool:
+        """Take the chosen request's grant (and a create's slot) from the account's store; False when it must wait.
+
+        The store's answer is awaited, so the run's state may have moved meanwhile: if the dispatcher would now
+        choose otherwise, what was taken goes back unused (no request was sent, so it counts nowhere).
+        """
+        if not counts and kind != "create":
+            return True  # a request the window does not count (--rate-limit-scope creates)
+        if not await self.limits.acquire(grant=counts, slot=kind == "create"):
+            return False
+        again, _ = self._choose(self.now())
+        if again is None or again[0] != kind or again[1] is not target:
+            self.limits.give_back()
+            return False
+        return True
+
+    def _limits_lost(self, exc: StoreLost) -> None:
+        log.error("%s; no new submissions: finishing what is in flight within the last limits known", exc)
+        self.request_stop(StopReason.LIMITS_STORE)
 
     def _take_grant(self, now: float) -> int:
         """Take a window place for a request sent now; it counts from its answer on (``_settle``)."""
@@ -640,6 +673,14 @@ class Scheduler:
         self.counters.by_kind[kind] = self.counters.by_kind.get(kind, 0) + 1
         try:
             return await request
+        except ApiError as exc:
+            if exc.status == 429 or isinstance(exc, RateLimited):
+                # Every 429 is counted here, whatever the request: it means something else is spending the key.
+                self.counters.rate_limited += 1
+                self.limits.count_rate_limited()
+                if self.counters.rate_limited == 1:
+                    log.warning("the API refused a request with 429 (%s): something else is spending this key", kind)
+            raise
         finally:
             ticket = _TICKET.get()
             if ticket is not None:
@@ -748,7 +789,6 @@ class Scheduler:
             if exc.status == 429:
                 # The API is up and busy (its window, or more predictions running on the account than we know of):
                 # no outage, but no create for anyone until it has had its pause.
-                self.counters.rate_limited += 1
                 pause = retry_delay(
                     tries, exc.retry_after, base=self.config.retry_base, cap=self.config.retry_cap, rng=self._rng
                 )
@@ -808,7 +848,6 @@ class Scheduler:
             return
         except ApiError as exc:
             self._api_failed(exc)
-            self.counters.rate_limited += int(exc.status == 429)
             flight.poll_failures += 1
             self._poll_later(flight, flight.poll_failures, exc.retry_after)
             return
@@ -935,7 +974,6 @@ class Scheduler:
                 self.fatal = exc
                 return
             if isinstance(exc, RateLimited):
-                self.counters.rate_limited += 1
                 self.recon.retry_listing()
                 self.recon_paused_until = self.now() + retry_delay(
                     1, exc.retry_after, base=self.config.retry_base, cap=self.config.retry_cap, rng=self._rng
@@ -1082,6 +1120,7 @@ class Scheduler:
             requests=c.requests,
             elapsed=(self.now() - self.started) if self.started else 0.0,
             window_used=self.window.used(self.now()),
+            rate_limited=c.rate_limited,
         )
 
     def _progress(self) -> None:
