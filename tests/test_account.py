@@ -131,7 +131,8 @@ def full_window() -> AccountState:
 
 def test_a_run_told_to_wait_for_its_turn_is_told_when() -> None:
     state = full_window()
-    assert ask(state, 0.2, "a") == (False, pytest.approx(0.8))  # the 0.0 answer leaves at 1.0
+    granted, wait = ask(state, 0.2, "a")
+    assert not granted and wait == pytest.approx(0.8)  # the 0.0 answer leaves at 1.0
     granted, wait = ask(state, 0.3, "b")
     assert not granted and wait == pytest.approx(0.8)  # behind a: the 0.1 answer leaves at 1.1
     assert decide(state, 0.3, "b", grant=True, slot=False).why == "turn"
