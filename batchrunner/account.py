@@ -61,6 +61,7 @@ __all__ = [
     "join",
     "leave",
     "mark_gone",
+    "record_history",
     "release",
     "request",
     "settle_grant",
@@ -73,7 +74,7 @@ T = TypeVar("T")
 # Seconds a place in the grant line is kept past the time its run was told to come back (a loop's lag, a transaction).
 TURN_GRACE = 0.1
 # Seconds a place in the slot line is kept since its run last asked (the run renews it while it waits; see limiter).
-SLOT_GRACE = 0.5
+SLOT_GRACE = 0.25
 # When requests on the wire fill the window, only answers open it, and another run's answer wakes no one here: look
 # again this soon.
 FULL_RETRY = 0.02
@@ -450,6 +451,13 @@ def settle_grant(state: AccountState, now: float, grant_id: str) -> None:
     grant = state.pending.pop(grant_id, None)
     if grant is not None:
         _record(state, max(now, grant.sent))
+
+
+def record_history(state: AccountState, now: float, times: list[float]) -> None:
+    """Record answers the store never saw (a killed run's request log), none later than ``now``."""
+    for t in times:
+        if math.isfinite(t):
+            _record(state, min(t, now))
 
 
 def cancel_grant(state: AccountState, grant_id: str) -> None:

@@ -43,6 +43,7 @@ from batchrunner.account import (
     join,
     leave,
     mark_gone,
+    record_history,
     release,
     request,
     settle_grant,
@@ -129,6 +130,9 @@ class LocalLimits:
 
     def give_back(self) -> None:
         """Nothing was taken ahead."""
+
+    def seed(self, history: list[float]) -> None:
+        """The scheduler seeds its own window (``SlidingWindow(history=...)``)."""
 
     def count_rate_limited(self) -> None:
         """A 429 is in the run's counters already; nothing else to tell."""
@@ -314,9 +318,11 @@ class AccountLimiter:
         self._last_beat = -math.inf
         self._warned_limits = False
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._wake: Callable[[], None] = lambda: None
         self._on_lost: Callable[[StoreLost], None] = lambda exc: None
         self._hold: Callable[[], float] | None = None
+        self._wants_slot: Callable[[], bool] = lambda: True
 
     # ------------------------------------------------------------------------------------------- wiring
     def now(self) -> float:
@@ -328,10 +334,14 @@ class AccountLimiter:
         wake: Callable[[], None],
         on_lost: Callable[[StoreLost], None],
         hold: Callable[[], float] | None = None,
+        wants_slot: Callable[[], bool] | None = None,
     ) -> None:
         """The scheduler's hooks: ``wake`` when the account frees something, ``on_lost`` when the store fails,
-        ``hold`` the seconds its predictions may still run (its lost answers' hold)."""
+        ``hold`` the seconds its predictions may still run (its lost answers' hold), ``wants_slot`` whether it has
+        jobs to create (a run keeps its place in the slot line only while it does)."""
         self._wake, self._on_lost, self._hold = wake, on_lost, hold
+        if wants_slot is not None:
+            self._wants_slot = wants_slot
 
     @property
     def limits(self) -> AccountLimits:
@@ -348,6 +358,13 @@ class AccountLimiter:
     def count_rate_limited(self) -> None:
         self.rate_limited += 1
 
+    def seed(self, history: list[float]) -> None:
+        """Requests a killed run made (loop times, from its folder's request log) count in the account's window.
+
+        A run killed under this store has them in the store already; counting them twice only delays the run
+        that resumes it, within one window."""
+        self.queue_op("seed", [t + self.offset for t in history])
+
     # ------------------------------------------------------------------------------------------- transactions
     def _tx(
         self, then: Callable[[AccountState, float], Any] | None = None, *, check_pids: bool = False
@@ -357,7 +374,11 @@ class AccountLimiter:
         hold = None
         if self._hold is not None:
             hold = self._hold() + HOLD_SLACK
-        claim = self._slot_claim_until > self.now()
+        waiting = self._slot_claim_until > -math.inf
+        wants = waiting and self._wants_slot()
+        claim = wants and self._slot_claim_until > self.now()
+        if waiting and not wants:
+            self._slot_claim_until = -math.inf  # nothing left to create: its place goes to the next run now
         rate_limited = self.rate_limited
 
         def fn(state: AccountState, now: float) -> tuple[Any, View]:
@@ -375,10 +396,14 @@ class AccountLimiter:
                     release(state, lease.id, value)
                 elif kind == "adopt":
                     adopt(state, now, lease.id, value)
+                elif kind == "seed":
+                    record_history(state, now, value)
             if claim:
                 for waiter in state.slot_line:
                     if waiter.lease == lease.id:
                         waiter.until = max(waiter.until, now + SLOT_GRACE)
+            elif waiting and not wants:
+                state.slot_line[:] = [w for w in state.slot_line if w.lease != lease.id]
             result = then(state, now) if then is not None else None
             return result, view(state, now, lease.id)
 
@@ -390,7 +415,7 @@ class AccountLimiter:
         self.view = fresh
         self.offset = fresh.now - self.now()
         self.released_since_view = 0
-        if self._slot_claim_until > -math.inf and fresh.free() <= 0:
+        if self._slot_claim_until > -math.inf and fresh.free() <= 0 and self._wants_slot():
             self._slot_claim_until = self.now() + SLOT_GRACE  # still waiting: keep the place in the slot line
         lease = self.lease
         if not self._warned_limits and fresh.limits != AccountLimits(
@@ -486,12 +511,14 @@ class AccountLimiter:
             self.queue_op("release", 1)
 
     async def _background(self) -> None:
-        while self.lost is None:
+        while self.lost is None and not self._closing:
             tight = self.view is not None and (self.view.free() <= 0 or self.view.used() >= self.view.limits.count)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(TIGHT_REFRESH if tight else IDLE_REFRESH):
                     await self._kick.wait()
             self._kick.clear()
+            if self._closing:
+                return
             now = self.now()
             due = now - self._last_beat >= BEAT_EVERY
             fn, _ = self._tx(check_pids=due)
@@ -507,9 +534,17 @@ class AccountLimiter:
     async def close(self) -> None:
         """Leave the account: slots still held (predictions left running) stay held for the run's hold."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Let the background task end between transactions: a command cancelled on the wire can leave the Redis
+            # client's connection waiting for an answer that belongs to nobody.
+            self._closing = True
+            self._kick.set()
+            try:
+                async with asyncio.timeout(2 * BEAT_EVERY):
+                    await self._task
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
         if self.lost is None:
             self.give_back()
             fn, _ = self._tx(lambda state, now: leave(state, now, self.lease.id))

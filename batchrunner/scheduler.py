@@ -184,6 +184,7 @@ class Scheduler:
             wake=self.wake.set,
             on_lost=self._limits_lost,
             hold=lambda: doubt_hold(self.durations, self.config.poll_initial),
+            wants_slot=lambda: self.stop_reason is None and bool(self.ready),
         )
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -270,8 +271,8 @@ class Scheduler:
 
     def _seed_window(self) -> None:
         """Count the requests a killed run made in the current window (once, before the first request)."""
-        if self._window_seeded or self.limits.shared:
-            return  # the account's store holds every run's requests, a killed one's included
+        if self._window_seeded:
+            return
         self._window_seeded = True
         now, wall_now = self.now(), self._wall()
         if self.request_log is not None:
@@ -281,6 +282,9 @@ class Scheduler:
             recent = self.request_log.recent(self.config.rate_period + self.window.margin + late)
             if recent:
                 history = seed_history(recent, now=now, wall_now=wall_now, late=late)
+                if self.limits.shared:  # into the account's window (a run of an older version, or another store)
+                    self.limits.seed(history)
+                    return
                 self.window = SlidingWindow(
                     self.config.rate_count, self.config.rate_period, margin=self.window.margin, history=history
                 )

@@ -12,6 +12,7 @@ Errors of ``sqlite3`` are translated here: at open, a file that is corrupt or ca
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -52,6 +53,15 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+class _Busy(Exception):
+    """Another run holds the database's write lock."""
+
+
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
 def _parse(text: object, path: Path) -> AccountState:
     try:
         return AccountState.from_json(json.loads(str(text)))
@@ -76,11 +86,15 @@ class SqliteStore:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             os.close(fd)
-            conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+            # No busy timeout of SQLite's own: its handler sleeps 1, 2, 5, 10 ... 100 ms between tries, far longer
+            # than the sub-millisecond transactions it waits for; ``transact`` retries on the event loop instead.
+            conn = sqlite3.connect(path, timeout=0.0, isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
             raise StoreBroken(f"cannot open the limits store {path}: {_describe(exc)}") from None
         store = cls(path, conn, clock=clock)
         try:
+            # Runs starting together meet here: the set-up waits on SQLite's own busy handler (it is done once).
+            conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()
             if mode is None or str(mode[0]).lower() != "wal":
                 raise sqlite3.OperationalError("cannot switch to WAL mode")
@@ -89,7 +103,8 @@ class SqliteStore:
                 "CREATE TABLE IF NOT EXISTS account "
                 "(id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER, state TEXT)"
             )
-            store._run(lambda state, now: None)  # a write: an unwritable or corrupt file fails here, not mid-run
+            store._blocking(lambda state, now: None)  # a write: an unwritable or corrupt file fails here
+            conn.execute("PRAGMA busy_timeout=0")
         except (sqlite3.Error, StoreLost) as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
@@ -97,10 +112,28 @@ class SqliteStore:
             raise StoreBroken(f"the limits store {path} is unusable: {reason}") from None
         return store
 
+    def _blocking(self, fn: Callable[[AccountState, float], T]) -> T:
+        """``_run`` until it gets the write lock, sleeping between tries (for the open, before any loop runs)."""
+        deadline = time.monotonic() + BUSY_TIMEOUT
+        pause = 0.0002
+        while True:
+            try:
+                return self._run(fn)
+            except _Busy:
+                if time.monotonic() > deadline:
+                    raise StoreLost(f"the limits store {self.path} stayed locked for {BUSY_TIMEOUT:g}s") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.005)
+
     def _run(self, fn: Callable[[AccountState, float], T]) -> T:
         conn = self._conn
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if _locked(exc):
+                    raise _Busy from None
+                raise
             try:
                 row = conn.execute("SELECT version, state FROM account WHERE id = 1").fetchone()
                 state = AccountState() if row is None else _parse(row[1], self.path)
@@ -122,8 +155,18 @@ class SqliteStore:
         return result
 
     async def transact(self, fn: Callable[[AccountState, float], T]) -> T:
-        # A transaction takes well under a millisecond; run on the loop, it needs no thread hop and keeps order.
-        return self._run(fn)
+        # A transaction takes well under a millisecond; run on the loop, it needs no thread hop and keeps order. While
+        # another run holds the write lock, wait on the loop a fraction of a millisecond, then a few, and try again.
+        deadline = time.monotonic() + BUSY_TIMEOUT
+        pause = 0.0002
+        while True:
+            try:
+                return self._run(fn)
+            except _Busy:
+                if time.monotonic() > deadline:
+                    raise StoreLost(f"the limits store {self.path} stayed locked for {BUSY_TIMEOUT:g}s") from None
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.005)
 
     async def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
