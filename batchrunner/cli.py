@@ -30,6 +30,8 @@ import webbrowser
 from collections.abc import Sequence
 from pathlib import Path
 
+from batchrunner.accountlimits import check_store_spec
+from batchrunner.accountreport import account_report, describe_account
 from batchrunner.checks import MAX_PROBLEMS, check_all
 from batchrunner.client import DEFAULT_API_URL
 from batchrunner.display import next_steps, summary_fields, summary_line
@@ -148,6 +150,7 @@ def _config(
         ),
         reconcile_wait=reconcile if reconcile is not None else 2.0,
         watch=args.watch,
+        limits_store=_limits_store(args),
     )
     if config.budget is not None and config.price is None:
         raise UsageError("--budget needs a price per prediction: pass --price or set `price:` in the manifest")
@@ -225,7 +228,8 @@ async def _run_async(
         if sim is not None:
             await sim.stop()
     report = _end_report(manifest, out, args.max_attempts)
-    clean = result.complete and not result.failed
+    # A 429 means something else spends the key: worth a warning even on a clean run.
+    clean = result.complete and not result.failed and not result.rate_limited
     # --quiet shows the summary of a run that did something or left something to look at; an idle cron tick is silent.
     did_nothing = clean and result.requests == 0 and result.succeeded == 0
     level = (logging.INFO if did_nothing else NOTICE) if clean else logging.WARNING
@@ -392,6 +396,25 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _limits_store(args: argparse.Namespace) -> str | None:
+    """The store of ``--limits-store`` or the environment; the built-in simulator is an account of its own."""
+    if getattr(args, "simulate", False):
+        return "local"
+    spec = args.limits_store or os.environ.get("BATCHRUNNER_LIMITS_STORE", "").strip() or None
+    return None if spec is None else check_store_spec(spec)
+
+
+def cmd_account(args: argparse.Namespace) -> int:
+    spec = _limits_store(args)
+    if spec == "local":
+        raise UsageError("--limits-store local keeps no account: each run has its own limits")
+    key = _api_key(False)
+    api_url = args.api_url or os.environ.get("EACHLABS_API_URL") or DEFAULT_API_URL
+    report = asyncio.run(account_report(spec, api_url=api_url, api_key=key))
+    print(json.dumps(report) if args.json else describe_account(report))
+    return EXIT_OK
+
+
 COMMANDS = {
     "run": cmd_run,
     "status": cmd_status,
@@ -401,6 +424,7 @@ COMMANDS = {
     "report": cmd_report,
     "export": cmd_export,
     "simulate": cmd_simulate,
+    "account": cmd_account,
 }
 
 

@@ -206,6 +206,8 @@ def summary_line(result: RunResult, *, report: str | None = None) -> str:
         extra.append(f"{result.recovered} recovered from the executions listing (not paid twice)")
     if result.lost_answers:
         extra.append(f"{result.lost_answers} possibly duplicated (created again while in doubt)")
+    if result.rate_limited:
+        extra.append(f"{plural(result.rate_limited, 'request')} refused with 429 (something else spends the key)")
     if extra:
         parts.append(", ".join(extra))
     if report:
@@ -230,6 +232,7 @@ def summary_fields(result: RunResult) -> dict[str, Any]:
         "elapsed": round(result.elapsed, 3),
         "recovered": result.recovered,
         "possibly_duplicated": result.lost_answers,
+        "rate_limited": result.rate_limited,
         "stop_reason": result.stop_reason.value if result.stop_reason else None,
     }
 
@@ -252,6 +255,8 @@ def next_steps(result: RunResult, config: RunConfig, *, command: str) -> list[st
         steps.append(f"stopped: the account is out of credit (HTTP 402); add credit, then {rerun}")
     elif stop is StopReason.API_DOWN:
         steps.append(f"stopped: the API kept failing; {rerun} later")
+    elif stop is StopReason.LIMITS_STORE:
+        steps.append(f"stopped: the store of the key's limits was lost (what was in flight was finished); {rerun}")
     elif stop is StopReason.INTERRUPTED:
         steps.append(f"stopped by Ctrl-C: {rerun}")
     elif stop is StopReason.TERMINATED:

@@ -28,6 +28,7 @@ __all__ = [
     "SlidingWindow",
     "answer_margin",
     "default_margin",
+    "earliest_grant",
     "parse_duration",
     "parse_rate",
     "seed_history",
@@ -83,6 +84,22 @@ def _wait_until(now: float, target: float) -> float:
     while now + d < target:
         d = math.nextafter(d, math.inf)
     return d
+
+
+def earliest_grant(times: list[float], pending: int, latest: float, count: int, window: float) -> float:
+    """The earliest time the next grant may happen, whatever ``now`` is: -inf when nothing limits it, +inf while
+    ``pending`` grants (on the wire, inside every window) leave no room, so that only an answer can open it.
+
+    ``times`` are the recorded grants, sorted; ``latest`` the latest grant taken (grants go in time order). The
+    ``room``-th latest recorded grant must leave the window first: then at most ``room - 1`` recorded grants and
+    every pending one are inside it. Shared by ``SlidingWindow`` and the account-wide limiter (``account.py``).
+    """
+    room = count - pending
+    if room <= 0:
+        return math.inf
+    if len(times) < room:
+        return latest
+    return max(times[-room] + window, latest)
 
 
 class SlidingWindow:
@@ -144,17 +161,8 @@ class SlidingWindow:
         return len(self._pending)
 
     def _earliest(self) -> float:
-        """The earliest time the next grant may happen, whatever ``now`` is (-inf when nothing limits it;
-        +inf while pending grants alone fill the window: only an answer can open it)."""
-        room = self.count - len(self._pending)
-        if room <= 0:
-            return math.inf
-        times = self._times
-        if len(times) < room:
-            return self._latest
-        # times[-room] must leave the window before the next grant: then at most room - 1 recorded
-        # grants and every pending one are inside it.
-        return max(times[-room] + self.window, self._latest)
+        """The earliest time the next grant may happen, whatever ``now`` is (see ``earliest_grant``)."""
+        return earliest_grant(self._times, len(self._pending), self._latest, self.count, self.window)
 
     def delay(self, now: float) -> float:
         """Seconds until a grant is allowed (0.0 when allowed at ``now``; inf while only answers to pending

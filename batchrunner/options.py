@@ -148,6 +148,13 @@ def _run_options(p: argparse.ArgumentParser, where: argparse._ArgumentGroup) -> 
         "--simulate", action="store_true", help="run against the built-in simulator (no key, no network)"
     )
     where.add_argument("--api-url", default=None, help=f"API base URL (env EACHLABS_API_URL; {DEFAULT_API_URL})")
+    where.add_argument(
+        "--limits-store",
+        default=None,
+        metavar="STORE",
+        help="where the key's limits are shared with its other runs: sqlite (default, this machine), "
+        "redis://HOST:PORT/DB (several machines), or local (this run alone); env BATCHRUNNER_LIMITS_STORE",
+    )
 
     limits = p.add_argument_group("limits")
     limits.add_argument("--concurrency", type=_positive_int, default=10, help="predictions in flight at most (10)")
@@ -354,6 +361,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="csv (default) or jsonl")
     export.add_argument("--to", type=Path, default=None, metavar="FILE", help="write here instead of stdout")
     export.add_argument("--max-attempts", type=_positive_int, default=3, help="as given to run (3)")
+
+    account = command(
+        "account",
+        "the runs now on this key, their slots and the window's use",
+        "The runs now sharing this API key's limits (from the limits store, no request to the API): each run's "
+        "in-flight slots, and the account's request window.",
+    )
+    account.add_argument("--api-url", default=None, help=f"API base URL (env EACHLABS_API_URL; {DEFAULT_API_URL})")
+    account.add_argument("--json", action="store_true", help="machine-readable output")
+    account.add_argument(
+        "--limits-store",
+        default=None,
+        metavar="STORE",
+        help="sqlite (default), redis://HOST:PORT/DB; env BATCHRUNNER_LIMITS_STORE",
+    )
 
     sim = command(
         "simulate",

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 
+from batchrunner.accountlimits import open_limits
 from batchrunner.client import Client
 from batchrunner.errors import ApiError, ManifestError, UsageError
 from batchrunner.filenames import check_output_names
@@ -162,33 +163,44 @@ async def run_batch(
         request_log.compact(config.rate_period + 5.0)
         if deadline is not None:
             config = dataclasses.replace(config, max_runtime=max(0.0, deadline - time.monotonic()))
+        # Under the folder's lock: a lease of this folder still in the store is a killed run's (account.join). Opened
+        # before the ledger, so that a store that cannot be used ends the run before anything is written or sent.
+        limits_cm = open_limits(
+            config,
+            api_url=endpoint.base_url,
+            api_key=endpoint.api_key,
+            request_timeout=endpoint.timeout,
+            label=str(out.path.resolve()),
+        )
         try:
-            with Ledger(out.ledger, redact=Redactor(endpoint.api_key)) as ledger:
-                if retry_failed and reset_failed(manifest, state, ledger):
-                    state = read_ledger(out.ledger)
-                ledger.append("run_started", pid=os.getpid(), jobs=len(manifest.jobs))
-                async with aiohttp.ClientSession() as session:
-                    client = Client(
-                        session, base_url=endpoint.base_url, api_key=endpoint.api_key, timeout=endpoint.timeout
-                    )
-                    scheduler = Scheduler(
-                        manifest,
-                        client,
-                        ledger,
-                        out,
-                        state,
-                        config,
-                        request_log=request_log,
-                        on_progress=on_progress,
-                        content_types=types,
-                    )
-                    if on_scheduler is not None:
-                        on_scheduler(scheduler)
-                    await check_schema(manifest, out, scheduler)
-                    result = await scheduler.run()
-                if scheduler.fatal is not None:
-                    raise scheduler.fatal
-                ledger.append("run_finished", **result_fields(result))
+            async with limits_cm as limits:
+                with Ledger(out.ledger, redact=Redactor(endpoint.api_key)) as ledger:
+                    if retry_failed and reset_failed(manifest, state, ledger):
+                        state = read_ledger(out.ledger)
+                    ledger.append("run_started", pid=os.getpid(), jobs=len(manifest.jobs))
+                    async with aiohttp.ClientSession() as session:
+                        client = Client(
+                            session, base_url=endpoint.base_url, api_key=endpoint.api_key, timeout=endpoint.timeout
+                        )
+                        scheduler = Scheduler(
+                            manifest,
+                            client,
+                            ledger,
+                            out,
+                            state,
+                            config,
+                            request_log=request_log,
+                            on_progress=on_progress,
+                            content_types=types,
+                            limits=limits,
+                        )
+                        if on_scheduler is not None:
+                            on_scheduler(scheduler)
+                        await check_schema(manifest, out, scheduler)
+                        result = await scheduler.run()
+                    if scheduler.fatal is not None:
+                        raise scheduler.fatal
+                    ledger.append("run_finished", **result_fields(result))
         finally:
             request_log.close()
     return result, scheduler
@@ -207,6 +219,7 @@ def result_fields(result: RunResult) -> dict[str, Any]:
         "in_doubt": result.in_doubt,
         "recovered": result.recovered,
         "possibly_duplicated": result.lost_answers,
+        "rate_limited": result.rate_limited,
         "lost_answers": result.lost_answers,  # the name before 0.2, for readers of older ledgers
         "elapsed": round(result.elapsed, 3),
         "stop_reason": result.stop_reason.value if result.stop_reason else None,

@@ -24,6 +24,7 @@ class StopReason(StrEnum):
     BUDGET = "budget"
     PAYMENT = "payment_required"
     API_DOWN = "api_unavailable"
+    LIMITS_STORE = "limits_store_lost"  # the account's limits store failed mid-run: in flight finished, resumable
 
 
 # Downloads at once at most, whatever the slots: more would crowd the connection pool the API's requests share.
@@ -57,6 +58,9 @@ class RunConfig:
     clock_skew: float = 10.0
     watch: str = "auto"  # how predictions in flight are watched: auto | list | poll (watch.py)
     listing_probe: float = 30.0  # while the listing fails, it is tried again this often (auto)
+    # Where the account's limits are shared with the key's other runs: None or "sqlite" (the state folder's database),
+    # "redis://HOST:PORT/DB", or "local" (this run's own limits only); see accountlimits.py.
+    limits_store: str | None = None
 
 
 @dataclass(slots=True)
@@ -132,6 +136,7 @@ class Snapshot:
     window_wait: float = 0.0  # seconds until the window lets the next request go (inf: until an answer comes)
     creates_paused: float = 0.0  # seconds until creates resume after the API asked us to slow down
     stopping: str | None = None  # the stop reason's value once the run no longer submits
+    rate_limited: int = 0  # 429s the API sent this run: something else is spending the key
 
 
 @dataclass(frozen=True, slots=True)

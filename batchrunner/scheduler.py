@@ -34,6 +34,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
+from batchrunner.account import StoreLost
+from batchrunner.accountlimits import AccountLimiter, GateLike, LocalLimits, WindowLike
 from batchrunner.client import Client, Phase, Prediction
 from batchrunner.errors import (
     ApiError,
@@ -57,7 +59,7 @@ from batchrunner.ledger import (
     LedgerState,
     RequestLog,
 )
-from batchrunner.limits import InFlightGate, SlidingWindow, answer_margin, default_margin, seed_history
+from batchrunner.limits import SlidingWindow, default_margin, seed_history
 from batchrunner.manifest import Job, Manifest
 from batchrunner.output import OutputDir, describe_os_error
 from batchrunner.policy import (
@@ -118,6 +120,7 @@ class Scheduler:
         rng: random.Random | None = None,
         on_progress: Callable[[Snapshot], None] | None = None,
         content_types: Mapping[str, str] | None = None,
+        limits: AccountLimiter | LocalLimits | None = None,
     ) -> None:
         self.manifest = manifest
         self.client = client
@@ -131,9 +134,10 @@ class Scheduler:
         self._rng = rng or random.Random()
         self._on_progress = on_progress
         self.counters = Counters()
-        # Requests count at their answers (see SlidingWindow.settle), so the margin covers clock drift only.
-        self.window = SlidingWindow(config.rate_count, config.rate_period, margin=answer_margin(config.rate_period))
-        self.gate = InFlightGate(config.concurrency)
+        # The run's own window and gate, or the account's through its store (accountlimits.py).
+        self.limits = limits if limits is not None else LocalLimits(config)
+        self.window: WindowLike = self.limits.window
+        self.gate: GateLike = self.limits.gate
         # Polls are paced at the window's sustainable rate; when only creates count, at what the per-prediction minimum
         # interval allows for a full set of slots.
         pace = config.rate_count / config.rate_period
@@ -182,6 +186,12 @@ class Scheduler:
         # Every prediction in flight watched by one listing request (watch.py), else each polled.
         self.watch = Watch(config.watch, probe_every=config.listing_probe)
         self.learned = 0  # prediction times learnt this run (the plan is redone now and then, not after each)
+        self.limits.bind(
+            wake=self.wake.set,
+            on_lost=self._limits_lost,
+            hold=lambda: doubt_hold(self.durations, self.config.poll_initial),
+            wants_slot=lambda: self.stop_reason is None and bool(self.ready),
+        )
 
     # ----------------------------------------------------------------------------------------------- set-up
     def now(self) -> float:
@@ -281,6 +291,9 @@ class Scheduler:
             recent = self.request_log.recent(self.config.rate_period + self.window.margin + late)
             if recent:
                 history = seed_history(recent, now=now, wall_now=wall_now, late=late)
+                if self.limits.shared:  # into the account's window (a run of an older version, or another store)
+                    self.limits.seed(history)
+                    return
                 self.window = SlidingWindow(
                     self.config.rate_count, self.config.rate_period, margin=self.window.margin, history=history
                 )
@@ -323,7 +336,9 @@ class Scheduler:
         self._begin()
         self._seed_window()
         # Before the run nothing is on the wire, so the delay is finite; a timer may fire a little early: ask again.
-        while (delay := self.window.delay(self.now())) > 0:
+        # With the account's limits, the store says whether the grant is this run's (else the delay is its wait).
+        while (delay := self.window.delay(self.now())) > 0 or not await self.limits.acquire(grant=True, slot=False):
+            delay = self.window.delay(self.now())
             left = self._until_deadline()
             if left is not None and left <= delay:
                 await asyncio.sleep(left)
@@ -397,10 +412,32 @@ class Scheduler:
                 # inf: every place in the window is held by a request on the wire; its answer wakes us.
                 await self._sleep(None if math.isinf(delay) else now + delay, now)
                 continue
+            if self.limits.shared and not await self._account_grant(kind, target, counts):
+                continue
             if paced:
                 self.pacer.take(now)
             ticket = self._take_grant(now) if counts else None
             self._start(kind, target, now, ticket)
+
+    async def _account_grant(self, kind: str, target: Any, counts: bool) -> bool:
+        """Take the chosen request's grant (and a create's slot) from the account's store; False when it must wait.
+
+        The store's answer is awaited, so the run's state may have moved meanwhile: if the dispatcher would now
+        choose otherwise, what was taken goes back unused (no request was sent, so it counts nowhere).
+        """
+        if not counts and kind != "create":
+            return True  # a request the window does not count (--rate-limit-scope creates)
+        if not await self.limits.acquire(grant=counts, slot=kind == "create"):
+            return False
+        again, _ = self._choose(self.now())
+        if again is None or again[0] != kind or again[1] is not target:
+            self.limits.give_back()
+            return False
+        return True
+
+    def _limits_lost(self, exc: StoreLost) -> None:
+        log.error("%s; no new submissions: finishing what is in flight within the last limits known", exc)
+        self.request_stop(StopReason.LIMITS_STORE)
 
     def _take_grant(self, now: float) -> int:
         """Take a window place for a request sent now; it counts from its answer on (``_settle``)."""
@@ -696,6 +733,14 @@ class Scheduler:
         self.counters.by_kind[kind] = self.counters.by_kind.get(kind, 0) + 1
         try:
             return await request
+        except ApiError as exc:
+            if exc.status == 429 or isinstance(exc, RateLimited):
+                # Every 429 is counted here, whatever the request: it means something else is spending the key.
+                self.counters.rate_limited += 1
+                self.limits.count_rate_limited()
+                if self.counters.rate_limited == 1:
+                    log.warning("the API refused a request with 429 (%s): something else is spending this key", kind)
+            raise
         finally:
             ticket = _TICKET.get()
             if ticket is not None:
@@ -819,7 +864,6 @@ class Scheduler:
             if exc.status == 429:
                 # The API is up and busy (its window, or more predictions running on the account than we know of):
                 # no outage, but no create for anyone until it has had its pause.
-                self.counters.rate_limited += 1
                 pause = retry_delay(
                     tries, exc.retry_after, base=self.config.retry_base, cap=self.config.retry_cap, rng=self._rng
                 )
@@ -940,7 +984,6 @@ class Scheduler:
             return
         except ApiError as exc:
             self._api_failed(exc)
-            self.counters.rate_limited += int(exc.status == 429)
             flight.poll_failures += 1
             self._poll_later(flight, flight.poll_failures, exc.retry_after)
             return
@@ -1068,7 +1111,6 @@ class Scheduler:
                 self.fatal = exc
                 return
             if isinstance(exc, RateLimited):
-                self.counters.rate_limited += 1
                 self.recon.retry_listing()
                 self.recon_paused_until = self.now() + retry_delay(
                     1, exc.retry_after, base=self.config.retry_base, cap=self.config.retry_cap, rng=self._rng
@@ -1228,12 +1270,13 @@ class Scheduler:
             spend=c.spend,
             spend_before=self.state.spend,
             slots_used=self.gate.in_flight,
-            slots=self.gate.limit,
+            slots=self.config.concurrency,
             window_limit=self.config.rate_count,
             window_period=self.config.rate_period,
             window_wait=self.window.delay(now),
             creates_paused=max(0.0, self.creates_paused_until - now),
             stopping=self.stop_reason.value if self.stop_reason is not None else None,
+            rate_limited=c.rate_limited,
         )
 
     def _progress(self) -> None:

@@ -1,0 +1,400 @@
+"""The account's pure decisions (account.py) by table on a fake clock, and the SQLite store on a tmp state folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from batchrunner.account import (
+    FULL_RETRY,
+    AccountLimits,
+    AccountState,
+    Lease,
+    StoreBroken,
+    account_limits,
+    adopt,
+    beat,
+    decide,
+    expire,
+    grant_times,
+    join,
+    leave,
+    mark_gone,
+    release,
+    request,
+    settle_grant,
+    slots_held,
+    view,
+)
+from batchrunner.sqlitestore import SqliteStore, account_id, state_dir
+
+
+def lease(
+    name: str,
+    *,
+    count: int = 3,
+    period: float = 1.0,
+    concurrency: int = 4,
+    label: str | None = None,
+    ttl: float = 10.0,
+    hold: float = 2.0,
+    timeout: float = 5.0,
+) -> Lease:
+    made = Lease(
+        id=name,
+        label=label or f"/out/{name}",
+        pid=1,
+        host="",
+        pid_start="",
+        started=0.0,
+        beat=0.0,
+        ttl=ttl,
+        hold=hold,
+        timeout=timeout,
+        count=count,
+        period=period,
+        margin=0.0,
+        concurrency=concurrency,
+    )
+    _MADE[name] = made
+    return made
+
+
+_MADE: dict[str, Lease] = {}
+
+
+def account(*leases: Lease, now: float = 0.0) -> AccountState:
+    state = AccountState()
+    for one in leases:
+        join(state, now, one)
+    return state
+
+
+def ask(state: AccountState, now: float, name: str, *, grant: bool = True, slot: bool = False) -> tuple[bool, float]:
+    """One transaction of run ``name``: beat, expire, request; the answer as (granted, wait)."""
+    expire(state, now)
+    beat(state, now, state.leases.get(name) or _MADE[name])
+    decision = request(state, now, name, grant=grant, slot=slot)
+    return decision.granted, decision.wait
+
+
+# --------------------------------------------------------------------------------------------------- grants
+def test_a_run_alone_has_the_whole_window_and_waits_for_the_first_answer_to_leave_it() -> None:
+    state = account(lease("a"))
+    ids = []
+    for _ in range(3):
+        decision = request(state, 0.0, "a", grant=True, slot=False)
+        assert decision.granted
+        ids.append(decision.grant_id)
+    for at, grant_id in zip((0.1, 0.2, 0.3), ids, strict=True):
+        settle_grant(state, at, str(grant_id))
+    granted, wait = ask(state, 0.5, "a")
+    assert not granted and wait == pytest.approx(0.6)  # the first answer, at 0.1, leaves the 1 s window at 1.1
+    assert ask(state, 1.1, "a")[0]
+
+
+def test_grants_on_the_wire_fill_the_window_until_their_answers() -> None:
+    state = account(lease("a", ttl=100.0, timeout=100.0))
+    for _ in range(3):
+        assert ask(state, 0.0, "a")[0]
+    assert ask(state, 50.0, "a") == (False, FULL_RETRY)  # unanswered: inside every window, however late
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [
+        # a and b want grants of a 2-per-second window full until 1.0 and 1.1: a asked first, b's time is 1.1.
+        ([("a", 0.2), ("b", 0.3), ("b", 1.0), ("a", 1.0), ("b", 1.1)], [False, False, False, True, True]),
+        # a dawdles: b's own time (room for a and for b) comes at 1.1, and b takes it; a still has its place.
+        ([("a", 0.2), ("b", 0.3), ("b", 1.1), ("a", 1.15)], [False, False, True, True]),
+    ],
+)
+def test_runs_are_served_in_the_order_they_asked(steps: list[tuple[str, float]], expected: list[bool]) -> None:
+    state = full_window()
+    got = [ask(state, t, name)[0] for name, t in steps]
+    assert got == expected
+
+
+def full_window() -> AccountState:
+    """Runs a and b on a 2-per-second window whose answers came at 0.0 and 0.1."""
+    state = account(lease("a", count=2), lease("b", count=2))
+    for t in (0.0, 0.1):
+        settle_grant(state, t, str(request(state, t, "a", grant=True, slot=False).grant_id))
+    return state
+
+
+def test_a_run_told_to_wait_for_its_turn_is_told_when() -> None:
+    state = full_window()
+    granted, wait = ask(state, 0.2, "a")
+    assert not granted and wait == pytest.approx(0.8)  # the 0.0 answer leaves at 1.0
+    granted, wait = ask(state, 0.3, "b")
+    assert not granted and wait == pytest.approx(0.8)  # behind a: the 0.1 answer leaves at 1.1
+    assert decide(state, 0.3, "b", grant=True, slot=False).why == "turn"
+
+
+def test_a_place_in_line_lapses_when_its_run_does_not_come_back_in_time() -> None:
+    state = full_window()
+    ask(state, 0.2, "a")  # told 1.0; its place is kept until 1.0 + TURN_GRACE
+    ask(state, 0.3, "b")
+    expire(state, 1.05)
+    assert [w.lease for w in state.line] == ["a", "b"]
+    expire(state, 1.15)
+    assert [w.lease for w in state.line] == ["b"]
+
+
+def test_no_run_starves_among_three_that_ask_all_the_time() -> None:
+    state = account(lease("a", count=2), lease("b", count=2), lease("c", count=2))
+    got = {"a": 0, "b": 0, "c": 0}
+    t = 0.0
+    while t < 30.0:
+        for name in ("a", "b", "c"):  # a always asks first within a tick: a plain race would give it everything
+            expire(state, t)
+            beat(state, t, state.leases[name])
+            decision = request(state, t, name, grant=True, slot=False)
+            if decision.granted:
+                got[name] += 1
+                settle_grant(state, t + 0.01, str(decision.grant_id))
+        t = round(t + 0.01, 2)
+    assert sum(got.values()) == pytest.approx(60, abs=2)
+    assert min(got.values()) >= 18
+
+
+def test_randomised_runs_never_put_more_than_count_in_any_window_the_server_sees() -> None:
+    """Several runs, random latencies: the server stamps each request between its grant and its answer."""
+    for seed in range(20):
+        rng = random.Random(seed)
+        names = ["a", "b", "c"]
+        state = account(*(lease(n, count=4, period=1.0) for n in names))
+        arrivals: list[float] = []
+        wire: list[tuple[float, str, float]] = []  # (answer time, grant id, arrival)
+        t = 0.0
+        while t < 10.0:
+            for answer, grant_id, _arrival in [w for w in wire if w[0] <= t]:
+                settle_grant(state, answer, grant_id)
+            wire = [w for w in wire if w[0] > t]
+            name = rng.choice(names)
+            expire(state, t)
+            beat(state, t, state.leases[name])
+            decision = request(state, t, name, grant=True, slot=False)
+            if decision.granted:
+                latency = rng.uniform(0.001, 0.3)
+                arrival = t + rng.uniform(0.0, latency)
+                arrivals.append(arrival)
+                wire.append((t + latency, str(decision.grant_id), arrival))
+            t += rng.uniform(0.0, 0.05)
+        arrivals.sort()
+        busiest = max(sum(1 for a in arrivals if s - 1.0 < a <= s) for s in arrivals)
+        assert busiest <= 4, seed
+        assert len(arrivals) > 30
+
+
+def test_grant_times_plan_the_next_grants_without_taking_them() -> None:
+    limits = AccountLimits(count=2, period=1.0, margin=0.0, concurrency=1)
+    assert grant_times([0.0, 0.5], 0.5, 0, 0.2, 3, limits) == [1.0, 1.5, 2.0]
+    assert grant_times([], -math.inf, 2, 0.2, 1, limits) == [math.inf]
+
+
+# --------------------------------------------------------------------------------------------------- limits
+def test_the_account_keeps_the_strictest_of_each_part_of_the_runs_limits() -> None:
+    state = account(lease("a", count=60, period=60.0, concurrency=10), lease("b", count=10, period=5.0, concurrency=4))
+    assert account_limits(state, 1.0) == AccountLimits(count=10, period=60.0, margin=0.0, concurrency=4)
+    leave(state, 2.0, "b")
+    assert account_limits(state, 2.0) == AccountLimits(count=60, period=60.0, margin=0.0, concurrency=10)
+
+
+# --------------------------------------------------------------------------------------------------- slots
+def test_slots_are_the_sum_over_every_run() -> None:
+    state = account(lease("a", concurrency=3), lease("b", concurrency=3))
+    assert ask(state, 0.0, "a", grant=False, slot=True)[0]
+    assert ask(state, 0.0, "b", grant=False, slot=True)[0]
+    assert ask(state, 0.0, "b", grant=False, slot=True)[0]
+    assert slots_held(state, 0.0) == 3
+    assert decide(state, 0.0, "a", grant=True, slot=True).why == "slots"
+    release(state, "b")
+    assert ask(state, 0.1, "a", grant=False, slot=True)[0]
+
+
+def test_a_slot_goes_to_the_run_that_waited_for_it_first() -> None:
+    state = account(lease("a", concurrency=1), lease("b", concurrency=1), lease("c", concurrency=1))
+    assert ask(state, 0.0, "c", grant=False, slot=True)[0]
+    assert not ask(state, 0.1, "a", grant=False, slot=True)[0]  # a waits first
+    assert not ask(state, 0.2, "b", grant=False, slot=True)[0]
+    release(state, "c")
+    assert not ask(state, 0.3, "b", grant=False, slot=True)[0]  # b is behind a
+    assert view(state, 0.3, "b").free() == 0 and view(state, 0.3, "a").free() == 1
+    assert ask(state, 0.35, "a", grant=False, slot=True)[0]
+
+
+@pytest.mark.parametrize(
+    ("now", "held"),
+    [
+        (5.0, 2),  # killed at 0.5 (its last beat), but still live by its ttl
+        (10.4, 2),  # not live any more: its predictions may still run until its last beat + hold (12.5)
+        (12.6, 0),  # they have surely finished
+    ],
+)
+def test_a_killed_runs_slots_stay_held_until_its_predictions_have_surely_finished(now: float, held: int) -> None:
+    state = account(lease("dead", hold=12.0), lease("other"))
+    ask(state, 0.5, "dead", grant=False, slot=True)
+    ask(state, 0.5, "dead", grant=False, slot=True)
+    beat(state, now, state.leases["other"])
+    expire(state, now)
+    assert slots_held(state, now) == held
+
+
+def test_a_run_seen_dead_on_this_machine_holds_its_slots_for_its_hold_only() -> None:
+    state = account(lease("dead", hold=2.0), lease("other"))
+    ask(state, 0.5, "dead", grant=False, slot=True)
+    mark_gone(state, {"dead"})
+    assert slots_held(state, 2.4) == 1
+    expire(state, 2.6)
+    assert slots_held(state, 2.6) == 0 and "dead" not in state.leases
+
+
+@pytest.mark.parametrize(
+    ("now", "pending", "recorded"),
+    [
+        (3.0, 1, []),  # killed at 1.0, still live by its ttl (10 s): on the wire
+        (11.5, 1, []),  # gone, but before send + timeout: the request may still be on the wire
+        (16.5, 0, [16.0]),  # counted as answered at send + timeout
+    ],
+)
+def test_a_killed_runs_pending_grants_count_as_answered_at_send_plus_timeout(
+    now: float, pending: int, recorded: list[float]
+) -> None:
+    state = account(lease("dead", timeout=15.0, hold=0.0), lease("other"))
+    ask(state, 1.0, "dead")
+    beat(state, now, state.leases["other"])
+    expire(state, now)
+    assert len(state.pending) == pending
+    assert [t for t in state.times if t > 0] == recorded
+
+
+def test_no_stale_state_blocks_a_later_run() -> None:
+    state = account(lease("old"))
+    ask(state, 1.0, "old", grant=False, slot=True)
+    for _ in range(2):
+        ask(state, 1.0, "old")
+    later = lease("new")
+    join(state, 100.0, later)
+    assert ask(state, 100.0, "new", slot=True)[0]
+    assert list(state.leases) == ["new"]
+
+
+def test_a_resumed_run_takes_over_the_slots_of_the_killed_run_of_its_folder() -> None:
+    state = account(lease("killed", label="/out/x"), lease("other"))
+    for _ in range(3):  # two predictions and one lost answer
+        ask(state, 0.5, "killed", grant=False, slot=True)
+    resumed = lease("resumed", label="/out/x")
+    join(state, 1.0, resumed)  # the folder's lock says the killed run is gone, though it looks live
+    assert not state.leases["killed"].live(1.0)
+    adopt(state, 1.0, "resumed", 2)  # its ledger shows two predictions in flight
+    assert state.leases["resumed"].held == 2 and state.leases["killed"].held == 1
+    assert slots_held(state, 1.0) == 3
+
+
+def test_a_run_that_leaves_with_predictions_running_keeps_their_slots_for_its_hold() -> None:
+    state = account(lease("a", hold=2.0), lease("b"))
+    ask(state, 0.0, "a", grant=False, slot=True)
+    granted = request(state, 0.0, "a", grant=True, slot=False)
+    leave(state, 1.0, "a")
+    assert not state.pending and state.times[-1] == 1.0
+    assert slots_held(state, 2.9) == 1
+    expire(state, 3.1)
+    assert "a" not in state.leases
+    assert granted.grant_id is not None
+
+
+def test_a_clock_stepped_back_delays_a_run_one_window_at_most() -> None:
+    state = account(lease("a"))
+    for _ in range(3):
+        ask(state, 500.0, "a")
+    for grant_id in list(state.pending):
+        settle_grant(state, 500.0, grant_id)
+    granted, wait = ask(state, 10.0, "a")  # the clock went back from 500 to 10
+    assert not granted and wait <= 1.0 + 1e-9
+
+
+def test_the_state_reads_back_what_it_wrote() -> None:
+    state = account(lease("a"), lease("b"))
+    ask(state, 0.0, "a", slot=True)
+    ask(state, 0.0, "b")
+    ask(state, 0.0, "a")
+    back = AccountState.from_json(json.loads(json.dumps(state.to_json())))
+    assert back == state
+    with pytest.raises(ValueError):
+        AccountState.from_json({"v": 99})
+
+
+# --------------------------------------------------------------------------------------------------- SQLite
+@pytest.fixture
+def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    return tmp_path / "state" / "batchrunner"
+
+
+def test_the_state_folder_follows_xdg_and_the_name_never_holds_the_key(state_home: Path) -> None:
+    assert state_dir() == state_home
+    assert state_dir({"XDG_STATE_HOME": "relative"}) == Path.home() / ".local" / "state" / "batchrunner"
+    name = account_id("https://api.example/", "sk-secret-123")
+    assert name == account_id("https://api.example", "sk-secret-123") and "secret" not in name
+    assert name != account_id("https://api.example", "sk-secret-124")
+
+
+async def test_two_stores_on_one_file_share_one_state_in_wal_mode(state_home: Path) -> None:
+    path = state_home / "account-x.sqlite3"
+    one, two = SqliteStore.open(path, clock=lambda: 5.0), SqliteStore.open(path, clock=lambda: 5.0)
+    try:
+        await one.transact(lambda state, now: join(state, now, lease("a")))
+        assert await two.transact(lambda state, now: list(state.leases)) == ["a"]
+        mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
+        assert mode == "wal"
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+    finally:
+        await one.close()
+        await two.close()
+
+
+def test_a_corrupt_store_is_one_line_and_exit_74(state_home: Path) -> None:
+    path = state_home / "account-x.sqlite3"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreBroken) as info:
+        SqliteStore.open(path)
+    assert info.value.exit_code == 74 and "\n" not in str(info.value)
+
+
+def test_a_state_row_that_does_not_parse_is_one_line_and_exit_74(state_home: Path) -> None:
+    path = state_home / "account-x.sqlite3"
+    SqliteStore.open(path)
+    with sqlite3.connect(path) as conn:
+        conn.execute('UPDATE account SET state = \'{"v": 1, "times": "x"}\'')
+    with pytest.raises(StoreBroken) as info:
+        SqliteStore.open(path)
+    assert info.value.exit_code == 74
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_an_unwritable_state_folder_is_one_line_and_exit_74(state_home: Path) -> None:
+    state_home.mkdir(parents=True)
+    state_home.chmod(0o500)
+    try:
+        with pytest.raises(StoreBroken) as info:
+            SqliteStore.open(state_home / "account-x.sqlite3")
+        assert info.value.exit_code == 74
+    finally:
+        state_home.chmod(0o700)
+
+
+def test_a_state_folder_that_is_a_file_is_one_line_and_exit_74(state_home: Path) -> None:
+    state_home.parent.mkdir(parents=True)
+    state_home.write_text("not a folder")
+    with pytest.raises(StoreBroken) as info:
+        SqliteStore.open(state_home / "account-x.sqlite3")
+    assert info.value.exit_code == 74
