@@ -122,6 +122,10 @@ class LocalLimits:
         )
         self.gate: GateLike = InFlightGate(config.concurrency)
 
+    def sharing(self) -> int:
+        """Runs sharing the limits: this one alone."""
+        return 1
+
     def bind(self, **_: Any) -> None:
         """Nothing to wake or stop: a run's own limits never change behind its back."""
 
@@ -354,6 +358,10 @@ class AccountLimiter:
         if self.lost is None:
             self._ops.append((kind, value))
             self._kick.set()
+
+    def sharing(self) -> int:
+        """Live runs on the account as last seen (1 before the first view): each gets about its share."""
+        return max(1, self.view.runs) if self.view is not None else 1
 
     def count_rate_limited(self) -> None:
         self.rate_limited += 1

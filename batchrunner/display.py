@@ -207,7 +207,7 @@ def summary_line(result: RunResult, *, report: str | None = None) -> str:
     if result.lost_answers:
         extra.append(f"{result.lost_answers} possibly duplicated (created again while in doubt)")
     if result.rate_limited:
-        extra.append(f"{plural(result.rate_limited, 'request')} refused with 429 (something else spends the key)")
+        extra.append(f"{result.rate_limited} refused with 429 (something else spends the key)")
     if extra:
         parts.append(", ".join(extra))
     if report:

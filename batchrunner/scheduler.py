@@ -550,13 +550,15 @@ class Scheduler:
     def _listing_pause(self) -> float:
         """The pause until the next listing round (watch.listing_interval, from the run's limits and what is left)."""
         cfg = self.config
-        rate = cfg.rate_count / cfg.rate_period if cfg.rate_scope == "all" else 1e9
+        # Runs sharing the key's limits (accountlimits.py) each plan on their share of the window and the slots.
+        runs = self.limits.sharing()
+        rate = cfg.rate_count / cfg.rate_period / runs if cfg.rate_scope == "all" else 1e9
         mean = sum(self.durations) / len(self.durations) if self.durations else cfg.poll_initial
         return listing_interval(
             to_create=len(self.ready) + len(self.delayed),
             in_flight=len(self.flights),
             mean_duration=mean,
-            concurrency=cfg.concurrency,
+            concurrency=max(1, cfg.concurrency // runs),
             rate=rate,
             shortest=max(cfg.poll_min_interval, 1.0 / rate, 0.01),
             longest=max(4 * mean, 1.0),
@@ -922,7 +924,6 @@ class Scheduler:
                 return
             if watch.round is None or watch.round.number != number:
                 return  # the round already failed or was replaced
-            self.counters.rate_limited += int(exc.status == 429)
             backoff = retry_delay(
                 watch.failures + 1,
                 exc.retry_after,
