@@ -40,7 +40,7 @@ from pathlib import Path
 import aiohttp
 from PIL import Image
 
-from batchrunner.client import Client, ExecutionsPage, Phase, Prediction
+from batchrunner.client import Client, ExecutionsPage, Phase, Prediction, classify_status
 from batchrunner.errors import RateLimited
 from batchrunner.ledger import Ledger, RequestLog, read_ledger
 from batchrunner.manifest import Job, Manifest, load_manifest
@@ -206,7 +206,7 @@ class _Watch(Client):
         page = await super().executions(model=model, start=start, end=end, limit=limit, offset=offset, kind=kind)
         now = asyncio.get_running_loop().time()
         for row in page.rows:
-            if row.prediction is not None and row.prediction.phase is not Phase.RUNNING:
+            if classify_status(row.status) is not Phase.RUNNING:  # the status word alone: cheap, as it must be here
                 self.seen.setdefault(row.id, now)
         return page
 

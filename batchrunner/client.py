@@ -287,7 +287,21 @@ class Execution:
     model: str | None
     status: str
     created_at: float | None  # epoch seconds; None when the row's time is missing or unreadable
-    prediction: Prediction | None = None
+    raw: Mapping[str, Any] | None = None
+
+    @property
+    def prediction(self) -> Prediction | None:
+        """The row read as a GET of the prediction (read on demand: most rows of a page are not ours)."""
+        row = self.raw
+        if row is None:
+            return None
+        as_prediction = {
+            "id": self.id,
+            "status": row.get("status"),
+            "output": row.get("output"),
+            "metrics": {"cost": row.get("execution_cost"), "predict_time": row.get("run_time")},
+        }
+        return parse_prediction(self.id, as_prediction)
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,19 +337,12 @@ def parse_execution(row: Mapping[str, Any]) -> Execution | None:
     if isinstance(raw_id, bool) or not isinstance(raw_id, str | int) or not str(raw_id).strip():
         return None
     raw_status = row.get("status")
-    row_id = str(raw_id).strip()
-    as_prediction = {
-        "id": row_id,
-        "status": raw_status,
-        "output": row.get("output"),
-        "metrics": {"cost": row.get("execution_cost"), "predict_time": row.get("run_time")},
-    }
     return Execution(
-        id=row_id,
+        id=str(raw_id).strip(),
         model=_text(row.get("model")) or _text(row.get("requested_model")),
         status=raw_status.strip() if isinstance(raw_status, str) else "",
         created_at=_epoch(row.get("created_at")),
-        prediction=parse_prediction(row_id, as_prediction),
+        raw=row,
     )
 
 

@@ -237,6 +237,7 @@ async def save_download(
     the ledger records success only after this returns.
     """
     tmp = out.partial / f"{job_id}.{secrets.token_hex(4)}.part"
+    moved = False
     try:
         try:
             # The chunks the client writes are small, so the loop is not held by them; opening, fsync and the rename
@@ -254,10 +255,12 @@ async def save_download(
             await asyncio.to_thread(_replace_durably, tmp, final, out.path)
         except OSError as exc:
             raise OutputError(f"cannot write {final}: {describe_os_error(exc)}") from exc
+        moved = True
         return final.name
     finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        if not moved:  # renamed into place, there is nothing left to remove (and no syscall to spend on it)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 def _flush_and_sync(sink: BinaryIO) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from batchrunner.cli import main
-from batchrunner.client import Execution, ExecutionsPage, Phase, Prediction
+from batchrunner.client import Execution, ExecutionsPage, Phase
 from batchrunner.policy import learnt_duration
 from batchrunner.results import Results
 from batchrunner.runstate import MAX_DOWNLOADS, Counters, RunConfig
@@ -84,11 +84,23 @@ def test_requests_per_job_stay_under_three_in_the_realistic_regime() -> None:
 
 
 def row(id: str, at: float, status: str = "success") -> Execution:
-    phase = Phase.SUCCEEDED if status == "success" else Phase.RUNNING
-    prediction = Prediction(
-        id, status, phase, ("https://cdn/x.png",) if phase is Phase.SUCCEEDED else (), None, None, False, 0.08, 1.0
+    output = "https://cdn/x.png" if status == "success" else None
+    raw = {"id": id, "status": status, "output": output, "execution_cost": 0.08, "run_time": 1.0}
+    return Execution(id=id, model="m", status=status, created_at=at, raw=raw)
+
+
+def test_a_row_reads_as_a_poll_would() -> None:
+    prediction = row("p", 1.0).prediction
+    assert prediction is not None
+    assert (prediction.phase, prediction.urls, prediction.cost, prediction.predict_time) == (
+        Phase.SUCCEEDED,
+        ("https://cdn/x.png",),
+        0.08,
+        1.0,
     )
-    return Execution(id=id, model="m", status=status, created_at=at, prediction=prediction)
+    running = row("q", 1.0, status="processing").prediction
+    assert running is not None and running.phase is Phase.RUNNING
+    assert Execution(id="r", model=None, status="", created_at=None).prediction is None
 
 
 def test_a_round_pages_until_every_wanted_prediction_is_seen() -> None:
