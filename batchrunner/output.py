@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import os
 import secrets
@@ -224,6 +225,9 @@ def image_extension(path: Path) -> str:
     return ext
 
 
+_PART_NUMBERS = itertools.count()
+
+
 async def save_download(
     out: OutputDir,
     job_id: str,
@@ -236,7 +240,8 @@ async def save_download(
     Returns the final file name (relative to the folder). A kill at any point leaves either no file or the whole file;
     the ledger records success only after this returns.
     """
-    tmp = out.partial / f"{job_id}.{secrets.token_hex(4)}.part"
+    # Unique within the folder: a run holds its lock, and within the run a counter (a random name cost a syscall).
+    tmp = out.partial / f"{job_id}.{os.getpid()}-{next(_PART_NUMBERS)}.part"
     moved = False
     try:
         try:
