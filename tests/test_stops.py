@@ -53,11 +53,11 @@ def test_a_deadline_during_downloads_exits_75_with_them_in_flight(
 def test_the_next_run_downloads_what_the_deadline_cut_off_without_paying_again(
     tmp_path: Path, threaded_sim: SimFactory
 ) -> None:
-    sim = threaded_sim(fast_sim(faults=Faults(download_404_seconds=1.5)))
+    sim = threaded_sim(fast_sim(faults=Faults(download_404_seconds=0.5)))
     manifest = write_manifest(tmp_path, 2, image=False)
     out = tmp_path / "out"
-    assert main(run_args(manifest, sim.url, out, "--max-runtime", "0.5s")) == 75
-    time.sleep(1.0)  # the outputs become available
+    assert main(run_args(manifest, sim.url, out, "--max-runtime", "0.2s")) == 75
+    time.sleep(0.4)  # the outputs become available
     assert main(run_args(manifest, sim.url, out)) == 0
     assert len(images_in(out)) == 2
     assert sim.stats()["creates"] == 2
