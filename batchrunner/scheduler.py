@@ -1093,12 +1093,20 @@ class Scheduler:
 
     # ----------------------------------------------------------------------------------------------- reconciliation
     def _match_request(self, job: Job) -> Mapping[str, Any]:
-        """What of the job's create request is known now: all of it, or all but an image whose upload is forgotten."""
+        """The job's create request as it was sent, to compare listed predictions with.
+
+        A local image went as the URL of its upload: the one this run would use, else the one the ledger recorded,
+        however old (an upload past its reuse period is not reused, but a create in doubt may well have sent it).
+        Only without either is the image left out of the comparison.
+        """
         if self.uploads.ready_for(job):
             try:
                 return self.uploads.api_input(job)
             except OSError:
                 pass
+        recorded = self.state.uploads.get(job.image_sha256) if job.image_sha256 is not None else None
+        if recorded is not None and not self.config.inline_images:
+            return {**job.input, "input_image": recorded.public_url}
         return {k: v for k, v in job.input.items() if k != "input_image"}
 
     def _add_doubt(self, job: Job, request: Mapping[str, Any], sent_at: float, answered_at: float, base: float) -> None:

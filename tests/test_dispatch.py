@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from batchrunner.client import Client
-from batchrunner.ledger import Ledger, read_ledger
+from batchrunner.ledger import Ledger, Upload, read_ledger
 from batchrunner.manifest import load_manifest
 from batchrunner.output import OutputDir
 from batchrunner.runstate import Flight, RunConfig
@@ -97,3 +97,21 @@ async def test_the_spare_request_goes_to_the_poll_worth_most_not_to_the_likelies
     clock.t = 1.5
     action, _ = sched._choose(clock.t)
     assert action == ("poll", young)
+
+
+async def test_a_resumed_doubt_is_matched_with_the_upload_the_ledger_recorded_however_old(tmp_path: Path) -> None:
+    # Two jobs that differ only by their image: left out of the comparison, either could adopt the other's prediction.
+    manifest = load_manifest(write_manifest(tmp_path, 1))
+    job = manifest.jobs[0]
+    assert job.image_sha256 is not None
+    out = OutputDir(tmp_path / "out")
+    out.create()
+    out.prepare()
+    state = read_ledger(out.ledger)
+    state.uploads[job.image_sha256] = Upload(job.image_sha256, "https://cdn.example/old-upload.png", uploaded_at=0.0)
+    with Ledger(out.ledger) as ledger:
+        async with aiohttp.ClientSession() as session:
+            client = Client(session, base_url="http://127.0.0.1:9", api_key="unused")
+            sched = Scheduler(manifest, client, ledger, out, state, RunConfig())
+            assert not sched.uploads.ready_for(job)  # past the reuse period (uploaded at epoch 0): not reused
+            assert sched._match_request(job)["input_image"] == "https://cdn.example/old-upload.png"
