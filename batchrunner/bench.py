@@ -42,6 +42,7 @@ from PIL import Image
 
 from batchrunner.client import Client, ExecutionsPage, Phase, Prediction, classify_status
 from batchrunner.errors import RateLimited
+from batchrunner.estimate import PAGE_SECONDS, estimate_run, spread_times
 from batchrunner.ledger import Ledger, RequestLog, read_ledger
 from batchrunner.manifest import Job, Manifest, load_manifest
 from batchrunner.output import OutputDir, image_extension, save_download
@@ -661,6 +662,32 @@ def format_row(m: Measurement) -> str:
     )
 
 
+def plan_vs_run(regime: Regime, m: Measurement) -> str | None:
+    """The plan's requests and seconds for this regime (``estimate.estimate_run`` at the runner's scaled defaults,
+    prediction times the simulator's range) beside what the run measured, with the ratio; None for the baseline."""
+    watch = {"runner": "auto", "runner-poll": "poll"}.get(m.client)
+    if watch is None:
+        return None
+    config = scaled_defaults(regime, watch)
+    e = estimate_run(
+        jobs=m.jobs,
+        concurrency=regime.concurrency,
+        rate_count=regime.rate_count,
+        rate_period=regime.rate_period,
+        times=spread_times(regime.min_seconds, regime.max_seconds),
+        scope=regime.scope,
+        watch=watch,
+        poll_initial=config.poll_initial,
+        poll_min_interval=config.poll_min_interval,
+        page_seconds=PAGE_SECONDS * TIME_SCALE,
+    )
+    req, span = e.requests / max(1, m.requests), e.seconds / max(1e-9, m.makespan)
+    return (
+        f"  plan vs run: {e.requests} requests planned, {m.requests} made ({req:.2f}); "
+        f"{e.seconds:.1f} s planned, {m.makespan:.1f} s taken ({span:.2f})"
+    )
+
+
 async def _bench(
     regimes: Sequence[Regime], jobs: int, seed: int, repeat: int, clients: Sequence[str] = ("runner", "baseline")
 ) -> list[Measurement]:
@@ -672,6 +699,8 @@ async def _bench(
                     m = await measure(regime, who, jobs, seed + k, Path(tmp))
                 rows.append(m)
                 print(format_row(m), flush=True)
+                if (versus := plan_vs_run(regime, m)) is not None:
+                    print(versus, flush=True)
     return rows
 
 

@@ -13,10 +13,12 @@ from typing import Any
 
 import yaml
 
+from batchrunner.estimate import TYPICAL_SECONDS, Estimate, estimate_run, spread_times
 from batchrunner.history import RunRecord
 from batchrunner.ledger import JobStatus, LedgerState
 from batchrunner.manifest import Manifest, sha256_file
 from batchrunner.output import OutputDir
+from batchrunner.policy import MIN_SAMPLES
 from batchrunner.runstate import classify
 from batchrunner.words import Tally, duration, money, plural, tally_text
 
@@ -151,10 +153,6 @@ def count_status(
     )
 
 
-# With no prediction times in the ledger yet, plans assume the documented typical latency (8-15 s per image).
-TYPICAL_PREDICTION_SECONDS = 12.0
-
-
 @dataclass(frozen=True, slots=True)
 class Plan:
     """What a run would do, computed without a single request."""
@@ -166,13 +164,15 @@ class Plan:
     requests: int  # expected requests to the API host
     seconds: float  # expected duration at the configured limits
     cost: float | None  # expected cost at the price, when there is one
-    mean_prediction: float  # seconds, from the ledger or the typical figure
+    mean_prediction: float  # seconds, from the ledger or the model's typical range
     this_run: int = -1  # creates this run, after --max-jobs and --budget (-1: all of to_submit)
     limited_by: str | None = None  # the option that stops a run before to_submit: "--max-jobs 5", "--budget $5.00"
     concurrency: int = 10
     rate: str = "60 per 60s"
     duplicates: int = 0  # combinations that collapsed into another's request
     collapse: str | None = None  # why, when it can be told: "img/b.jpg has the same bytes as img/a.jpg"
+    watch: str = "auto"
+    estimate: Estimate | None = None  # the model's figures behind requests and seconds
 
     @property
     def creates(self) -> int:
@@ -191,6 +191,9 @@ class Plan:
             "expected_seconds": round(self.seconds, 1),
             "expected_cost": None if self.cost is None else round(self.cost, 4),
             "mean_prediction_seconds": round(self.mean_prediction, 2),
+            "watch": self.watch,
+            "expected_listing_pause_seconds": None if self.estimate is None else round(self.estimate.pause, 3),
+            "expected_polls_per_job": None if self.estimate is None else round(self.estimate.polls_per_job, 2),
             "combinations": self.counts.total + self.duplicates,
             "collapsed": self.duplicates,
             "collapse": self.collapse,
@@ -246,11 +249,18 @@ def make_plan(
     rate_period: float,
     price: float | None,
     inline_images: bool = False,
-    polls_per_job: float | None = None,
     max_jobs: int | None = None,
     budget: float | None = None,
+    scope: str = "all",
+    watch: str = "auto",
+    poll_initial: float = 3.0,
+    poll_min_interval: float = 0.0,
+    typical: tuple[float, float] = TYPICAL_SECONDS,
 ) -> Plan:
-    """Estimate a run: requests from one create and the expected polls per job, time from the tighter limit."""
+    """What a run would do, and its requests and time by the runner's own models (``estimate.estimate_run``).
+
+    Prediction times are the ledger's when it knows enough of them, else ``typical`` (the model's documented range;
+    the simulator's with ``--simulate``)."""
     counts = count_status(manifest, state, out, max_attempts=max_attempts)
     retryable_failed = 0
     to_submit = 0
@@ -274,28 +284,38 @@ def make_plan(
     images = {
         sha for sha in submit_images[:this_run] if sha is not None and sha not in state.uploads and not inline_images
     }
-    durations = state.durations[-500:]
-    mean = sum(durations) / len(durations) if durations else TYPICAL_PREDICTION_SECONDS
-    polls = polls_per_job if polls_per_job is not None else 2.0
-    requests = round(this_run * (1 + polls) + counts.in_flight * polls + len(images))
-    by_requests = rate_period * max(0, -(-requests // rate_count) - 1) if requests else 0.0
-    # Slots run in rounds of `concurrency` predictions; even one job takes one prediction time.
-    by_slots = -(-(this_run + counts.in_flight) // concurrency) * mean
+    known = state.durations[-500:]
+    times = known if len(known) >= MIN_SAMPLES else spread_times(*typical)
+    estimate = estimate_run(
+        jobs=this_run,
+        in_flight=counts.in_flight + counts.in_doubt,
+        uploads=len(images),
+        concurrency=concurrency,
+        rate_count=rate_count,
+        rate_period=rate_period,
+        times=times,
+        scope=scope,
+        watch=watch,
+        poll_initial=poll_initial,
+        poll_min_interval=poll_min_interval,
+    )
     return Plan(
         counts=counts,
         retryable_failed=retryable_failed,
         to_submit=to_submit,
         uploads=len(images),
-        requests=requests,
-        seconds=max(by_requests, by_slots),
+        requests=estimate.requests,
+        seconds=estimate.seconds,
         cost=None if price is None else this_run * price,
-        mean_prediction=mean,
+        mean_prediction=sum(times) / len(times),
         this_run=this_run,
         limited_by=limited_by,
         concurrency=concurrency,
         rate=f"{rate_count} requests per {rate_period:g}s",
         duplicates=manifest.duplicates,
         collapse=explain_collapse(manifest) if manifest.duplicates else None,
+        watch=watch,
+        estimate=estimate,
     )
 
 

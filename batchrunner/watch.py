@@ -19,7 +19,17 @@ from dataclasses import dataclass, field
 
 from batchrunner.client import Execution, ExecutionsPage
 
-__all__ = ["MAX_PARALLEL_PAGES", "MAX_ROUND_PAGES", "MODES", "PAGE", "Round", "Watch", "listing_interval"]
+__all__ = [
+    "MAX_PARALLEL_PAGES",
+    "MAX_ROUND_PAGES",
+    "MODES",
+    "PAGE",
+    "Round",
+    "Watch",
+    "listing_interval",
+    "round_pages",
+    "round_parallel",
+]
 
 MODES = ("auto", "list", "poll")
 # Pages one round may read; past that the predictions not yet seen are polled one by one.
@@ -66,6 +76,21 @@ def listing_interval(
         return shortest
     fastest = min(t for t, _ in best)
     return max(p for t, p in best if t <= fastest * (1 + _TOLERANCE))
+
+
+def round_parallel(in_flight: int) -> int:
+    """Pages of a round on the wire at once: one per ``PAGE`` predictions looked for, ``MAX_PARALLEL_PAGES`` at most."""
+    return max(1, min(MAX_PARALLEL_PAGES, math.ceil(in_flight / PAGE)))
+
+
+def round_pages(rows: int, in_flight: int) -> int:
+    """Pages a round reads to see ``in_flight`` predictions when ``rows`` were made since the oldest of them.
+
+    Newest rows come first, so the round reads up to the page of the oldest, and the pages already on the wire when
+    that one comes back are read too (``round_parallel - 1``); never more than ``MAX_ROUND_PAGES``.
+    """
+    needed = max(1, math.ceil(max(rows, in_flight) / PAGE))
+    return min(MAX_ROUND_PAGES, needed + round_parallel(in_flight) - 1)
 
 
 @dataclass(slots=True)
@@ -140,8 +165,7 @@ class Watch:
         """Start a round over creation times ``[start, end]``, looking for the ids ``wanted``."""
         ids = frozenset(wanted)
         self.rounds += 1
-        parallel = max(1, min(MAX_PARALLEL_PAGES, math.ceil(len(ids) / PAGE)))
-        self.round = Round(self.rounds, start, end, ids, parallel=parallel)
+        self.round = Round(self.rounds, start, end, ids, parallel=round_parallel(len(ids)))
         return self.round
 
     def on_page(self, number: int, page: ExecutionsPage) -> tuple[list[Execution], bool]:
