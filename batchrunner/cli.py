@@ -36,7 +36,7 @@ from batchrunner.checks import MAX_PROBLEMS, check_all
 from batchrunner.client import DEFAULT_API_URL
 from batchrunner.display import next_steps, summary_fields, summary_line
 from batchrunner.errors import BatchrunnerError, UsageError
-from batchrunner.estimate import TYPICAL_SECONDS
+from batchrunner.estimate import PAGE_SECONDS, TYPICAL_SECONDS
 from batchrunner.export import write_export
 from batchrunner.history import read_history
 from batchrunner.ledger import Ledger, LedgerState, read_ledger
@@ -110,10 +110,10 @@ def _price(args: argparse.Namespace, manifest: Manifest) -> float | None:
 
 def _plan(args: argparse.Namespace, manifest: Manifest, out: OutputDir, state: LedgerState | None = None) -> Plan:
     count, period = args.rate_limit
-    typical, poll_initial = TYPICAL_SECONDS, args.poll_initial
-    if args.simulate:  # the simulator's prediction times, and the first poll a simulated run starts with
+    typical, poll_initial, page = TYPICAL_SECONDS, args.poll_initial, PAGE_SECONDS
+    if args.simulate:  # the simulator's prediction times, its answers on loopback, and a simulated run's first poll
         simulated = sim_config(args)
-        typical = (simulated.min_seconds, simulated.max_seconds)
+        typical, page = (simulated.min_seconds, simulated.max_seconds), 0.01
         poll_initial = poll_initial if poll_initial is not None else max(0.05, simulated.min_seconds)
     min_interval = args.poll_min_interval
     return make_plan(
@@ -135,6 +135,7 @@ def _plan(args: argparse.Namespace, manifest: Manifest, out: OutputDir, state: L
         if min_interval is not None
         else (1.0 if args.rate_limit_scope == "creates" else 0.0),
         typical=typical,
+        page_seconds=page,
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from batchrunner.estimate import TYPICAL_SECONDS, Estimate, estimate_run, spread_times
+from batchrunner.estimate import PAGE_SECONDS, TYPICAL_SECONDS, Estimate, estimate_run, spread_times
 from batchrunner.history import RunRecord
 from batchrunner.ledger import JobStatus, LedgerState
 from batchrunner.manifest import Manifest, sha256_file
@@ -256,11 +256,12 @@ def make_plan(
     poll_initial: float = 3.0,
     poll_min_interval: float = 0.0,
     typical: tuple[float, float] = TYPICAL_SECONDS,
+    page_seconds: float = PAGE_SECONDS,
 ) -> Plan:
     """What a run would do, and its requests and time by the runner's own models (``estimate.estimate_run``).
 
     Prediction times are the ledger's when it knows enough of them, else ``typical`` (the model's documented range;
-    the simulator's with ``--simulate``)."""
+    the simulator's with ``--simulate``); ``page_seconds`` is a listing page's round trip."""
     counts = count_status(manifest, state, out, max_attempts=max_attempts)
     retryable_failed = 0
     to_submit = 0
@@ -298,6 +299,7 @@ def make_plan(
         watch=watch,
         poll_initial=poll_initial,
         poll_min_interval=poll_min_interval,
+        page_seconds=page_seconds,
     )
     return Plan(
         counts=counts,

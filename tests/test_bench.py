@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from batchrunner.bench import (
     max_in_window,
     measure,
     output_check_ms,
+    plan_vs_run,
     request_bound,
     request_cpu_ms,
     scaled_defaults,
@@ -115,6 +117,47 @@ async def test_tiny_run_measures_every_job_against_the_simulator(who: str, tmp_p
     assert m.max_in_flight <= 4
     assert m.detect >= 0 and m.tail >= 0 and m.cpu > 0
     assert format_row(m).split()[1] == who
+    line = plan_vs_run(TINY, m)
+    assert (line is None) == (who == "baseline")
+    assert line is None or f"{m.requests} made" in line
+
+
+def measured(client: str, requests: int, makespan: float) -> Measurement:
+    return Measurement(
+        regime="b request-bound",
+        client=client,
+        jobs=100,
+        succeeded=100,
+        makespan=makespan,
+        request_bound=18.0,
+        slot_bound=7.0,
+        requests=requests,
+        creates=100,
+        rejected=0,
+        max_window=60,
+        max_in_flight=10,
+        cpu=1.0,
+        startup=0.0,
+        detect=0.3,
+        refill=0.1,
+        tail=0.1,
+    )
+
+
+@pytest.mark.parametrize(("client", "requests", "makespan"), [("runner", 115, 11.0), ("runner-poll", 212, 19.6)])
+def test_plan_vs_run_puts_the_plans_figures_beside_the_measured_ones(
+    client: str, requests: int, makespan: float
+) -> None:
+    # The figures of (b) in the README's table: the plan lands within a tenth of each, either watch mode.
+    line = plan_vs_run(REGIMES["b"], measured(client, requests, makespan))
+    assert line is not None
+    found = re.match(r".*: (\d+) requests planned, (\d+) made \((\S+)\);", line)
+    assert found is not None
+    planned, made, ratio = found.groups()
+    assert int(made) == requests and float(ratio) == pytest.approx(int(planned) / requests, abs=0.01)
+    assert 0.9 <= float(ratio) <= 1.1
+    span = re.search(r"s taken \((\S+)\)", line)
+    assert span is not None and 0.9 <= float(span.group(1)) <= 1.1
 
 
 def test_output_check_cost_is_measured_by_decoding_a_real_png() -> None:
