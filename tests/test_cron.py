@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -170,7 +171,8 @@ def test_text_logs_are_timestamped_plain_lines(
 def test_cron_line_overlapping_then_sequential_runs(tmp_path: Path, threaded_sim: SimFactory) -> None:
     """The README's cron line, twice overlapping and then in sequence."""
     sim = threaded_sim(fast_sim(min_seconds=0.1, max_seconds=0.2, concurrency=2))
-    # 20 jobs two at a time take at least 1.5 s: the first run still holds the folder when the second starts.
+    # 20 jobs two at a time take at least 1.5 s. The first run is stopped (SIGSTOP) while the second starts, so it
+    # still holds the folder then however slowly a loaded machine starts the second interpreter.
     manifest = write_manifest(tmp_path, 20, image=False)
     out = tmp_path / "out"
     env = {**os.environ, "EACHLABS_API_KEY": SECRET_KEY}
@@ -179,7 +181,11 @@ def test_cron_line_overlapping_then_sequential_runs(tmp_path: Path, threaded_sim
     deadline = time.monotonic() + 10
     while not (out / "ledger.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
-    overlapping = subprocess.run(cron, env=env, stderr=subprocess.PIPE, timeout=30, check=False)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        overlapping = subprocess.run(cron, env=env, stderr=subprocess.PIPE, timeout=30, check=False)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert overlapping.returncode == 75
     assert b"another run holds" in overlapping.stderr and b"pid" in overlapping.stderr
     _, err = first.communicate(timeout=30)
