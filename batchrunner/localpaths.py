@@ -37,6 +37,7 @@ __all__ = [
     "open_local",
     "read_local",
     "sha256_local",
+    "shown_name",
     "size_text",
     "stat_problem",
 ]
@@ -112,7 +113,7 @@ def local_file_problem(path: Path, *, max_bytes: int = MAX_UPLOAD_BYTES) -> str 
             st = os.stat(path)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                return "is a symbolic link loop (the link leads back to itself)"
+                return "is a symbolic link loop (following it never ends)"
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 return f"is a dangling link: it points to {target}, which does not exist"
             return f"is a link to {target}, which {_os_reason(exc)}"
@@ -211,5 +212,10 @@ class LocalPathError(InputImageError):
         others = jobs[1:]
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         also = f" (also used by {shown})" if others else ""
-        name = written if written.isprintable() and len(written) <= _SHOWN_CHARS else repr(written[:_SHOWN_CHARS])
-        UsageError.__init__(self, f"{where}:{job} field 'input_image': {name}: {reason}{also}")
+        UsageError.__init__(self, f"{where}:{job} field 'input_image': {shown_name(written)}: {reason}{also}")
+
+
+def shown_name(text: str | Path) -> str:
+    """A file name for a one-line message: as it is when printable and short, else quoted (newlines escaped)."""
+    text = str(text)
+    return text if text.isprintable() and len(text) <= _SHOWN_CHARS else repr(text[:_SHOWN_CHARS])

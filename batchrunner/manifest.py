@@ -46,7 +46,14 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from batchrunner.errors import ManifestError, Problems, UsageError
-from batchrunner.localpaths import NO_SUCH_FILE, LocalFileRefused, LocalPathError, local_file_problem, sha256_local
+from batchrunner.localpaths import (
+    NO_SUCH_FILE,
+    LocalFileRefused,
+    LocalPathError,
+    local_file_problem,
+    sha256_local,
+    shown_name,
+)
 
 __all__ = [
     "ASPECT_RATIOS",
@@ -824,7 +831,7 @@ class _Parser:
 
         problem = local_file_problem(self.base / written)
         if problem is not None:
-            raise refuse(f"{problem} (looked for {resolved})" if problem == NO_SUCH_FILE else problem)
+            raise refuse(f"{problem} (looked for {shown_name(resolved)})" if problem == NO_SUCH_FILE else problem)
         try:
             return self.hash_file(resolved)
         except LocalFileRefused as exc:
