@@ -204,6 +204,66 @@ def test_an_output_image_name_held_by_a_link_gets_the_image_and_the_link_target_
         assert list(outside.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("kind", "present"),
+    [
+        ("regular", True),
+        ("link-to-file", False),
+        ("link-to-image-in-folder", False),
+        ("dangling-link", False),
+        ("link-to-dev-zero", False),
+        ("fifo", False),
+        ("directory", False),
+        ("missing", False),
+    ],
+)
+def test_has_file_counts_only_a_regular_file_of_the_folders_own(tmp_path: Path, kind: str, present: bool) -> None:
+    out = OutputDir(tmp_path / "out")
+    out.path.mkdir()
+    name = "job.png"
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(OUTSIDE_TEXT)
+    (out.path / "other.png").write_bytes(OUTSIDE_TEXT)
+    target = {
+        "link-to-file": outside,
+        "link-to-image-in-folder": Path("other.png"),
+        "dangling-link": tmp_path / "nowhere.png",
+        "link-to-dev-zero": Path("/dev/zero"),
+    }.get(kind)
+    if target is not None:
+        (out.path / name).symlink_to(target)
+    elif kind == "regular":
+        (out.path / name).write_bytes(OUTSIDE_TEXT)
+    elif kind != "missing":
+        _plant(out.path / name, kind)
+    assert out.has_file(name) is present
+    assert out.has_file("a\x00b.png") is False
+
+
+def test_a_link_in_place_of_a_saved_image_is_not_a_done_job_and_is_replaced_by_a_new_image(
+    tmp_path: Path, threaded_sim: SimFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The ledger says the job's image is saved; the user (or anyone) puts a link at its name. The runner counts only
+    # what it saved: the job is not done, the next run makes it again, and the image is renamed over the link.
+    sim = threaded_sim(fast_sim())
+    manifest_path = write_manifest(tmp_path, 1, image=False)
+    out = tmp_path / "out"
+    assert main(run_args(manifest_path, sim.url, out)) == 0
+    (saved,) = images_in(out)
+    outside = tmp_path / "elsewhere.png"
+    saved.rename(outside)
+    saved.symlink_to(outside)
+    before = outside.read_bytes()
+    capsys.readouterr()
+
+    assert main(["status", str(manifest_path), "--output", str(out)]) == 0
+    assert "0/1 done" in capsys.readouterr().out
+    assert main(run_args(manifest_path, sim.url, out)) == 0
+    assert len(sim.sim.prediction_times()) == 2  # made again
+    assert not saved.is_symlink() and saved.stat().st_size > 0
+    assert outside.read_bytes() == before  # the link's target is left as it was
+
+
 def test_an_output_folder_that_is_a_link_is_the_users_choice_and_is_followed(
     tmp_path: Path, threaded_sim: SimFactory
 ) -> None:
