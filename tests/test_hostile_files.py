@@ -7,6 +7,7 @@ exit 74 and one line naming the file, before any request, with whatever the link
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import fcntl
 import io
@@ -24,6 +25,7 @@ import pytest
 
 from batchrunner.cli import main
 from batchrunner.errors import LockHeld, OutputError
+from batchrunner.export import write_rows
 from batchrunner.files import BoundedLines, open_own, read_small, read_tail
 from batchrunner.ledger import RequestLog, read_ledger
 from batchrunner.manifest import load_manifest
@@ -647,3 +649,48 @@ def test_output_dir_prepare_refuses_a_file_in_place_of_partial(tmp_path: Path) -
     (out.path / ".partial").write_text("x")
     with pytest.raises(OutputError, match=r"\.partial is a regular file, not a directory: refusing it"):
         out.prepare()
+
+
+# --- cells a spreadsheet would run: CSV export ---------------------------------------------------------------------
+
+FORMULAS = ['=HYPERLINK("http://x")', "+SUM(A1:A9)", "-2+3+cmd|' /C calc'!A0", "@SUM(1)", "\t=1+1", "\r=1+1"]
+
+
+@pytest.mark.parametrize(
+    ("value", "cell"),
+    [
+        *((text, "'" + text) for text in FORMULAS),
+        ("Make it snow = winter", "Make it snow = winter"),  # only the first character counts
+        (" =1+1", " =1+1"),  # OWASP's rule names the six characters, not a leading space
+        ("", ""),
+        (-2, "-2"),  # a number is never a formula: it stays a number
+        (-0.5, "-0.5"),
+        (None, ""),
+        (True, "true"),
+        (["=x"], '["=x"]'),  # another model's list: JSON, starts with [
+    ],
+)
+def test_csv_export_neutralises_every_text_cell_that_could_start_a_formula(value: object, cell: str) -> None:
+    sink = io.StringIO()
+    assert write_rows("csv", ["prompt"], iter([{"prompt": value}]), sink) == 1
+    rows = list(csv.reader(io.StringIO(sink.getvalue(), newline="")))
+    assert rows == [["prompt"], [cell]]
+
+
+def test_csv_export_of_a_run_neutralises_prompts_and_error_text_and_jsonl_keeps_them(
+    tmp_path: Path, threaded_sim: SimFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sim = threaded_sim(fast_sim())
+    lines = "".join(f"  - {{id: j{i}, prompt: {json.dumps(text)}}}\n" for i, text in enumerate(FORMULAS))
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"model: flux-kontext-max\njobs:\n{lines}", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(run_args(manifest, sim.url, out)) == 0
+    capsys.readouterr()
+    assert main(["export", str(manifest), "--output", str(out)]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out, newline="")))
+    assert [r["prompt"] for r in rows] == ["'" + text for text in FORMULAS]
+    assert all(r["status"] == "done" for r in rows)
+    assert main(["export", str(manifest), "--output", str(out), "--format", "jsonl"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in records] == FORMULAS
