@@ -677,7 +677,7 @@ def test_csv_export_neutralises_every_text_cell_that_could_start_a_formula(value
     assert rows == [["prompt"], [cell]]
 
 
-def test_csv_export_of_a_run_neutralises_prompts_and_error_text_and_jsonl_keeps_them(
+def test_csv_export_of_a_run_neutralises_its_prompts_and_jsonl_keeps_them(
     tmp_path: Path, threaded_sim: SimFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     sim = threaded_sim(fast_sim())
