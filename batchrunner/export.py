@@ -4,6 +4,10 @@ Each row has the job's id, its output file, its status (in the words of ``words.
 (``prompt``, ``input_image``, ``seed``, ``aspect_ratio`` first, then the others the manifest uses, by name), the
 attempts, the prediction id, the cost, the model's own time and the last error: a spreadsheet user finds the
 prompt of any output file by its name. From the manifest and the ledger alone: no request is made.
+
+CSV is for spreadsheets, so a text cell that a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``, tab,
+carriage return first: a prompt or an API error text can be anything) is written with a leading ``'``; JSON lines are
+for programs and keep every value as it is.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from batchrunner.output import OutputDir, describe_os_error
 from batchrunner.runstate import classify
 from batchrunner.words import STATUS_WORDS
 
-__all__ = ["FIRST_INPUTS", "columns", "job_row", "rows", "write_export"]
+__all__ = ["FIRST_INPUTS", "columns", "job_row", "neutralise", "rows", "write_export"]
 
 FIRST_INPUTS = ("prompt", "input_image", "seed", "aspect_ratio")
 _HEAD = ("id", "file", "status")
@@ -78,14 +82,26 @@ def rows(
         )
 
 
+# OWASP's CSV-injection rule: a spreadsheet reads a cell starting with one of these as a formula (a tab or a carriage
+# return before one is skipped), so such a text cell gets a leading ' and is shown as the text it is.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise(text: str) -> str:
+    """``text`` as a spreadsheet shows it and never evaluates: prefixed with ``'`` when it could start a formula."""
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str | int | float):
-        return str(value)
-    return json.dumps(value, ensure_ascii=False, sort_keys=True)  # another model's list or object field
+    if isinstance(value, int | float):
+        return str(value)  # a finite number (the manifest allows no other) is a number, never a formula: -2 stays -2
+    if isinstance(value, str):
+        return neutralise(value)
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)  # another model's list or object: starts [ or {
 
 
 def write_rows(fmt: str, header: list[str], records: Iterator[Mapping[str, Any]], sink: TextIO) -> int:
@@ -93,7 +109,7 @@ def write_rows(fmt: str, header: list[str], records: Iterator[Mapping[str, Any]]
     count = 0
     if fmt == "csv":
         writer = csv.writer(sink, lineterminator="\r\n")  # RFC 4180, what spreadsheets expect
-        writer.writerow(header)
+        writer.writerow([neutralise(name) for name in header])
         for record in records:
             writer.writerow([_cell(record.get(name)) for name in header])
             count += 1

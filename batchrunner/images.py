@@ -44,7 +44,6 @@ import ipaddress
 import logging
 import os
 import socket
-import stat
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ import aiohttp
 from PIL import Image, UnidentifiedImageError
 
 from batchrunner.errors import InputImageError, ManifestError
+from batchrunner.localpaths import MAX_UPLOAD_BYTES, NO_SUCH_FILE, LocalFileRefused, local_file_problem, open_local
 from batchrunner.manifest import Manifest
 
 log = logging.getLogger("batchrunner")
@@ -72,12 +72,10 @@ __all__ = [
 ]
 
 SUPPORTED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
-MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 
 # Pillow names a JPEG carrying an MP extension (phones and stereo cameras write them) "MPO"; its first picture
 # is an ordinary baseline JPEG that every JPEG decoder reads.
 _FORMAT_ALIASES = {"MPO": "JPEG"}
-_MB = 1024 * 1024
 _REASON_CHARS = 160
 # HEAD answers that say "not like this" rather than "not there": try a one-byte GET instead.
 _HEAD_REFUSED = frozenset({403, 405, 501})
@@ -188,28 +186,17 @@ def _inspect(path: Path, jobs: tuple[str, ...], max_bytes: int) -> tuple[str, in
     def fail(message: str) -> InputImageError:
         return InputImageError(message, file=path, jobs=jobs)
 
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        raise fail("does not exist") from None
-    except PermissionError:
-        raise fail("cannot read: permission denied") from None
-    except OSError as exc:
-        raise fail(f"cannot read: {_strerror(exc)}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise fail("is a directory, not an image file")
-    if not stat.S_ISREG(st.st_mode):
-        raise fail("is not a regular file")
-    if st.st_size == 0:
-        raise fail("is empty")
-    if st.st_size > max_bytes:
-        raise fail(f"is {_size(st.st_size)}; the API takes at most {_size(max_bytes)}")
-
+    # Kind and size from lstat/stat before anything opens the file (a FIFO, a device or 20 GB of sparse zeros
+    # would hang or stall the decoder); then it is opened without blocking and its open self checked again.
+    problem = local_file_problem(path, max_bytes=max_bytes)
+    if problem is not None:
+        raise fail(problem)
     try:
         with warnings.catch_warnings(record=True) as said:
             # Pillow warns (DecompressionBombWarning, corrupt EXIF, ...) while opening and decoding: record it all.
             warnings.simplefilter("always")
-            with Image.open(path) as img:
+            with open_local(path, max_bytes=max_bytes) as fh, Image.open(fh) as img:
+                size = os.fstat(fh.fileno()).st_size
                 fmt = img.format or "unknown"
                 fmt = _FORMAT_ALIASES.get(fmt, fmt)
                 content_type = SUPPORTED_FORMATS.get(fmt)
@@ -222,6 +209,8 @@ def _inspect(path: Path, jobs: tuple[str, ...], max_bytes: int) -> tuple[str, in
         _log_warnings(path, said)
     except InputImageError:
         raise
+    except LocalFileRefused as exc:
+        raise fail(exc.reason) from None  # changed between the check and the open
     except Image.DecompressionBombError:
         # Pillow refuses beyond twice MAX_IMAGE_PIXELS (and only warns between one and two times).
         limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
@@ -234,13 +223,13 @@ def _inspect(path: Path, jobs: tuple[str, ...], max_bytes: int) -> tuple[str, in
     except PermissionError:
         raise fail("cannot read: permission denied") from None
     except (FileNotFoundError, NotADirectoryError):
-        raise fail("does not exist") from None  # removed between stat and open
+        raise fail(NO_SUCH_FILE) from None  # removed between the check and the open
     except (OSError, SyntaxError, ValueError) as exc:
         # Pillow reports damage as OSError ("image file is truncated"), SyntaxError ("broken PNG file") or
         # ValueError, depending on the plugin.
         detail = " ".join(str(exc).split())[:_REASON_CHARS] or type(exc).__name__
         raise fail(f"cannot be decoded, the file is damaged or cut short ({detail})") from None
-    return content_type, width, height, st.st_size
+    return content_type, width, height, size
 
 
 def _log_warnings(path: Path, said: list[warnings.WarningMessage]) -> None:
@@ -251,18 +240,6 @@ def _log_warnings(path: Path, said: list[warnings.WarningMessage]) -> None:
             log.warning("%s: a very large image (%s); decoded anyway, as it is within Pillow's limit", path, message)
         else:
             log.warning("%s: Pillow: %s", path, message)
-
-
-def _size(n: int) -> str:
-    if n >= _MB:
-        return f"{n / _MB:.1f} MB"
-    if n >= 1024:
-        return f"{n / 1024:.1f} KB"
-    return f"{n} bytes"
-
-
-def _strerror(exc: OSError) -> str:
-    return (exc.strerror or str(exc) or type(exc).__name__).lower()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -31,8 +31,8 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import re
-import stat
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -45,7 +45,15 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from batchrunner.errors import InputImageError, ManifestError, Problems, UsageError
+from batchrunner.errors import ManifestError, Problems, UsageError
+from batchrunner.localpaths import (
+    NO_SUCH_FILE,
+    LocalFileRefused,
+    LocalPathError,
+    local_file_problem,
+    sha256_local,
+    shown_name,
+)
 
 __all__ = [
     "ASPECT_RATIOS",
@@ -156,12 +164,8 @@ class Manifest:
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in chunks so a large image never sits in memory whole."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Hex sha256 of a local input file's bytes, in chunks, never past the upload limit (see ``localpaths``)."""
+    return sha256_local(path)
 
 
 def load_manifest(
@@ -205,9 +209,9 @@ def parse_manifest(
 
     Matrix jobs come first in product order (axes in the order written), then explicit jobs; a job whose
     fingerprint equals an earlier one's is dropped and counted in ``duplicates``. Local input images are
-    resolved against the manifest's folder and hashed once each with ``hash_file``. Raises ManifestError
-    (InputImageError for a local image that is missing or unreadable); a batch of more than ``max_jobs`` needs
-    ``allow_large``.
+    resolved against the manifest's folder, judged by ``localpaths`` and hashed once each with ``hash_file``.
+    Raises ManifestError (InputImageError, located like one, for a local image that is missing, unreadable, too
+    large or not a regular file); a batch of more than ``max_jobs`` needs ``allow_large``.
     """
     with _gc_paused():
         parser = _Parser(text, path, allow_large=allow_large, max_jobs=max_jobs, hash_file=hash_file)
@@ -680,9 +684,12 @@ class _Parser:
             if problem is not None:
                 raise _Invalid(problem)
             return None
+        if "\x00" in value:
+            raise _Invalid("contains a NUL character, which no file name can hold")
         cached = self.local_cache.get(value)
         if cached is None:
-            cached = (self.base / value).resolve()
+            # realpath, not Path.resolve(): it raises RuntimeError on a link loop, which the check names instead.
+            cached = Path(os.path.realpath(self.base / value))
             self.local_cache[value] = cached
         return cached
 
@@ -790,10 +797,12 @@ class _Parser:
         """Check that each local image used by some job is a regular file, then hash each one once."""
         users: dict[Path, list[str]] = {}
         written: dict[Path, str] = {}
+        lines: dict[Path, int | None] = {}
 
         def use(f: _Field | None, label: str) -> None:
             if f is not None and f.local is not None:
                 written.setdefault(f.local, str(f.value))
+                lines.setdefault(f.local, f.line)
                 labels = users.setdefault(f.local, [])
                 if label not in labels:
                     labels.append(label)
@@ -806,28 +815,29 @@ class _Parser:
 
         hashes: dict[Path, str] = {}
         for resolved, labels in users.items():
-            digest = self.attempt(self.hash_image, resolved, written[resolved], tuple(labels))
+            digest = self.attempt(self.hash_image, resolved, written[resolved], tuple(labels), lines[resolved])
             if digest is not None:
                 hashes[resolved] = digest
         for f in itertools.chain(defaults.values(), *axes.values(), *(j.fields.values() for j in explicit)):
             if f.local is not None:
                 f.sha256 = hashes.get(f.local)
 
-    def hash_image(self, resolved: Path, written: str, jobs: tuple[str, ...]) -> str:
-        try:
-            st = resolved.stat()
-        except (FileNotFoundError, NotADirectoryError):
-            raise InputImageError(f"no such file (looked for {resolved})", file=written, jobs=jobs) from None
-        except OSError as exc:
-            raise InputImageError(f"cannot be read: {exc.strerror or exc}", file=written, jobs=jobs) from None
-        if not stat.S_ISREG(st.st_mode):
-            raise InputImageError(f"is not a regular file ({resolved})", file=written, jobs=jobs)
-        if st.st_size == 0:
-            raise InputImageError(f"is empty ({resolved})", file=written, jobs=jobs)
+    def hash_image(self, resolved: Path, written: str, jobs: tuple[str, ...], line: int | None) -> str:
+        """The image's sha256, once ``lstat``/``stat`` have judged what is at its path (``localpaths``): nothing that
+        is not a readable regular file within the upload limit is ever opened for reading."""
+
+        def refuse(reason: str) -> LocalPathError:
+            return LocalPathError(reason, written=written, jobs=jobs, manifest=self.path, line=line)
+
+        problem = local_file_problem(self.base / written)
+        if problem is not None:
+            raise refuse(f"{problem} (looked for {shown_name(resolved)})" if problem == NO_SUCH_FILE else problem)
         try:
             return self.hash_file(resolved)
+        except LocalFileRefused as exc:
+            raise refuse(exc.reason) from None
         except OSError as exc:
-            raise InputImageError(f"cannot be read: {exc.strerror or exc}", file=written, jobs=jobs) from None
+            raise refuse(f"cannot read: {exc.strerror or exc}") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import secrets
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from batchrunner.errors import DownloadRejected, LockHeld, OutputError
 from batchrunner.files import check_own, open_own, read_small
+from batchrunner.localpaths import read_local
 
 LEDGER_NAME = "ledger.jsonl"
 REQUESTS_NAME = "requests.log"
@@ -107,10 +109,19 @@ class OutputDir:
         return self.path / name
 
     def has_file(self, name: str | None) -> bool:
-        """Whether a file the ledger names is still there (a user may have deleted it)."""
-        if not name or "/" in name or "\\" in name:
+        """Whether a file the ledger names is still there as the run left it: a regular file of the folder's own.
+
+        A user may have deleted it. Judged with ``lstat``, never following a link: a link at an image's name is not
+        the image the run saved (it may point anywhere, outside the folder or at a device), so the job is not done,
+        nothing reads through the link, and the job's next image is renamed over the link, leaving its target as it
+        was.
+        """
+        if not name or "/" in name or "\\" in name or "\x00" in name:
             return False
-        return (self.path / name).is_file()
+        try:
+            return stat.S_ISREG(os.lstat(self.path / name).st_mode)
+        except OSError:
+            return False
 
 
 class RunLock:
@@ -287,9 +298,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def read_bytes(path: Path) -> bytes:
-    """Read a local input file (for inline data URIs)."""
-    with open(path, "rb") as fh:
-        return fh.read()
+    """Read a local input file (to upload it, or for inline data URIs): never blocks on a FIFO put in its place, and
+    never reads past the upload limit (``localpaths.read_local``)."""
+    return read_local(path)
 
 
 __all__ = [

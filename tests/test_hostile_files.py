@@ -7,6 +7,7 @@ exit 74 and one line naming the file, before any request, with whatever the link
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import fcntl
 import io
@@ -24,6 +25,7 @@ import pytest
 
 from batchrunner.cli import main
 from batchrunner.errors import LockHeld, OutputError
+from batchrunner.export import write_rows
 from batchrunner.files import BoundedLines, open_own, read_small, read_tail
 from batchrunner.ledger import RequestLog, read_ledger
 from batchrunner.manifest import load_manifest
@@ -202,6 +204,66 @@ def test_an_output_image_name_held_by_a_link_gets_the_image_and_the_link_target_
         assert not outside.exists()
     else:
         assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "present"),
+    [
+        ("regular", True),
+        ("link-to-file", False),
+        ("link-to-image-in-folder", False),
+        ("dangling-link", False),
+        ("link-to-dev-zero", False),
+        ("fifo", False),
+        ("directory", False),
+        ("missing", False),
+    ],
+)
+def test_has_file_counts_only_a_regular_file_of_the_folders_own(tmp_path: Path, kind: str, present: bool) -> None:
+    out = OutputDir(tmp_path / "out")
+    out.path.mkdir()
+    name = "job.png"
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(OUTSIDE_TEXT)
+    (out.path / "other.png").write_bytes(OUTSIDE_TEXT)
+    target = {
+        "link-to-file": outside,
+        "link-to-image-in-folder": Path("other.png"),
+        "dangling-link": tmp_path / "nowhere.png",
+        "link-to-dev-zero": Path("/dev/zero"),
+    }.get(kind)
+    if target is not None:
+        (out.path / name).symlink_to(target)
+    elif kind == "regular":
+        (out.path / name).write_bytes(OUTSIDE_TEXT)
+    elif kind != "missing":
+        _plant(out.path / name, kind)
+    assert out.has_file(name) is present
+    assert out.has_file("a\x00b.png") is False
+
+
+def test_a_link_in_place_of_a_saved_image_is_not_a_done_job_and_is_replaced_by_a_new_image(
+    tmp_path: Path, threaded_sim: SimFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The ledger says the job's image is saved; the user (or anyone) puts a link at its name. The runner counts only
+    # what it saved: the job is not done, the next run makes it again, and the image is renamed over the link.
+    sim = threaded_sim(fast_sim())
+    manifest_path = write_manifest(tmp_path, 1, image=False)
+    out = tmp_path / "out"
+    assert main(run_args(manifest_path, sim.url, out)) == 0
+    (saved,) = images_in(out)
+    outside = tmp_path / "elsewhere.png"
+    saved.rename(outside)
+    saved.symlink_to(outside)
+    before = outside.read_bytes()
+    capsys.readouterr()
+
+    assert main(["status", str(manifest_path), "--output", str(out)]) == 0
+    assert "0/1 done" in capsys.readouterr().out
+    assert main(run_args(manifest_path, sim.url, out)) == 0
+    assert len(sim.sim.prediction_times()) == 2  # made again
+    assert not saved.is_symlink() and saved.stat().st_size > 0
+    assert outside.read_bytes() == before  # the link's target is left as it was
 
 
 def test_an_output_folder_that_is_a_link_is_the_users_choice_and_is_followed(
@@ -587,3 +649,48 @@ def test_output_dir_prepare_refuses_a_file_in_place_of_partial(tmp_path: Path) -
     (out.path / ".partial").write_text("x")
     with pytest.raises(OutputError, match=r"\.partial is a regular file, not a directory: refusing it"):
         out.prepare()
+
+
+# --- cells a spreadsheet would run: CSV export ---------------------------------------------------------------------
+
+FORMULAS = ['=HYPERLINK("http://x")', "+SUM(A1:A9)", "-2+3+cmd|' /C calc'!A0", "@SUM(1)", "\t=1+1", "\r=1+1"]
+
+
+@pytest.mark.parametrize(
+    ("value", "cell"),
+    [
+        *((text, "'" + text) for text in FORMULAS),
+        ("Make it snow = winter", "Make it snow = winter"),  # only the first character counts
+        (" =1+1", " =1+1"),  # OWASP's rule names the six characters, not a leading space
+        ("", ""),
+        (-2, "-2"),  # a number is never a formula: it stays a number
+        (-0.5, "-0.5"),
+        (None, ""),
+        (True, "true"),
+        (["=x"], '["=x"]'),  # another model's list: JSON, starts with [
+    ],
+)
+def test_csv_export_neutralises_every_text_cell_that_could_start_a_formula(value: object, cell: str) -> None:
+    sink = io.StringIO()
+    assert write_rows("csv", ["prompt"], iter([{"prompt": value}]), sink) == 1
+    rows = list(csv.reader(io.StringIO(sink.getvalue(), newline="")))
+    assert rows == [["prompt"], [cell]]
+
+
+def test_csv_export_of_a_run_neutralises_its_prompts_and_jsonl_keeps_them(
+    tmp_path: Path, threaded_sim: SimFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sim = threaded_sim(fast_sim())
+    lines = "".join(f"  - {{id: j{i}, prompt: {json.dumps(text)}}}\n" for i, text in enumerate(FORMULAS))
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"model: flux-kontext-max\njobs:\n{lines}", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(run_args(manifest, sim.url, out)) == 0
+    capsys.readouterr()
+    assert main(["export", str(manifest), "--output", str(out)]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out, newline="")))
+    assert [r["prompt"] for r in rows] == ["'" + text for text in FORMULAS]
+    assert all(r["status"] == "done" for r in rows)
+    assert main(["export", str(manifest), "--output", str(out), "--format", "jsonl"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in records] == FORMULAS

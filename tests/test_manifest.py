@@ -434,7 +434,7 @@ jobs:
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize(("make", "problem"), [("dir", "not a regular file"), ("empty", "is empty")])
+@pytest.mark.parametrize(("make", "problem"), [("dir", "is a directory, not an image file"), ("empty", "is empty")])
 def test_local_image_must_be_a_non_empty_regular_file(folder: Path, make: str, problem: str) -> None:
     target = folder / "images" / "odd.png"
     if make == "dir":

@@ -58,7 +58,7 @@ def test_missing_image_exits_2_naming_the_file_and_its_jobs(
     manifest = manifest_with(tmp_path, ["nowhere.png"])
     assert main(run_args(manifest, sim.url, tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip()
-    assert "nowhere.png" in err and "used by" in err
+    assert "nowhere.png: no such file" in err and "job 'matrix'" in err and "m.yaml:3:" in err
     assert sim.stats()["requests"] == 0
 
 
