@@ -39,7 +39,6 @@ from typing import Any, TypeVar
 
 from batchrunner.account import (
     AccountState,
-    Lease,
     Pending,
     StoreBroken,
     StoreLost,
@@ -255,8 +254,9 @@ class _Loaded:
         if self.migrated is not None:
             state = self._carry_over(self.migrated)
         self.state = state
-        self.leases_were = {k: lease_to_json(v) for k, v in state.leases.items()}
-        self.lines_were = self._lines()
+        # What the tables hold: after a carry-over, nothing yet.
+        self.leases_were = {} if self.migrated else {k: lease_to_json(v) for k, v in state.leases.items()}
+        self.lines_were = [] if self.migrated else self._lines()
         self.meta_were = self._meta()
 
     def _carry_over(self, old: AccountState) -> AccountState:
