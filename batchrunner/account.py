@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from bisect import insort
-from collections.abc import Callable
+from bisect import bisect_right, insort
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -45,10 +45,14 @@ __all__ = [
     "Decision",
     "Lease",
     "Pending",
+    "PendingMap",
+    "Pendings",
     "Store",
     "StoreBroken",
     "StoreLost",
     "StoreUnavailable",
+    "TimeList",
+    "Times",
     "View",
     "Waiter",
     "account_limits",
@@ -59,8 +63,11 @@ __all__ = [
     "expire",
     "grant_times",
     "join",
+    "lease_from_json",
+    "lease_to_json",
     "leave",
     "mark_gone",
+    "plan_grants",
     "record_history",
     "release",
     "request",
@@ -81,6 +88,8 @@ FULL_RETRY = 0.02
 # How soon a run refused a slot looks again on its own (the background refresh wakes it sooner when one frees).
 SLOT_RETRY = 0.05
 STATE_VERSION = 1
+# Recorded grants a view carries: those the next grants a run plans between transactions wait for.
+VIEW_TIMES = 32
 
 
 class StoreUnavailable(UsageError):
@@ -143,13 +152,129 @@ class Waiter:
     until: float
 
 
+class Times(Protocol):
+    """The answer times of recorded grants, as a sorted multiset. ``TimeList`` keeps them in memory; a store keeps
+    them in a table or a sorted set, where each operation costs O(log n) (plus what it removes)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[float]: ...
+
+    def __getitem__(self, index: int) -> float: ...
+
+    def add(self, t: float) -> None: ...
+
+    def nth(self, index: int) -> float:
+        """The ``index``-th oldest (negative: from the latest)."""
+        ...
+
+    def count_le(self, t: float) -> int:
+        """How many are at or before ``t``."""
+        ...
+
+    def run(self, start: int, k: int) -> list[float]:
+        """Up to ``k`` of them from the ``start``-th oldest on."""
+        ...
+
+    def clamp(self, now: float) -> None:
+        """Pull times later than ``now`` back to ``now``."""
+        ...
+
+    def trim(self, cut: float, keep: int) -> None:
+        """Drop those at or before ``cut``, and all but the latest ``keep``."""
+        ...
+
+
+class TimeList(list[float]):
+    """``Times`` in memory: a sorted list (the tests' state, and the JSON format's)."""
+
+    def add(self, t: float) -> None:
+        if not self or t >= self[-1]:
+            self.append(t)
+        else:
+            insort(self, t)
+
+    def nth(self, index: int) -> float:
+        return self[index]
+
+    def count_le(self, t: float) -> int:
+        return bisect_right(self, t)
+
+    def run(self, start: int, k: int) -> list[float]:
+        return list(self[max(0, start) : max(0, start) + k])
+
+    def clamp(self, now: float) -> None:
+        if self and self[-1] > now:
+            self[:] = sorted(min(t, now) for t in self)
+
+    def trim(self, cut: float, keep: int) -> None:
+        drop = max(bisect_right(self, cut), len(self) - keep)
+        if drop > 0:
+            del self[:drop]
+
+
+class Pendings(Protocol):
+    """Grants on the wire by id. ``PendingMap`` keeps them in memory; a store in a table indexed by deadline and
+    by run."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def add(self, grant_id: str, grant: Pending) -> None: ...
+
+    def take(self, grant_id: str) -> Pending | None:
+        """Remove and return the grant (None when unknown)."""
+        ...
+
+    def due(self, now: float) -> list[tuple[str, Pending]]:
+        """The grants whose deadline has come."""
+        ...
+
+    def of(self, lease_id: str) -> list[tuple[str, Pending]]:
+        """One run's grants."""
+        ...
+
+    def clamp(self, now: float) -> None:
+        """Grants sent later than ``now`` (a clock stepped back) count as sent at ``now``."""
+        ...
+
+    def items(self) -> Iterable[tuple[str, Pending]]:
+        """Every grant (O(n): for the JSON format and reports, never for a decision)."""
+        ...
+
+
+class PendingMap(dict[str, "Pending"]):
+    """``Pendings`` in memory."""
+
+    def add(self, grant_id: str, grant: Pending) -> None:
+        self[grant_id] = grant
+
+    def take(self, grant_id: str) -> Pending | None:
+        return self.pop(grant_id, None)
+
+    def due(self, now: float) -> list[tuple[str, Pending]]:
+        return [(k, g) for k, g in self.items() if g.deadline <= now]
+
+    def of(self, lease_id: str) -> list[tuple[str, Pending]]:
+        return [(k, g) for k, g in self.items() if g.lease == lease_id]
+
+    def clamp(self, now: float) -> None:
+        for grant in self.values():
+            if grant.sent > now:
+                grant.deadline -= grant.sent - now
+                grant.sent = now
+
+
 @dataclass(slots=True)
 class AccountState:
-    """Everything the account's store keeps (as one JSON document)."""
+    """Everything the account's store keeps. In memory (``TimeList``, ``PendingMap``) it reads and writes the JSON
+    document the first version of the stores kept whole; a store backs ``times`` and ``pending`` with its own
+    indexed collections and keeps the rest (a few leases and lines) as rows."""
 
-    times: list[float] = field(default_factory=list)  # answer times of recorded grants, sorted
+    times: Times = field(default_factory=TimeList)  # answer times of recorded grants, sorted
     latest: float = -math.inf  # the latest grant taken: grants go in time order
-    pending: dict[str, Pending] = field(default_factory=dict)
+    pending: Pendings = field(default_factory=PendingMap)
     leases: dict[str, Lease] = field(default_factory=dict)
     line: list[Waiter] = field(default_factory=list)  # runs waiting for a grant, in the order they asked
     slot_line: list[Waiter] = field(default_factory=list)  # runs waiting for a slot, in the order they asked
@@ -160,10 +285,10 @@ class AccountState:
     def to_json(self) -> dict[str, Any]:
         return {
             "v": STATE_VERSION,
-            "times": self.times,
+            "times": list(self.times),
             "latest": None if math.isinf(self.latest) else self.latest,
             "pending": {k: [p.lease, p.sent, p.deadline] for k, p in self.pending.items()},
-            "leases": {k: _lease_json(lease) for k, lease in self.leases.items()},
+            "leases": {k: lease_to_json(lease) for k, lease in self.leases.items()},
             "line": [[w.lease, w.until] for w in self.line],
             "slot_line": [[w.lease, w.until] for w in self.slot_line],
             "seq": self.seq,
@@ -176,10 +301,12 @@ class AccountState:
         """Read what ``to_json`` wrote; raises ValueError (or KeyError, TypeError) for anything else."""
         if not isinstance(data, dict) or data.get("v") != STATE_VERSION:
             raise ValueError("not an account state of this version")
-        times = sorted(_finite(t) for t in data["times"])
+        times = TimeList(sorted(_finite(t) for t in data["times"]))
         latest = -math.inf if data["latest"] is None else _finite(data["latest"])
-        pending = {str(k): Pending(str(v[0]), _finite(v[1]), _finite(v[2])) for k, v in data["pending"].items()}
-        leases = {str(k): _lease_from(v) for k, v in data["leases"].items()}
+        pending = PendingMap(
+            {str(k): Pending(str(v[0]), _finite(v[1]), _finite(v[2])) for k, v in data["pending"].items()}
+        )
+        leases = {str(k): lease_from_json(v) for k, v in data["leases"].items()}
         line = [Waiter(str(w[0]), _finite(w[1])) for w in data["line"]]
         slot_line = [Waiter(str(w[0]), _finite(w[1])) for w in data["slot_line"]]
         return cls(
@@ -198,11 +325,11 @@ class AccountState:
 _LEASE_FIELDS = [field.name for field in dataclasses.fields(Lease)]
 
 
-def _lease_json(lease: Lease) -> dict[str, Any]:
+def lease_to_json(lease: Lease) -> dict[str, Any]:
     return {name: getattr(lease, name) for name in _LEASE_FIELDS}
 
 
-def _lease_from(data: Any) -> Lease:
+def lease_from_json(data: Any) -> Lease:
     if not isinstance(data, dict):
         raise ValueError("a lease is not an object")
     lease = Lease(
@@ -262,11 +389,17 @@ class Decision:
 
 @dataclass(frozen=True, slots=True)
 class View:
-    """What one run sees of the account at ``now``: enough for its planning between transactions."""
+    """What one run sees of the account at ``now``: enough for its planning between transactions.
+
+    Of the recorded grants it carries only the few that decide the next grants (``times``, the ``first``-th oldest
+    on) and how many there are, so a view costs the same whatever the window holds."""
 
     now: float
     limits: AccountLimits
-    times: tuple[float, ...]  # recorded grants inside the window, sorted
+    times: tuple[float, ...]  # recorded grants from the ``first``-th oldest on: those the next grants wait for
+    first: int
+    recorded: int  # recorded grants kept (the ``times`` above are among them)
+    in_window: int  # recorded grants inside the window at ``now``
     latest: float
     pending: int  # grants on the wire, every run's
     held: int  # slots held on the account, every run's (gone runs' included while they count)
@@ -276,12 +409,19 @@ class View:
 
     def used(self) -> int:
         """Grants inside the window at ``now``, pending ones included (at most COUNT)."""
-        start = self.now - self.limits.window
-        return min(self.limits.count, sum(1 for t in self.times if t > start) + self.pending)
+        return min(self.limits.count, self.in_window + self.pending)
 
     def free(self) -> int:
         """Slots this run may take now: free ones, less one for each run waiting ahead of it."""
         return max(0, self.limits.concurrency - self.held - self.slots_ahead)
+
+    def nth(self, index: int) -> float:
+        """The ``index``-th oldest recorded grant as far as the view knows: one it does not carry is at most ``now``
+        (so a plan on the view is never early)."""
+        offset = index - self.first
+        if 0 <= offset < len(self.times):
+            return self.times[offset]
+        return self.now
 
 
 class Store(Protocol):
@@ -315,49 +455,66 @@ def slots_held(state: AccountState, now: float) -> int:
 
 
 def _record(state: AccountState, t: float) -> None:
-    times = state.times
-    if not times or t >= times[-1]:
-        times.append(t)
-    else:
-        insort(times, t)
+    state.times.add(t)
 
 
 def expire(state: AccountState, now: float) -> None:
     """Bring the state up to ``now``: gone runs' grants answered at their deadlines, gone runs dropped once their
     slots no longer count, lapsed places in line dropped, times from the future pulled back to now, old times trimmed.
-    Run first in every transaction; idempotent."""
-    if state.times and state.times[-1] > now:
-        state.times = sorted(min(t, now) for t in state.times)
-    state.latest = min(state.latest, now)
+    Run first in every transaction; idempotent. Costs O(log n) in the grants kept, plus what it changes."""
+    if len(state.times) and state.times.nth(-1) > now:
+        state.times.clamp(now)
+    if state.latest > now:  # a grant is never sent after the latest: only then can one be from the future
+        state.pending.clamp(now)
+        state.latest = now
     for lease in state.leases.values():
         lease.beat = min(lease.beat, now)
-    for grant_id, grant in list(state.pending.items()):
-        if grant.sent > now:
-            grant.deadline -= grant.sent - now
-            grant.sent = now
+    for grant_id, grant in state.pending.due(now):
         owner = state.leases.get(grant.lease)
-        if (owner is None or not owner.live(now)) and now >= grant.deadline:
-            del state.pending[grant_id]
+        if owner is None or not owner.live(now):
+            state.pending.take(grant_id)
             _record(state, grant.deadline)
-    owners = {grant.lease for grant in state.pending.values()}
     for lease_id, lease in list(state.leases.items()):
-        if not lease.live(now) and not lease.holds(now) and lease_id not in owners:
+        if not lease.live(now) and not lease.holds(now) and not state.pending.of(lease_id):
             del state.leases[lease_id]
-    state.line = [w for w in state.line if w.until >= now and _is_live(state, w.lease, now)]
-    state.slot_line = [w for w in state.slot_line if w.until >= now and _is_live(state, w.lease, now)]
-    if state.times:
-        cut = now - state.horizon
-        drop = 0
-        while drop < len(state.times) and state.times[drop] <= cut:
-            drop += 1
-        drop = max(drop, len(state.times) - 2 * state.keep)
-        if drop > 0:
-            del state.times[:drop]
+    if any(w.until < now or not _is_live(state, w.lease, now) for w in state.line):
+        state.line = [w for w in state.line if w.until >= now and _is_live(state, w.lease, now)]
+    if any(w.until < now or not _is_live(state, w.lease, now) for w in state.slot_line):
+        state.slot_line = [w for w in state.slot_line if w.until >= now and _is_live(state, w.lease, now)]
+    state.times.trim(now - state.horizon, state.keep)
 
 
 def _is_live(state: AccountState, lease_id: str, now: float) -> bool:
     lease = state.leases.get(lease_id)
     return lease is not None and lease.live(now)
+
+
+def plan_grants(
+    nth: Callable[[int], float], n: int, latest: float, pending: int, now: float, k: int, limits: AccountLimits
+) -> list[float]:
+    """``grant_times`` over ``n`` recorded times read one at a time (``nth(i)``, the ``i``-th oldest): only the few
+    that decide the next ``k`` grants are read, so a plan costs O(k) reads whatever the window holds."""
+    out: list[float] = []
+    planned: list[float] = []  # grants planned here: later than every recorded one (each at ``now`` or after)
+    room = limits.count - pending
+    t = now
+    for _ in range(k):
+        if room <= 0:
+            when = math.inf
+        else:
+            index = n + len(planned) - room
+            if index < 0:
+                when = latest
+            else:
+                oldest = nth(index) if index < n else planned[index - n]
+                when = max(oldest + limits.window, latest)
+        t = max(t, when)
+        out.append(t)
+        if math.isinf(t):
+            continue
+        planned.append(t)
+        latest = t
+    return out
 
 
 def grant_times(
@@ -402,7 +559,8 @@ def decide(state: AccountState, now: float, lease_id: str, *, grant: bool, slot:
             return Decision(False, SLOT_RETRY, "slots")
     if grant:
         ahead = _place(state.line, lease_id)
-        when = grant_times(state.times, state.latest, len(state.pending), now, ahead + 1, limits)[-1]
+        times = state.times
+        when = plan_grants(times.nth, len(times), state.latest, len(state.pending), now, ahead + 1, limits)[-1]
         if when > now:
             wait = FULL_RETRY if math.isinf(when) else when - now
             return Decision(False, wait, "window" if ahead == 0 else "turn")
@@ -438,7 +596,7 @@ def request(state: AccountState, now: float, lease_id: str, *, grant: bool, slot
         _unqueue(state.line, lease_id)
         state.seq += 1
         grant_id = f"{lease_id}.{state.seq}"
-        state.pending[grant_id] = Pending(lease_id, now, now + lease.timeout)
+        state.pending.add(grant_id, Pending(lease_id, now, now + lease.timeout))
         state.latest = max(state.latest, now)
     if slot:
         _unqueue(state.slot_line, lease_id)
@@ -448,7 +606,7 @@ def request(state: AccountState, now: float, lease_id: str, *, grant: bool, slot
 
 def settle_grant(state: AccountState, now: float, grant_id: str) -> None:
     """Record a pending grant at ``now``, its answer (idempotent: an unknown grant changes nothing)."""
-    grant = state.pending.pop(grant_id, None)
+    grant = state.pending.take(grant_id)
     if grant is not None:
         _record(state, max(now, grant.sent))
 
@@ -462,7 +620,7 @@ def record_history(state: AccountState, now: float, times: list[float]) -> None:
 
 def cancel_grant(state: AccountState, grant_id: str) -> None:
     """Forget a grant whose request was never sent (a run that changed its mind): it counts nowhere."""
-    state.pending.pop(grant_id, None)
+    state.pending.take(grant_id)
 
 
 def release(state: AccountState, lease_id: str, slots: int = 1) -> None:
@@ -500,7 +658,7 @@ def join(state: AccountState, now: float, lease: Lease) -> None:
             other.left = True
     lease.beat = now
     state.leases[lease.id] = lease
-    state.horizon = max(state.horizon, lease.period + lease.margin + 1.0)
+    state.horizon = max(state.horizon, lease.period + lease.margin)
     state.keep = max(state.keep, lease.count)
 
 
@@ -511,7 +669,7 @@ def beat(state: AccountState, now: float, lease: Lease, *, hold: float | None = 
     if mine is None:
         mine = dataclasses.replace(lease)
         state.leases[lease.id] = mine
-        state.horizon = max(state.horizon, lease.period + lease.margin + 1.0)
+        state.horizon = max(state.horizon, lease.period + lease.margin)
         state.keep = max(state.keep, lease.count)
     mine.beat = now
     mine.left = False
@@ -534,10 +692,9 @@ def leave(state: AccountState, now: float, lease_id: str) -> None:
     lease = state.leases.get(lease_id)
     if lease is None:
         return
-    for grant_id, grant in list(state.pending.items()):
-        if grant.lease == lease_id:
-            del state.pending[grant_id]
-            _record(state, max(now, grant.sent))
+    for grant_id, grant in state.pending.of(lease_id):
+        state.pending.take(grant_id)
+        _record(state, max(now, grant.sent))
     _unqueue(state.line, lease_id)
     _unqueue(state.slot_line, lease_id)
     lease.beat, lease.left = now, True
@@ -549,14 +706,20 @@ def view(state: AccountState, now: float, lease_id: str | None) -> View:
     """What ``lease_id`` sees of the account (or anyone, for ``None``); limits default to nothing while no run is
     live."""
     limits = account_limits(state, now) or AccountLimits(1, 1.0, 0.0, 1)
-    start = now - limits.window
     lease = state.leases.get(lease_id) if lease_id is not None else None
+    times = state.times
+    recorded = len(times)
+    pending = len(state.pending)
+    first = max(0, recorded - limits.count + pending)
     return View(
         now=now,
         limits=limits,
-        times=tuple(t for t in state.times if t > start),
+        times=tuple(times.run(first, VIEW_TIMES)) if first < recorded else (),
+        first=first,
+        recorded=recorded,
+        in_window=recorded - times.count_le(now - limits.window) if recorded else 0,
         latest=state.latest,
-        pending=len(state.pending),
+        pending=pending,
         held=slots_held(state, now),
         own_held=lease.held if lease is not None else 0,
         slots_ahead=_place(state.slot_line, lease_id) if lease_id is not None else 0,

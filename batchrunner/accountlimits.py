@@ -39,10 +39,10 @@ from batchrunner.account import (
     beat,
     cancel_grant,
     expire,
-    grant_times,
     join,
     leave,
     mark_gone,
+    plan_grants,
     record_history,
     release,
     request,
@@ -232,9 +232,10 @@ class _Window:
             return o.fallback[0].next_free_times(now, k)
         if o.view is None:
             return [now] * k
-        shift = o.offset
-        times = [t - shift for t in o.view.times]
-        return grant_times(times, o.view.latest - shift, o.view.pending, now, k, o.limits)
+        shift, seen = o.offset, o.view
+        return plan_grants(
+            lambda i: seen.nth(i) - shift, seen.recorded, seen.latest - shift, seen.pending, now, k, o.limits
+        )
 
 
 class _Gate:
@@ -453,7 +454,10 @@ class AccountLimiter:
         lim = self.limits
         history: list[float] = []
         if self.view is not None:
-            history = [min(now, t - self.offset) for t in self.view.times]
+            seen = self.view
+            start = seen.now - lim.window
+            history = [min(now, t - self.offset) for t in seen.times if t > start]
+            history += [now] * max(0, seen.in_window - len(history))  # those it does not carry: at most now
             others_pending = self.view.pending - sum(1 for kind, _ in self.tickets.values() if kind == "store")
             history += [now] * max(0, others_pending)
         history += [now] * sum(1 for kind, _ in self.tickets.values() if kind == "store")

@@ -17,6 +17,9 @@ __all__ = ["account_report", "describe_account", "report_of"]
 def report_of(state: AccountState, now: float, *, store: str, here: str) -> dict[str, Any]:
     """The account's state at ``now`` as plain data (``here``: this machine's host id, to say which runs are on it)."""
     limits = account_limits(state, now)
+    on_the_wire: dict[str, int] = {}
+    for lease_id in state.leases:
+        on_the_wire[lease_id] = len(state.pending.of(lease_id))
     runs = []
     for lease in sorted(state.leases.values(), key=lambda lease: lease.started):
         live = lease.live(now)
@@ -32,13 +35,13 @@ def report_of(state: AccountState, now: float, *, store: str, here: str) -> dict
                 "concurrency": lease.concurrency,
                 "last_beat_ago": round(now - lease.beat, 3),
                 "rate_limited": lease.rate_limited,
-                "pending": sum(1 for grant in state.pending.values() if grant.lease == lease.id),
+                "pending": on_the_wire[lease.id],
             }
         )
     window_used = None
     if limits is not None:
         start = now - limits.window
-        window_used = sum(1 for t in state.times if t > start) + len(state.pending)
+        window_used = len(state.times) - state.times.count_le(start) + len(state.pending)
     return {
         "store": store,
         "runs": runs,

@@ -22,12 +22,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import heapq
 import json
 import logging
 import math
 import os
 import resource
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +43,7 @@ from pathlib import Path
 import aiohttp
 from PIL import Image
 
+from batchrunner.accountlimits import AccountLimiter, LocalLimits, open_limits
 from batchrunner.client import Client, ExecutionsPage, Phase, Prediction, classify_status
 from batchrunner.errors import RateLimited
 from batchrunner.estimate import PAGE_SECONDS, estimate_run, spread_times
@@ -115,6 +119,10 @@ class Regime:
     jobs: int | None = None  # the regime's own batch size, when --jobs does not apply
     external: bool = False  # the simulator in its own process (the CPU column is then the client's alone)
     faults: Faults = field(default_factory=Faults)
+    # The runner's limits store: ``local`` (a run's own limits, as ``--simulate`` keeps them), ``sqlite`` (the default
+    # every user gets: the state folder's database, here a temporary one), ``redis`` (a redis-server the bench starts).
+    store: str = "local"
+    variants: tuple[str, ...] = ()  # other stores the regime is also measured with
 
     @property
     def per_job(self) -> int:
@@ -125,7 +133,9 @@ REGIMES: dict[str, Regime] = {
     "a": Regime("a realistic", 60, 6.0, 10, 1.0, 6.0),
     "b": Regime("b request-bound", 60, 6.0, 10, 0.2, 1.0),
     "c": Regime("c polls free", 60, 6.0, 10, 1.0, 6.0, scope="creates"),
-    "d": Regime("d 100x limits", 6000, 6.0, 1000, 1.0, 6.0, jobs=10_000, external=True),
+    "d": Regime(
+        "d 100x sqlite", 6000, 6.0, 1000, 1.0, 6.0, jobs=10_000, external=True, store="sqlite", variants=("redis",)
+    ),
     "e": Regime("e listing down", 60, 6.0, 10, 0.2, 1.0, faults=Faults(listing_error=1.0)),
 }
 # Regimes run at a tenth of real time, and so do the runner's time-like defaults: the runner is benchmarked with its
@@ -352,7 +362,41 @@ def _prepare(folder: Path, jobs: int, name: str) -> tuple[Manifest, OutputDir]:
 
 
 async def run_runner(regime: Regime, jobs: int, base_url: str, folder: Path, watch: str = "auto") -> _Run:
-    """Run the Scheduler as ``cli._run_async`` does against ``base_url``; returns start, successes, sightings."""
+    """Run the Scheduler as ``cli._run_async`` does against ``base_url``; returns start, successes, sightings.
+
+    With the regime's store ``sqlite`` or a ``redis://`` URL its limits are the account's, through that store, as a
+    user's run has them (``runner.run_batch``); with ``local`` they are its own, as ``--simulate`` keeps them."""
+    if regime.store == "local":
+        return await _run_runner(regime, jobs, base_url, folder, watch, None)
+    spec = None if regime.store == "sqlite" else regime.store
+    config = dataclasses.replace(scaled_defaults(regime, watch), limits_store=spec)
+    saved = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(folder / "state")  # a fresh account database, as a first run has
+    try:
+        limits_cm = open_limits(
+            config,
+            api_url=base_url,
+            api_key=KEY,
+            request_timeout=30.0 * TIME_SCALE,
+            label=str((folder / "runner").resolve()),
+        )
+        async with limits_cm as limits:
+            return await _run_runner(regime, jobs, base_url, folder, watch, limits)
+    finally:
+        if saved is None:
+            os.environ.pop("XDG_STATE_HOME", None)
+        else:
+            os.environ["XDG_STATE_HOME"] = saved
+
+
+async def _run_runner(
+    regime: Regime,
+    jobs: int,
+    base_url: str,
+    folder: Path,
+    watch: str,
+    limits: AccountLimiter | LocalLimits | None,
+) -> _Run:
     manifest, out = _prepare(folder, jobs, "runner")
     config = scaled_defaults(regime, watch)
     loop = asyncio.get_running_loop()
@@ -373,7 +417,15 @@ async def run_runner(regime: Regime, jobs: int, base_url: str, folder: Path, wat
                 client.seen = run.seen
                 state = read_ledger(out.ledger)
                 scheduler = Scheduler(
-                    manifest, client, ledger, out, state, config, request_log=request_log, on_progress=progress
+                    manifest,
+                    client,
+                    ledger,
+                    out,
+                    state,
+                    config,
+                    request_log=request_log,
+                    on_progress=progress,
+                    limits=limits,
                 )
                 run.started = loop.time()
                 await scheduler.run()
@@ -688,11 +740,59 @@ def plan_vs_run(regime: Regime, m: Measurement) -> str | None:
     )
 
 
+@contextlib.contextmanager
+def redis_server(folder: Path) -> Iterator[str | None]:
+    """A redis-server on a free loopback port, no persistence, while the block lasts; yields its URL (None when
+    redis-server is not installed)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        yield None
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def store_variants(regime: Regime) -> list[Regime]:
+    """The regime as measured: with its store, then each variant's (named by store, so every row says which)."""
+    out = [regime]
+    base = regime.name.rsplit(" ", 1)[0]
+    out += [dataclasses.replace(regime, name=f"{base} {v}", store=v, variants=()) for v in regime.variants]
+    return out
+
+
 async def _bench(
     regimes: Sequence[Regime], jobs: int, seed: int, repeat: int, clients: Sequence[str] = ("runner", "baseline")
 ) -> list[Measurement]:
     rows: list[Measurement] = []
-    for regime in regimes:
+    for regime in [v for r in regimes for v in store_variants(r)]:
+        if regime.store == "redis":
+            with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp, redis_server(Path(tmp)) as url:
+                if url is None:
+                    print(f"{regime.name:<16} skipped: redis-server is not installed", flush=True)
+                    continue
+                rows += await _bench([dataclasses.replace(regime, store=url)], jobs, seed, repeat, clients)
+            continue
         for k in range(repeat):
             for who in clients:
                 with tempfile.TemporaryDirectory(prefix="bench-") as tmp:

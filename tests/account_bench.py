@@ -1,6 +1,7 @@
 """Measure the account-wide limiter: three runs on one key against one run of the union, and the cost per grant.
 
-    .venv/bin/python -m tests.account_bench [--jobs 16] [--trials 3] [--grants 2000]
+    .venv/bin/python -m tests.account_bench [--jobs 16] [--trials 3] [--grants 2000] [--stores sqlite,redis]
+    .venv/bin/python -m tests.account_bench --trials 0   # only the cost per grant, at 60/60 and at 6000/6
 
 For each store (``local``: every run its own limits, as before; ``sqlite``; ``redis``, a redis-server started on a free
 loopback port), three ``batchrunner run`` processes of ``--jobs`` jobs each go at once against one simulator that
@@ -24,7 +25,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from batchrunner.account import AccountState, Lease, Store, expire, join, request, settle_grant
+from batchrunner.account import AccountState, Lease, Store, expire, join, record_history, request, settle_grant
 from batchrunner.accountlimits import open_store
 from tests.conftest import serve_in_thread
 from tests.test_account_e2e import batch_seconds, redis_server, sim_config, start_run
@@ -70,8 +71,10 @@ def _settle(grant_id: str, state: AccountState, now: float) -> None:
     settle_grant(state, now, grant_id)
 
 
-async def grant_cost(store: Store, grants: int) -> float:
-    """Microseconds per grant: the transaction that takes it and the one that records its answer."""
+async def grant_cost(store: Store, grants: int, *, count: int = 60, period: float = 60.0) -> float:
+    """Microseconds per grant: the transaction that takes it and the one that records its answer, in a window that
+    holds about ``count`` grants of an account at ``count``/``period`` (half of them answered before the timing
+    starts, so that none of the ``grants`` timed, at most ``count // 2``, waits)."""
     lease = Lease(
         id="bench",
         label="bench",
@@ -83,14 +86,18 @@ async def grant_cost(store: Store, grants: int) -> float:
         ttl=3600.0,
         hold=1.0,
         timeout=30.0,
-        # A state the size of a real account's (60 per window: at most 120 answer times kept), with a window short
-        # enough that no grant waits.
-        count=60,
-        period=0.001,
+        count=count,
+        period=period,
         margin=0.0,
         concurrency=10,
     )
+    grants = min(grants, count // 2)
     await store.transact(lambda state, now: join(state, now, lease))
+
+    def fill(state: AccountState, now: float) -> None:
+        record_history(state, now, [now - period / 2 + i * period / count for i in range(count - grants - 1)])
+
+    await store.transact(fill)
 
     def take(state: AccountState, now: float) -> str | None:
         expire(state, now)
@@ -100,21 +107,27 @@ async def grant_cost(store: Store, grants: int) -> float:
     started = time.perf_counter()
     for _ in range(grants):
         grant_id = await store.transact(take)
-        while grant_id is None:  # the 1 ms window is full (rarely)
-            await asyncio.sleep(0.001)
-            grant_id = await store.transact(take)
+        if grant_id is None:
+            raise RuntimeError("the bench's window was full: it measures grants that do not wait")
         await store.transact(functools.partial(_settle, grant_id))
     return (time.perf_counter() - started) / grants * 1e6
 
 
-async def costs(kind: str, grants: int, folder: Path) -> float:
+async def costs(kind: str, grants: int, folder: Path, *, count: int = 60, period: float = 60.0) -> float:
+    """The mean cost per grant over ``grants``, in rounds of at most ``count // 2`` on a fresh account each."""
+    spent, done, round_ = 0.0, 0, 0
     with store_url(kind, folder) as url:
         os.environ["XDG_STATE_HOME"] = str(folder / "state")
-        store = await open_store(url, api_url="http://bench.invalid", api_key="bench-key")
-        try:
-            return await grant_cost(store, grants)
-        finally:
-            await store.close()
+        while done < grants:
+            round_ += 1
+            store = await open_store(url, api_url="http://bench.invalid", api_key=f"bench-key-{round_}")
+            try:
+                n = min(grants - done, count // 2)
+                spent += await grant_cost(store, n, count=count, period=period) * n
+                done += n
+            finally:
+                await store.close()
+    return spent / done
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,8 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for kind in kinds:
             if kind == "local":
                 continue
-            cost = asyncio.run(costs(kind, args.grants, root / f"cost-{kind}"))
-            print(f"{kind:>6}: {cost:.0f} us per grant (take + answer, two transactions, one process)", flush=True)
+            for count, period in ((60, 60.0), (6000, 6.0)):
+                cost = asyncio.run(costs(kind, args.grants, root / f"cost-{kind}-{count}", count=count, period=period))
+                print(
+                    f"{kind:>6}: {cost:.0f} us per grant at {count}/{period:g} "
+                    "(take + answer, two transactions, one process, the window full to about its count)",
+                    flush=True,
+                )
     return 0
 
 
