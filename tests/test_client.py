@@ -975,7 +975,7 @@ async def test_presign_then_put_upload_sends_required_headers_and_bytes(
     assert presigned.id == "u1"
     assert presigned.public_url == f"{served.url}/cdn/u1.png"
     assert presigned.expires_at == "2030-01-01T00:00:00Z"
-    assert json.loads(served.seen[0].body) == {"content_type": "image/png"}
+    assert json.loads(served.seen[0].body) == {"content_type": "image/png", "file_type": "image"}
     put = served.seen[1]
     assert (put.method, put.path, put.query) == ("PUT", "/storage/u1", {"sig": "abc"})
     assert put.headers["Content-Type"] == "image/png"
