@@ -170,7 +170,8 @@ def test_plan_by_table(tmp_path: Path) -> None:
     make_image(tmp_path / "a.png", (10, 10, 10))
     make_image(tmp_path / "b.png", (20, 20, 20))
     (tmp_path / "m.yaml").write_text(
-        "matrix:\n  input_image: [a.png, b.png]\n  prompt: [Turn the scene into a snowy winter evening]\n  seed: [1, 2]\n",
+        "matrix:\n  input_image: [a.png, b.png]\n"
+        "  prompt: [Turn the scene into a snowy winter evening]\n  seed: [1, 2]\n",
         encoding="utf-8",
     )
     manifest = load_manifest(tmp_path / "m.yaml")
