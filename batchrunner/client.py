@@ -36,8 +36,11 @@ from batchrunner.errors import (
     ApiError,
     ApiTimeout,
     AuthError,
+    CreatePathRefused,
+    CreatePathUnusable,
     DownloadIncomplete,
     DownloadRejected,
+    Forbidden,
     NetworkError,
     NotFound,
     PaymentRequired,
@@ -49,9 +52,13 @@ from batchrunner.errors import (
 from batchrunner.redact import Redactor
 
 __all__ = [
+    "CREATE_PATH",
+    "CREATE_PATHS",
     "DEFAULT_API_URL",
     "MAX_API_BODY_BYTES",
     "MAX_DOWNLOAD_BYTES",
+    "PRESIGN_MAX_SECONDS",
+    "PRESIGN_MIN_SECONDS",
     "TRANSIENT_ERROR_CODES",
     "Client",
     "Execution",
@@ -60,6 +67,8 @@ __all__ = [
     "Prediction",
     "Presigned",
     "classify_status",
+    "create_path_refused",
+    "other_create_path",
     "output_urls",
     "parse_execution",
     "parse_prediction",
@@ -67,6 +76,14 @@ __all__ = [
 ]
 
 DEFAULT_API_URL = "https://api.eachlabs.ai"
+# The create path as every official source writes it; eachjs and one third-party client add a trailing slash, and a
+# server may take only one of the two. The documented form goes first.
+CREATE_PATH = "/v1/prediction"
+CREATE_PATHS = (CREATE_PATH, CREATE_PATH + "/")
+# A presign's ``expires_in_seconds`` (the stored file's retention) is clamped by the API to this range.
+PRESIGN_MIN_SECONDS = 60
+PRESIGN_MAX_SECONDS = 365 * 86400
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_DOWNLOAD_BYTES = 100 * 1024 * 1024
 # An API answer is a few kB (a listing page of 100 rows some tens of kB): anything far larger is refused unread.
 MAX_API_BODY_BYTES = 8 * 1024 * 1024
@@ -360,6 +377,45 @@ class Presigned:
     content_type: str = "application/octet-stream"
 
 
+def other_create_path(path: str) -> str:
+    """The other form of the create path: with the trailing slash if ``path`` has none, and the reverse."""
+    return CREATE_PATHS[1] if path == CREATE_PATHS[0] else CREATE_PATHS[0]
+
+
+def _same_resource(a: str, b: str) -> bool:
+    pa, pb = urllib.parse.urlsplit(a), urllib.parse.urlsplit(b)
+    try:
+        ports = (pa.port, pb.port)
+    except ValueError:
+        return False
+    return (pa.scheme.lower(), (pa.hostname or "").lower(), ports[0], pa.path) == (
+        pb.scheme.lower(),
+        (pb.hostname or "").lower(),
+        ports[1],
+        pb.path,
+    )
+
+
+def create_path_refused(status: int, location: str | None, sent_url: str, other_url: str) -> bool:
+    """Whether a create's answer refuses the form of the path it was sent to, so the other form is worth one try.
+
+    A 404 or 405 creates nothing (a 4xx), and is what a server that knows only the other form answers. A redirect is
+    never followed for a POST (a followed 301/302 turns into a GET, and the key would travel along): one whose
+    ``Location`` is the other form on the same host says "use the other form", the server having acted on nothing.
+    Any other redirect is left to the caller as an answer it cannot read (a create in doubt).
+    """
+    if status in (404, 405):
+        return True
+    if status in _REDIRECTS and location:
+        return _same_resource(urllib.parse.urljoin(sent_url, location.strip()), other_url)
+    return False
+
+
+def _route_exists(status: int) -> bool:
+    """An answer that shows the create path it was sent to is a route of the server (its form is the right one)."""
+    return 200 <= status < 300 or (400 <= status < 500 and status not in (401, 403, 404, 405))
+
+
 _DELTA_SECONDS = re.compile(r"\d+(\.\d+)?")
 
 
@@ -470,7 +526,12 @@ def _api_message(body: bytes) -> str | None:
     if isinstance(error, Mapping):
         error = error.get("message")
     message = _text(error) or _text(data.get("message"))
-    details = _text(data.get("details"))
+    raw_details = data.get("details")
+    details = _text(raw_details)
+    if details is None and isinstance(raw_details, Mapping | list) and raw_details:
+        # A 429's details say which cap was hit ("backoff alone does not clear" it): shown whatever their shape.
+        details = _text(raw_details.get("message")) if isinstance(raw_details, Mapping) else None
+        details = details or json.dumps(raw_details, ensure_ascii=False, separators=(",", ":"))[:_SNIPPET_CHARS]
     if message and details:
         return f"{message}: {details}"
     return message or details
@@ -514,8 +575,11 @@ def _status_error(
     if target is _Target.UPLOAD:
         # A 403 from the storage host means an expired or mismatched signature, not a bad API key.
         return RequestRejected(f"upload refused: {message}", **extra)
-    if status in (401, 403):
+    if status == 401:
         return AuthError(f"API key rejected: {message}", **extra)
+    if status == 403:
+        # Documented as "operation not allowed" (a locked resource, say): the key was accepted, this call was not.
+        return Forbidden(f"operation not allowed: {message}", **extra)
     if status == 402:
         return PaymentRequired(message, **extra)
     if status == 404:
@@ -572,6 +636,8 @@ class Client:
         timeout: float = 30.0,
         on_request: Callable[[str], None] | None = None,
         max_download_bytes: int = MAX_DOWNLOAD_BYTES,
+        create_path: str | None = None,
+        on_create_path: Callable[[str], None] | None = None,
     ) -> None:
         if not _http_url(base_url):
             raise UsageError(f"API URL must be http(s)://host, not {base_url!r}")
@@ -598,6 +664,18 @@ class Client:
         # No key here: these requests go to CDNs and storage hosts. Identity coding keeps Content-Length
         # comparable with the bytes received.
         self._plain_headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
+        # The form of the create path this server takes: the documented one until a 404/405 (or a redirect to the
+        # other form) says otherwise, or the form an earlier run learnt (``create_path``). ``on_create_path`` hears
+        # of a form once the server has shown it is a route, so the caller may remember it for later runs.
+        self._create_path = create_path if create_path in CREATE_PATHS else CREATE_PATH
+        self._confirmed_path = self._create_path if create_path in CREATE_PATHS else None
+        self._refused_paths: set[str] = set()
+        self._on_create_path = on_create_path
+
+    @property
+    def create_path(self) -> str:
+        """The form of the create path the next create is sent to."""
+        return self._create_path
 
     def __repr__(self) -> str:
         return f"Client(base_url={self._base!r})"
@@ -611,7 +689,7 @@ class Client:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _transport_error(exc, target, progress, self._key) from exc
 
-    async def _call(
+    async def _exchange(
         self,
         kind: str,
         method: str,
@@ -619,9 +697,9 @@ class Client:
         *,
         payload: Mapping[str, Any] | None = None,
         params: Mapping[str, str] | None = None,
-        want_body: bool = True,
         request_id: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> tuple[int, str | None, bytes, Mapping[str, str]]:
+        """Send one API request; its status, reason, body and headers, whatever the status."""
         if self._on_request is not None:
             self._on_request(kind)
         # Our own X-Request-Id on every request: the server echoes it, and its logs can then be searched for it.
@@ -638,18 +716,29 @@ class Client:
                 raise_for_status=False,
             ) as response:
                 body = await self._read_bounded(response)
-        error = _status_error(
-            response.status,
-            response.reason,
-            body,
-            response.headers,
-            target=_Target.API,
-            secret=self._key,
-            now=time.time(),
+        return response.status, response.reason, body, response.headers
+
+    def _judge(self, status: int, reason: str | None, body: bytes, headers: Mapping[str, str]) -> ApiError | None:
+        return _status_error(status, reason, body, headers, target=_Target.API, secret=self._key, now=time.time())
+
+    async def _call(
+        self,
+        kind: str,
+        method: str,
+        path: str,
+        *,
+        payload: Mapping[str, Any] | None = None,
+        params: Mapping[str, str] | None = None,
+        want_body: bool = True,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:
+        status, reason, body, headers = await self._exchange(
+            kind, method, path, payload=payload, params=params, request_id=request_id
         )
+        error = self._judge(status, reason, body, headers)
         if error is not None:
             raise error
-        return _json_object(body, response.headers, self._key, response.status) if want_body else {}
+        return _json_object(body, headers, self._key, status) if want_body else {}
 
     async def _read_bounded(self, response: aiohttp.ClientResponse) -> bytes:
         """The whole answer body, refused (unread beyond the limit) when it passes ``MAX_API_BODY_BYTES``."""
@@ -667,18 +756,34 @@ class Client:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def create(self, model: str, version: str, input: Mapping[str, Any], *, request_id: str | None = None) -> str:
+    async def create(
+        self, model: str, version: str | None, input: Mapping[str, Any], *, request_id: str | None = None
+    ) -> str:
         """Submit a prediction; returns its id. Counts as one ``create`` request.
+
+        ``version`` is sent only when given (the API documents it as deprecated and ignored). The request goes to the
+        form of the create path this server takes (``create_path``); a 404 or 405 there, or a redirect to the other
+        form, raises CreatePathRefused once the client has switched to the other form (nothing was created: send
+        again), or CreatePathUnusable when the other form was refused too.
 
         Not idempotent: an answer that is not a readable 2xx may still have created a prediction (see reconcile.py).
         """
-        body = await self._call(
-            "create",
-            "POST",
-            "/v1/prediction/",
-            payload={"model": model, "version": version, "input": input},
-            request_id=request_id,
+        payload: dict[str, Any] = {"model": model, "input": input}
+        if version is not None:
+            payload["version"] = version
+        sent = self._create_path
+        status, reason, raw, headers = await self._exchange(
+            "create", "POST", sent, payload=payload, request_id=request_id
         )
+        other = other_create_path(sent)
+        if create_path_refused(status, headers.get("Location"), self._base + sent, self._base + other):
+            raise self._path_refused(sent, status, reason, raw, headers)
+        if _route_exists(status):
+            self._path_works(sent)
+        error = self._judge(status, reason, raw, headers)
+        if error is not None:
+            raise error
+        body = _json_object(raw, headers, self._key, status)
         for key in ("predictionID", "prediction_id", "id"):
             value = body.get(key)
             if isinstance(value, str | int) and not isinstance(value, bool) and str(value).strip():
@@ -686,6 +791,39 @@ class Client:
         said = _text(body.get("message")) or json.dumps(body)
         # A 2xx without an id: the prediction may exist all the same (the scheduler counts a lost answer).
         raise ServerError(f"create answer has no prediction id: {_snippet(said, self._key)}", status=200)
+
+    def _path_refused(
+        self, sent: str, status: int, reason: str | None, body: bytes, headers: Mapping[str, str]
+    ) -> ApiError:
+        """The error for a create whose path form was refused; switches to the other form while it is untried."""
+        request_id = headers.get("X-Request-Id")
+        other = other_create_path(sent)
+        self._refused_paths.add(sent)
+        said = _api_message(body) or _redact(reason or "error", self._key)
+        if status in _REDIRECTS:
+            said = f"redirected to {other} (not followed)"
+        if other in self._refused_paths:
+            return CreatePathUnusable(
+                f"the API refuses both {CREATE_PATHS[0]} and {CREATE_PATHS[1]} for a create ({said})",
+                status=status,
+                request_id=request_id,
+            )
+        self._create_path = other
+        return CreatePathRefused(
+            f"create path {sent} refused ({said}): sending to {other} instead",
+            status=status,
+            request_id=request_id,
+            retry_after=0.0,
+        )
+
+    def _path_works(self, sent: str) -> None:
+        """The server answered ``sent`` as a route of its own: keep it, and let the caller remember it."""
+        self._refused_paths.clear()
+        self._create_path = sent
+        if sent != self._confirmed_path:
+            self._confirmed_path = sent
+            if self._on_create_path is not None:
+                self._on_create_path(sent)
 
     async def get(self, prediction_id: str, *, kind: str = "poll", request_id: str | None = None) -> Prediction:
         """The current state of a prediction. Counts as one ``kind`` request (``poll`` by default)."""
@@ -729,9 +867,20 @@ class Client:
         rows = tuple(row for item in raw if isinstance(item, Mapping) and (row := parse_execution(item)) is not None)
         return ExecutionsPage(rows=rows, full=len(raw) >= limit)
 
-    async def presign(self, content_type: str) -> Presigned:
-        """Reserve an upload slot for a file of ``content_type``. Counts as one ``presign`` request."""
-        body = await self._call("presign", "POST", "/v1/upload/presign", payload={"content_type": content_type})
+    async def presign(
+        self, content_type: str, *, file_type: str | None = "image", expires_in: float | None = None
+    ) -> Presigned:
+        """Reserve an upload slot for a file of ``content_type``. Counts as one ``presign`` request.
+
+        ``file_type`` goes as the documented hint; ``expires_in`` (seconds the stored file is kept) is sent as
+        ``expires_in_seconds``, clamped to the documented 60 s - 365 days; None leaves the API's default (180 days).
+        """
+        payload: dict[str, Any] = {"content_type": content_type}
+        if file_type is not None:
+            payload["file_type"] = file_type
+        if expires_in is not None:
+            payload["expires_in_seconds"] = int(min(PRESIGN_MAX_SECONDS, max(PRESIGN_MIN_SECONDS, expires_in)))
+        body = await self._call("presign", "POST", "/v1/upload/presign", payload=payload)
         upload_id = _text(body.get("id"))
         presigned_url = _text(body.get("presigned_url"))
         public_url = _text(body.get("public_url"))
@@ -758,6 +907,19 @@ class Client:
             required_headers=types.MappingProxyType(dict(raw_headers)),
             content_type=content_type,
         )
+
+    async def delete_file(self, file_id: str, *, request_id: str | None = None) -> bool:
+        """Delete a stored file (``DELETE /v1/files/{id}``). Counts as one ``delete`` request.
+
+        True when deleted, False when the API no longer knows the file (404: already deleted or expired), which is
+        the same end; any other refusal raises.
+        """
+        path = f"/v1/files/{urllib.parse.quote(file_id, safe='')}"
+        try:
+            await self._call("delete", "DELETE", path, want_body=False, request_id=request_id)
+        except NotFound:
+            return False
+        return True
 
     async def put_upload(self, presigned: Presigned, data: bytes) -> None:
         """PUT the raw bytes to the presigned URL; not an API request, no key.

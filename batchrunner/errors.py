@@ -15,13 +15,17 @@ concern: HTTP in ``client.py``, YAML in ``manifest.py``, disk in ``output.py``.
         ├── TransientError                    worth another try with backoff
         │   ├── RateLimited                   429 (``retry_after`` when the server said)
         │   ├── ServerError                   5xx, an HTML or empty or malformed body
+    │   ├── CreatePathRefused             404/405 (or a redirect to the other form) to one form of the create path:
+    │   │                                 nothing was created; the client now uses the other form, send again
         │   ├── NetworkError                  connection failed; ``sent`` tells whether the request may have arrived
         │   │   └── ApiTimeout                no answer within the client timeout (``sent`` is True)
         │   └── DownloadIncomplete            the output file was cut short or is not there yet
-        ├── AuthError                exit 2   401/403: the key is wrong; the run ends
+        ├── AuthError                exit 2   401: the key is wrong; the run ends
         ├── PaymentRequired                   402: out of credit; stop submitting
         ├── NotFound                          404: unknown prediction
         ├── RequestRejected                   any other 4xx: the job fails for good with the API's message
+        │   ├── Forbidden                     403: "operation not allowed" (a locked resource): not a bad key
+        │   └── CreatePathUnusable            both forms of the create path refused or redirected: nothing created
         └── DownloadRejected                  the output URL or bytes are unacceptable (scheme, size, not an image)
 """
 
@@ -145,6 +149,11 @@ class ServerError(TransientError):
     """5xx, or a body that is not the JSON the API speaks."""
 
 
+class CreatePathRefused(TransientError):
+    """One form of the create path (``/v1/prediction`` or ``/v1/prediction/``) answered 404 or 405, or redirected to
+    the other form: the server acted on nothing, and the client sends the next create on the other form."""
+
+
 class NetworkError(TransientError):
     """The connection failed. ``sent`` is True when the request may have reached the server."""
 
@@ -165,7 +174,7 @@ class DownloadIncomplete(TransientError):
 
 
 class AuthError(ApiError):
-    """401/403: the API key is missing or wrong."""
+    """401: the API key is missing or wrong."""
 
     exit_code = 2
 
@@ -184,3 +193,11 @@ class RequestRejected(ApiError):
 
 class DownloadRejected(ApiError):
     """The output URL or its bytes are unacceptable: scheme, size, or not an image."""
+
+
+class Forbidden(RequestRejected):
+    """403: the key was accepted but this operation is not allowed (the docs: e.g. a locked resource)."""
+
+
+class CreatePathUnusable(RequestRejected):
+    """Both forms of the create path were refused (404/405) or redirected: nothing was created, the job fails."""

@@ -19,7 +19,9 @@ Job events (each also carries ``ts``, ``event``, ``job`` and ``fingerprint``) an
     failed         {error, retryable, error_code?, prediction_id?, cost?, duration?}  -> FAILED, attempts + 1
     reset          {}                                 attempts = 0; FAILED -> PENDING
 
-``uploaded {sha256, public_url}`` records an uploaded input image. ``run_started``, ``run_finished`` and any
+``uploaded {sha256, public_url, file, id}`` records an uploaded input image (``id``: the API's file id, for a later
+``DELETE /v1/files/{id}``); ``upload_deleted {sha256, id}`` records that ``clean-uploads`` deleted it, so a later run
+uploads the image again instead of reusing a URL that now answers 404. ``run_started``, ``run_finished`` and any
 event this version does not know are ignored, so an older runner can resume a newer runner's ledger.
 
 A create whose answer never arrived (or was not a readable yes or no) may still have made a billed prediction:
@@ -69,6 +71,7 @@ __all__ = [
     "SUBMITTING",
     "SUCCEEDED",
     "UPLOADED",
+    "UPLOAD_DELETED",
     "JobState",
     "JobStatus",
     "Ledger",
@@ -89,6 +92,7 @@ SUCCEEDED = "succeeded"
 FAILED = "failed"
 RESET = "reset"
 UPLOADED = "uploaded"
+UPLOAD_DELETED = "upload_deleted"
 RUN_STARTED = "run_started"
 RUN_FINISHED = "run_finished"
 
@@ -137,6 +141,8 @@ class Upload:
     sha256: str
     public_url: str
     uploaded_at: float
+    id: str | None = None  # the API's file id (ledgers before clean-uploads did not record it)
+    file: str | None = None  # the local file's name, for people
 
 
 @dataclass(slots=True)
@@ -314,8 +320,21 @@ def replay(lines: Iterable[str | bytes]) -> LedgerState:
             if name == UPLOADED:
                 sha256, url = event.get("sha256"), event.get("public_url")
                 if type(sha256) is str and type(url) is str:
+                    file_id, file = event.get("id"), event.get("file")
                     # No usable ts: treat the upload as ancient, so it is uploaded again rather than trusted.
-                    uploads[sha256] = Upload(sha256, url, _ts(event) or 0.0)
+                    uploads[sha256] = Upload(
+                        sha256,
+                        url,
+                        _ts(event) or 0.0,
+                        file_id if type(file_id) is str else None,
+                        file if type(file) is str else None,
+                    )
+            elif name == UPLOAD_DELETED:
+                sha256, file_id = event.get("sha256"), event.get("id")
+                found = uploads.get(sha256) if type(sha256) is str else None
+                # Only the upload deleted: a newer upload of the same image (another id) stays usable.
+                if found is not None and found.id == file_id:
+                    del uploads[found.sha256]
             continue
         fingerprint, job = event.get("fingerprint"), event.get("job")
         if type(fingerprint) is not str or type(job) is not str:

@@ -161,6 +161,14 @@ class Manifest:
     price: float | None
     jobs: tuple[Job, ...]
     duplicates: int
+    # Whether ``version`` is written in the manifest: the API documents the field as deprecated and ignored, so it is
+    # sent only then (``version`` keeps its default for the fingerprint, so old ledgers still match).
+    version_given: bool = False
+
+    @property
+    def sent_version(self) -> str | None:
+        """The ``version`` a create carries: the manifest's own, or None (not sent) when it names none."""
+        return self.version if self.version_given else None
 
 
 def sha256_file(path: Path) -> str:
@@ -502,6 +510,7 @@ class _Parser:
             price=price,
             jobs=tuple(batch.jobs),
             duplicates=batch.duplicates,
+            version_given="version" in top,
         )
 
     def compose(self) -> MappingNode:

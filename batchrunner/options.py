@@ -362,6 +362,34 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--to", type=Path, default=None, metavar="FILE", help="write here instead of stdout")
     export.add_argument("--max-attempts", type=_positive_int, default=3, help="as given to run (3)")
 
+    clean = command(
+        "clean-uploads",
+        "delete the batch's uploaded input images from the API once no job needs them",
+        "Delete from the API's storage (DELETE /v1/files/{id}) every input image this batch uploaded whose jobs are "
+        "all done or failed for good; images that pending, in-flight or in-doubt jobs still need are kept and named. "
+        "Each deletion is recorded in the ledger, so a later run uploads the image again. Takes the output folder's "
+        "lock. With --dry-run nothing is sent and no key is needed.",
+        "exit codes:\n  0   every upload no job needs is deleted (or there was none)\n"
+        "  1   the API refused a deletion\n  2   bad manifest, arguments or key\n"
+        "  74  the output folder cannot be written\n"
+        "  75  some uploads are still needed (run the batch first), the API was busy or\n"
+        "      unavailable, or a run holds the folder: run it again later\n",
+    )
+    clean_where = _common(clean)
+    clean_where.add_argument("--api-url", default=None, help=f"API base URL (env EACHLABS_API_URL; {DEFAULT_API_URL})")
+    clean.add_argument("--dry-run", action="store_true", help="say what would be deleted and kept; send nothing")
+    clean.add_argument("--max-attempts", type=_positive_int, default=3, help="as given to run (3)")
+    clean.add_argument(
+        "--rate-limit",
+        type=_rate,
+        default=(60, 60.0),
+        metavar="COUNT/SECONDS",
+        help="requests to the API host in any window of SECONDS (60/60)",
+    )
+    clean.add_argument(
+        "--timeout", type=_positive_duration, default=30.0, metavar="D", help="HTTP timeout per request (30s)"
+    )
+
     account = command(
         "account",
         "the runs now on this key, their slots and the window's use",

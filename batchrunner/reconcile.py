@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchrunner.client import Execution, ExecutionsPage
-from batchrunner.errors import ApiError, NetworkError
+from batchrunner.errors import ApiError, CreatePathRefused, CreatePathUnusable, NetworkError
 
 __all__ = [
     "LOOKS",
@@ -58,8 +58,11 @@ def create_in_doubt(exc: ApiError) -> bool:
 
     Not created: a 4xx answer (429 included: a refused create creates nothing and is never billed), or a connection
     that surely never carried the request (refused, name not resolved, connect timeout). Everything else is in doubt:
-    a 5xx, an HTML gateway page, a timeout, a reset after sending, a 2xx (or 3xx) without a readable id.
+    a 5xx, an HTML gateway page, a timeout, a reset after sending, a 2xx (or 3xx) without a readable id. A redirect
+    from one form of the create path to the other is a refusal too (the client judged it: CreatePathRefused).
     """
+    if isinstance(exc, CreatePathRefused | CreatePathUnusable):
+        return False
     if isinstance(exc, NetworkError) and not exc.sent:
         return False
     return not (exc.status is not None and 400 <= exc.status < 500)

@@ -19,6 +19,7 @@ import aiohttp
 
 from batchrunner.accountlimits import open_limits
 from batchrunner.client import Client
+from batchrunner.createpath import load_create_path, save_create_path
 from batchrunner.errors import ApiError, ManifestError, UsageError
 from batchrunner.filenames import check_output_names
 from batchrunner.files import check_own
@@ -180,7 +181,12 @@ async def run_batch(
                     ledger.append("run_started", pid=os.getpid(), jobs=len(manifest.jobs))
                     async with aiohttp.ClientSession() as session:
                         client = Client(
-                            session, base_url=endpoint.base_url, api_key=endpoint.api_key, timeout=endpoint.timeout
+                            session,
+                            base_url=endpoint.base_url,
+                            api_key=endpoint.api_key,
+                            timeout=endpoint.timeout,
+                            create_path=load_create_path(out.path, endpoint.base_url),
+                            on_create_path=lambda path: save_create_path(out.path, endpoint.base_url, path),
                         )
                         scheduler = Scheduler(
                             manifest,

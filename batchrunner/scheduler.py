@@ -42,6 +42,7 @@ from batchrunner.errors import (
     ApiTimeout,
     AuthError,
     BatchrunnerError,
+    CreatePathRefused,
     InputImageError,
     NotFound,
     PaymentRequired,
@@ -749,7 +750,9 @@ class Scheduler:
                 self.counters.rate_limited += 1
                 self.limits.count_rate_limited()
                 if self.counters.rate_limited == 1:
-                    log.warning("the API refused a request with 429 (%s): something else is spending this key", kind)
+                    log.warning(
+                        "the API refused a request with 429 (%s: %s): something else is spending this key", kind, exc
+                    )
             raise
         finally:
             ticket = _TICKET.get()
@@ -781,8 +784,8 @@ class Scheduler:
             return
         if exc.status is not None:
             self.key_checked = True  # the API answered and did not refuse the key
-        if exc.status == 429:
-            return  # busy, not down
+        if exc.status == 429 or isinstance(exc, CreatePathRefused):
+            return  # busy, or a create sent to the form of its path this server does not take: not down
         self.consecutive_failures += 1
         if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES and self.stop_reason is None:
             log.error("the API failed %d times in a row (last: %s); stopping", self.consecutive_failures, exc)
@@ -816,7 +819,7 @@ class Scheduler:
         try:
             prediction_id = await self._call(
                 "create",
-                self.client.create(self.manifest.model, self.manifest.version, body, request_id=request_id),
+                self.client.create(self.manifest.model, self.manifest.sent_version, body, request_id=request_id),
             )
         except ApiError as exc:
             self.pending_reserved -= 1

@@ -12,10 +12,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
-__all__ = ["AUTH_HEADERS", "Faults", "SimConfig", "SimStats", "input_key"]
+__all__ = ["AUTH_HEADERS", "CREATE_PATH_FORMS", "WRONG_PATH_STATUSES", "Faults", "SimConfig", "SimStats", "input_key"]
 
 # Which key headers a server accepts: both (the API today), or only one of them.
 AUTH_HEADERS: Final = ("both", "bearer", "x-api-key")
+# Which forms of the create path a server takes: both, only ``/v1/prediction`` (documented) or only the slash form.
+CREATE_PATH_FORMS: Final = ("both", "plain", "slash")
+# What a server answers a create sent to the form it does not take: not found, method not allowed, or a redirect
+# to the form it takes (whose Location a client must not follow blindly with a POST).
+WRONG_PATH_STATUSES: Final = (404, 405, 301, 302, 307, 308)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,12 +83,18 @@ class SimConfig:
     image_size: int = 256
     auth_headers: str = "both"  # one of AUTH_HEADERS: which key headers are accepted
     create_status: int = 200  # the HTTP status of an accepted create (one docs page says 201)
+    create_path: str = "both"  # one of CREATE_PATH_FORMS: the forms of the create path taken
+    wrong_path_status: int = 404  # one of WRONG_PATH_STATUSES: the answer to a create on the other form
 
     def __post_init__(self) -> None:
         if self.auth_headers not in AUTH_HEADERS:
             raise ValueError(f"auth_headers must be one of {', '.join(AUTH_HEADERS)}, not {self.auth_headers!r}")
         if not 200 <= self.create_status < 300:
             raise ValueError(f"create_status must be a 2xx status, not {self.create_status}")
+        if self.create_path not in CREATE_PATH_FORMS:
+            raise ValueError(f"create_path must be one of {', '.join(CREATE_PATH_FORMS)}, not {self.create_path!r}")
+        if self.wrong_path_status not in WRONG_PATH_STATUSES:
+            raise ValueError(f"wrong_path_status must be one of {WRONG_PATH_STATUSES}, not {self.wrong_path_status}")
 
 
 @dataclass(slots=True)
@@ -103,6 +114,9 @@ class SimStats:
     max_window: int = 0
     lost_answers: int = 0
     listings: int = 0
+    deletes: int = 0  # DELETE /v1/files/{id} that reached the action (404s included)
+    wrong_path_creates: int = 0  # creates sent to the form of the path the server does not take
+    presign_bodies: list[dict[str, Any]] = field(default_factory=list)  # every presign request's JSON body, in order
     creates_by_input: dict[str, int] = field(default_factory=dict)
     faults_injected: dict[str, int] = field(default_factory=dict)
     # Counts ``paid_twice`` when read: the simulator sets it, since the count needs its predictions and clock.
@@ -121,7 +135,9 @@ class SimStats:
             if item.name == "paid_twice_counter":
                 continue
             value = getattr(self, item.name)
-            data[item.name] = dict(value) if isinstance(value, dict) else value
+            data[item.name] = (
+                dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else value
+            )
         data["duplicates"] = sum(n - 1 for n in self.creates_by_input.values() if n > 1)
         data["paid_twice"] = self.paid_twice
         return data

@@ -43,6 +43,13 @@ Decisions the API leaves open, made here once:
   the PUT URL lasts 15 minutes. A PUT must carry the presign's Content-Type and every ``required_headers`` value
   exactly; a refused, expired or unknown upload URL answers 403 with an S3 XML error. A stored file past its
   retention is gone: its public URL answers 404 and a create naming it fails with INPUT_DOWNLOAD_ERROR.
+- The create path: ``/v1/prediction`` (documented) and ``/v1/prediction/`` are both taken unless
+  ``SimConfig.create_path`` names one; the other form is answered as a missing route (no key check, outside the
+  window, counted in ``wrong_path_creates``) with ``wrong_path_status``: 404, 405, or a redirect whose
+  ``Location`` is the form taken. ``version`` is ignored.
+- ``DELETE /v1/files/{id}`` (windowed like every API call) removes a stored file: its public URL then answers 404
+  and a create naming it fails with INPUT_DOWNLOAD_ERROR; an unknown id answers 404. Every presign's JSON body is
+  kept in ``SimStats.presign_bodies``, so tests can read its ``file_type`` and ``expires_in_seconds``.
 - An ``input_image`` naming ``/files/{id}`` on this server is checked at create time; input images that
   cannot be decoded fall back to a synthetic gradient rather than failing. ``webhook_url`` is never called.
 - Counters ``polls``, ``cancels``, ``listings`` count requests that reached the action (404s, 500s and refused
@@ -169,11 +176,12 @@ class Simulator:
         self.app = web.Application(client_max_size=MAX_UPLOAD_BYTES, middlewares=[self._middleware])
         self.app.on_response_prepare.append(self._stamp)
         router = self.app.router
-        router.add_post("/v1/prediction", self._api(self._create))
-        router.add_post("/v1/prediction/", self._api(self._create))
+        router.add_post("/v1/prediction", self._create_route("plain"))
+        router.add_post("/v1/prediction/", self._create_route("slash"))
         router.add_get("/v1/prediction/{id}", self._api(self._get))
         router.add_post("/v1/prediction/{id}/cancel", self._api(self._cancel))
         router.add_post("/v1/upload/presign", self._api(self._presign))
+        router.add_delete("/v1/files/{id}", self._api(self._delete_file))
         router.add_get("/v1/model", self._api(self._model, keyless=True))
         router.add_get("/v1/executions", self._api(self._executions))
         router.add_put("/_upload/{id}", self._upload)
@@ -293,6 +301,26 @@ class Simulator:
     def _api(self, act: _Act, *, keyless: bool = False) -> _Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
             return await self._serve_api(request, act, keyless=keyless)
+
+        return handler
+
+    def _create_route(self, form: str) -> _Handler:
+        """The create at one form of its path: served when the server takes that form, else refused as a server
+        without such a route refuses it (before any key check or window: the route does not exist)."""
+        create = self._api(self._create)
+        paths = {"plain": "/v1/prediction", "slash": "/v1/prediction/"}
+        other = paths["slash" if form == "plain" else "plain"]
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            if self.config.create_path in ("both", form):
+                return await create(request)
+            self.stats.wrong_path_creates += 1
+            status = self.config.wrong_path_status
+            if status == 404:
+                return _json({"error": "Not Found"}, 404)
+            if status == 405:
+                return _json({"error": "Method Not Allowed"}, 405, {"Allow": "GET, HEAD"})
+            return _json({"error": "Moved"}, status, {"Location": other})
 
         return handler
 
@@ -531,6 +559,7 @@ class Simulator:
             return _Answer(400, {"error": "content_type is required"})
         if body.get("file_type") is not None and not isinstance(body["file_type"], str):
             return _Answer(400, {"error": "file_type must be a string"})
+        self.stats.presign_bodies.append(dict(body))
         retention = retention_seconds(body.get("expires_in_seconds"))
         if retention is None:
             return _Answer(400, {"error": "expires_in_seconds must be a number of seconds"})
@@ -550,6 +579,13 @@ class Simulator:
                 "required_headers": dict(required),
             },
         )
+
+    async def _delete_file(self, request: web.Request) -> _Answer:
+        self.stats.deletes += 1
+        upload_id = request.match_info["id"]
+        if self._uploads.pop(upload_id, None) is None:
+            return _Answer(404, {"error": "File not found"})
+        return _Answer(200, {"status": "success", "message": "File deleted", "id": upload_id})
 
     async def _model(self, request: web.Request) -> _Answer:
         slug = request.query.get("slug", "")

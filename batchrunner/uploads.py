@@ -34,8 +34,9 @@ T = TypeVar("T")
 MAX_UPLOAD_TRIES = 5
 # Uploads in progress at once (each is a presign request to the API, then a PUT to the storage host).
 MAX_PARALLEL_UPLOADS = 4
-# How long an upload recorded in the ledger is trusted. The API keeps files 180 days by default; a month stays well
-# inside that, and a file the API lost anyway fails its job with INPUT_DOWNLOAD_ERROR, which makes us upload again.
+# How long an upload recorded in the ledger is trusted, and how long the API is asked to keep it (a presign's
+# ``expires_in_seconds``, instead of the 180-day default). A file the API lost anyway (or one reused near the end of
+# its month) fails its job with INPUT_DOWNLOAD_ERROR, which makes us upload again.
 UPLOAD_TTL = 30 * 86400.0
 
 
@@ -181,7 +182,9 @@ class Uploads:
         path = self.paths[sha]
         content_type = self.content_types.get(sha) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         try:
-            presigned = await call("presign", client.presign(content_type))
+            # The stored file is kept as long as the runner reuses it, not the API's 180-day default: the public URL is
+            # "readable by anyone who has the link".
+            presigned = await call("presign", client.presign(content_type, file_type="image", expires_in=UPLOAD_TTL))
             try:
                 data = await asyncio.to_thread(read_bytes, path)
             except OSError as exc:
@@ -195,6 +198,8 @@ class Uploads:
     def record(self, sha: str, presigned: Presigned) -> None:
         """Write the upload to the ledger; only then may jobs use it."""
         self.uploading.discard(sha)
-        self.ledger.append(UPLOADED, sha256=sha, public_url=presigned.public_url, file=self.paths[sha].name)
+        self.ledger.append(
+            UPLOADED, sha256=sha, public_url=presigned.public_url, file=self.paths[sha].name, id=presigned.id
+        )
         self.uploaded[sha] = presigned.public_url
         self.fresh.add(sha)

@@ -37,6 +37,7 @@ from batchrunner.errors import (
     AuthError,
     DownloadIncomplete,
     DownloadRejected,
+    Forbidden,
     NetworkError,
     NotFound,
     PaymentRequired,
@@ -152,7 +153,7 @@ async def fake_api(request: web.Request) -> web.StreamResponse:
     """Answers every call the client makes, the way the API and its CDN/storage hosts do."""
     origin = str(request.url.origin())
     method, path = request.method, request.path
-    if (method, path) == ("POST", "/v1/prediction/"):
+    if (method, path) == ("POST", "/v1/prediction"):
         return web.json_response({"status": "success", "predictionID": "p1"})
     if (method, path) == ("GET", "/v1/prediction/p1"):
         return web.json_response(
@@ -475,7 +476,7 @@ HTML_502 = "<html>\n<head><title>502 Bad Gateway</title></head>\n<body>" + "x" *
     ("handler", "error_type", "status", "message"),
     [
         (answer(401, {"error": "Invalid API key"}), AuthError, 401, "API key rejected: Invalid API key"),
-        (answer(403, {"error": "forbidden"}), AuthError, 403, "API key rejected: forbidden"),
+        (answer(403, {"error": "forbidden"}), Forbidden, 403, "operation not allowed: forbidden"),
         (answer(402, {"error": "Insufficient balance"}), PaymentRequired, 402, "Insufficient balance"),
         (answer(404, {"error": "Prediction not found"}), NotFound, 404, "Prediction not found"),
         (
@@ -493,6 +494,18 @@ HTML_502 = "<html>\n<head><title>502 Bad Gateway</title></head>\n<body>" + "x" *
         (answer(422), RequestRejected, 422, "Unprocessable Entity"),
         (answer(302, Location="https://elsewhere.example/"), RequestRejected, 302, "Found"),
         (answer(429, {"error": "Too many requests"}), RateLimited, 429, "Too many requests"),
+        (
+            answer(429, {"error": "Too many requests", "details": "organisation cap of 10 in-flight predictions"}),
+            RateLimited,
+            429,
+            "Too many requests: organisation cap of 10 in-flight predictions",
+        ),
+        (
+            answer(429, {"error": "Too many requests", "details": {"message": "balance under $10: cap 2"}}),
+            RateLimited,
+            429,
+            "Too many requests: balance under $10: cap 2",
+        ),
         (answer(500, {"error": "boom"}), ServerError, 500, "boom"),
         (answer(502, text=HTML_502), ServerError, 502, "Bad Gateway: <html> <head><title>502 Bad Gateway"),
         (answer(503), ServerError, 503, "Service Unavailable"),
@@ -868,7 +881,7 @@ async def test_on_request_counts_api_calls_by_kind_but_not_downloads_or_uploads(
 
     assert kinds == ["create", "poll", "cancel", "presign", "schema"]
     assert [(seen.method, seen.path) for seen in served.seen] == [
-        ("POST", "/v1/prediction/"),
+        ("POST", "/v1/prediction"),
         ("GET", "/v1/prediction/p1"),
         ("POST", "/v1/prediction/p1/cancel"),
         ("POST", "/v1/upload/presign"),
@@ -962,7 +975,7 @@ async def test_presign_then_put_upload_sends_required_headers_and_bytes(
     assert presigned.id == "u1"
     assert presigned.public_url == f"{served.url}/cdn/u1.png"
     assert presigned.expires_at == "2030-01-01T00:00:00Z"
-    assert json.loads(served.seen[0].body) == {"content_type": "image/png"}
+    assert json.loads(served.seen[0].body) == {"content_type": "image/png", "file_type": "image"}
     put = served.seen[1]
     assert (put.method, put.path, put.query) == ("PUT", "/storage/u1", {"sig": "abc"})
     assert put.headers["Content-Type"] == "image/png"

@@ -204,7 +204,10 @@ async def test_create_answers_the_configured_status_and_ignores_version(
     }
 
 
-@pytest.mark.parametrize("settings", [{"create_status": 302}, {"auth_headers": "cookie"}])
+@pytest.mark.parametrize(
+    "settings",
+    [{"create_status": 302}, {"auth_headers": "cookie"}, {"create_path": "either"}, {"wrong_path_status": 303}],
+)
 def test_config_refuses_values_the_server_cannot_honour(settings: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         SimConfig(**settings)
