@@ -80,7 +80,7 @@ from batchrunner.reconcile import PAGE_SIZE, TRIES, Doubt, Outcome, Reconciler, 
 from batchrunner.results import Results
 from batchrunner.runstate import Counters, Flight, RunConfig, RunResult, Snapshot, StopReason, classify, job_state
 from batchrunner.uploads import Uploads, data_uri
-from batchrunner.watch import Watch, listing_interval
+from batchrunner.watch import Watch, listing_interval, needs_get
 
 # What callers import from here, including the run's records (runstate.py) and data_uri (uploads.py) re-exported.
 __all__ = ["RunConfig", "RunResult", "Scheduler", "Snapshot", "StopReason", "classify", "data_uri"]
@@ -956,6 +956,9 @@ class Scheduler:
             prediction = row.prediction if flight is not None and not flight.busy else None
             if flight is None or prediction is None:
                 continue
+            if needs_get(prediction):
+                self._get_now(flight)
+                continue
             flight.listed = True
             self._observe(flight, prediction)
         if not done:
@@ -1000,6 +1003,16 @@ class Scheduler:
         self._api_ok()
         self._observe(flight, prediction)
 
+    def _upload_was_stale(self, job: Job, prediction: Prediction) -> bool:
+        """Whether the image a prediction could not fetch was a stale upload (queued again: the job may retry)."""
+        sent = prediction.input.get("input_image") if prediction.input is not None else None
+        return self.uploads.forget_stale(job, sent if isinstance(sent, str) else None)
+
+    def _get_now(self, flight: Flight) -> None:
+        """A listing row says the prediction failed but carries no envelope: one GET of it decides, as for a poll."""
+        flight.listed = False
+        flight.next_poll_at = self.now()
+
     def _poll_later(self, flight: Flight, tries: int, retry_after: float | None) -> None:
         flight.busy = False
         wait = retry_delay(tries, retry_after, base=self.config.retry_base, cap=self.config.retry_cap, rng=self._rng)
@@ -1035,7 +1048,11 @@ class Scheduler:
         if flight.cancelled_at is not None and prediction.status.lower() in ("cancelled", "canceled"):
             error, error_code = f"no result after {self.config.job_timeout:g}s; cancelled", "TIMEOUT"
         job = flight.job
-        if prediction.error_code == "INPUT_DOWNLOAD_ERROR" and job is not None and self.uploads.forget_stale(job):
+        if (
+            prediction.error_code == "INPUT_DOWNLOAD_ERROR"
+            and job is not None
+            and self._upload_was_stale(job, prediction)
+        ):
             # The API could not fetch an image an earlier run uploaded (expired or lost): it is uploaded again and the
             # job tried again.
             retryable = True
