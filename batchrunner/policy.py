@@ -223,6 +223,17 @@ def doubt_hold(durations: Sequence[float], poll_initial: float) -> float:
     return max(1.0, poll_initial * 10)
 
 
+def cancel_hold(durations: Sequence[float], *, job_timeout: float, poll_initial: float) -> float:
+    """How long after a cancel its prediction is still watched before its job may be created again.
+
+    An accepted cancel is often only recorded: the prediction runs on, and its success is billed. Creating the job
+    again while it may run pays twice, so the job waits until the prediction is terminal, or until the account
+    surely no longer runs it: as long as a lost create's slot is held (:func:`doubt_hold`, the longest prediction
+    seen and half again), and never less than another ``job_timeout``.
+    """
+    return max(job_timeout, doubt_hold(durations, poll_initial))
+
+
 def poll_reserve(*, creates_waiting: bool, slots_free: int) -> int:
     """Places in the request window a poll must leave free: one while every slot is busy and jobs wait.
 

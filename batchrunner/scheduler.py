@@ -15,7 +15,9 @@ means nothing was made (``not_created``) and the job is created again. Only when
 again in doubt, and counted as possibly paid twice. A resumed run settles the doubts a killed run left the same way.
 
 After ``--job-timeout`` a prediction is cancelled, but cancels are best effort and often only recorded: it is watched
-on, and a success is saved; only a terminal failure, or a second timeout, is a failed attempt.
+on, and nothing is created again for its job until it is terminal (a success is saved and is the job's result;
+``cancelled`` or a failure is a failed attempt) or until a hold long enough that the account no longer runs it
+(``policy.cancel_hold``); a job created again after that hold counts as possibly paid twice.
 
 Two collaborators, owned by the scheduler, hold their own state: ``Uploads`` (which input images to upload, their
 uploads, the request bodies) and ``Results`` (downloading a finished prediction's output, and the success or failure
@@ -66,6 +68,7 @@ from batchrunner.policy import (
     MIN_SAMPLES,
     PollPacer,
     PollPlan,
+    cancel_hold,
     done_probability,
     doubt_hold,
     expected_duration,
@@ -495,7 +498,7 @@ class Scheduler:
                 if now >= expires:
                     return ("cancel", flight), None
             else:
-                expires = flight.cancelled_at + timeout
+                expires = flight.cancelled_at + self._cancel_hold()
                 if now >= expires:
                     return ("abandon", flight), None
             if expires < earliest:
@@ -800,6 +803,7 @@ class Scheduler:
                 f"cannot read: {describe_os_error(exc)}", file=str(job.image_path), jobs=(job.id,)
             ) from exc
         self.counters.creates += 1
+        self._count_rerun_after_cancel(job)
         tries = self.create_retries.get(job.fingerprint, 0)
         request_id = f"br-{job.fingerprint[:12]}-a{attempt}-t{tries + 1}"
         sent_at = self._wall()
@@ -1071,11 +1075,15 @@ class Scheduler:
         )
 
     async def _cancel(self, flight: Flight) -> None:
-        """Ask the API to cancel an overdue prediction; it is watched on, since the cancel may only be recorded."""
+        """Ask the API to cancel an overdue prediction; it is watched on, since the cancel may only be recorded.
+
+        Nothing is created again for the job until the prediction is terminal (a success is saved and is the job's
+        result; ``cancelled`` or a failure frees the job) or until ``_cancel_hold`` has passed (``_abandon``).
+        """
         self.counters.cancels += 1
-        status: str | None = None
         try:
-            status = await self._call("cancel", self.client.cancel(flight.prediction_id))
+            # The answer's "success" means accepted, not finished: it tells nothing of the prediction's state.
+            await self._call("cancel", self.client.cancel(flight.prediction_id))
         except ApiError as exc:
             log.warning("job %s: cancel of %s failed: %s", flight.job_id, flight.prediction_id, exc)
         now = self.now()
@@ -1087,13 +1095,17 @@ class Scheduler:
             self.config.job_timeout,
             flight.prediction_id,
         )
-        # "success": it had finished meanwhile; otherwise look soon whether the cancel took.
-        flight.next_poll_at = now if status == "success" else now + self.config.poll_initial
+        # A cancel that takes shows as ``cancelled`` soon; one only recorded, when the prediction ends on its own.
+        flight.next_poll_at = now + self.config.poll_initial
+
+    def _cancel_hold(self) -> float:
+        return cancel_hold(self.durations, job_timeout=self.config.job_timeout, poll_initial=self.config.poll_initial)
 
     def _abandon(self, flight: Flight) -> None:
-        """A cancelled prediction still running a second timeout later: a failed attempt.
+        """A cancelled prediction still running ``_cancel_hold`` later: a failed attempt, marked as possibly running.
 
-        It may run on (and hold the account's slot) all the same, so its slot is held as long as a lost answer's.
+        It may run on (and hold the account's slot) all the same, so its slot is held as long as a lost answer's; a
+        new create for the job counts as possibly paid twice (``_count_rerun_after_cancel``).
         """
         self.flights.pop(flight.prediction_id, None)
         self.orphans.discard(flight.prediction_id)
@@ -1102,11 +1114,22 @@ class Scheduler:
             flight.job_id,
             flight.fingerprint,
             flight.job,
-            f"no result {2 * self.config.job_timeout:g}s after its create, and still running after a cancel",
+            f"no result {self.config.job_timeout + self._cancel_hold():g}s after its create, "
+            "and still running after a cancel",
             retryable=True,
             error_code="TIMEOUT",
             prediction_id=flight.prediction_id,
+            still_running=True,
         )
+
+    def _count_rerun_after_cancel(self, job: Job) -> None:
+        """A create for a job whose cancelled prediction was given up while still running: possibly paid twice."""
+        st = self.state.jobs.get(job.fingerprint)
+        if st is None or not st.still_running:
+            return
+        st.still_running = False
+        self.counters.lost_answers += 1
+        log.warning("job %s: created again while its cancelled prediction may still run: possibly paid twice", job.id)
 
     # ----------------------------------------------------------------------------------------------- reconciliation
     def _match_request(self, job: Job) -> Mapping[str, Any]:
