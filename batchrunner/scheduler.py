@@ -492,13 +492,15 @@ class Scheduler:
 
         idle = [f for f in self.flights.values() if not f.busy]
         timeout, earliest = self.config.job_timeout, math.inf
+        hold: float | None = None  # computed once, and only when a flight was cancelled
         for flight in idle:
             if flight.cancelled_at is None:
                 expires = flight.created_at + timeout
                 if now >= expires:
                     return ("cancel", flight), None
             else:
-                expires = flight.cancelled_at + self._cancel_hold()
+                hold = self._cancel_hold() if hold is None else hold
+                expires = flight.cancelled_at + hold
                 if now >= expires:
                     return ("abandon", flight), None
             if expires < earliest:
