@@ -41,9 +41,11 @@ MODES = ("auto", "list", "poll")
     [
         ([], 600.0, 3.0, 600.0),  # the defaults: another --job-timeout, as before
         ([], 1.0, 3.0, 30.0),  # nothing known yet: ten first-poll intervals, far past a 1 s timeout
-        ([2.0, 3.0, 2.5], 1.0, 3.0, 4.5),  # the longest prediction seen, and half again
-        ([0.01, 0.02, 0.03], 0.05, 0.01, 0.05),  # never less than another timeout
-        ([], 0.05, 0.01, 1.0),  # doubt_hold's floor of a second
+        ([20.0, 30.0, 25.0], 1.0, 3.0, 45.0),  # the longest prediction seen, and half again
+        ([0.01, 0.02, 0.03], 5.0, 0.01, 5.0),  # never less than another timeout
+        # Never less than a second, whatever the samples say (they are cut short by the timeout).
+        ([0.01, 0.02, 0.03], 0.05, 0.01, 1.0),
+        ([0.01, 0.02, 0.03], 0.05, 0.2, 2.0),  # nor than ten first-poll intervals
     ],
 )
 def test_a_cancelled_prediction_is_held_as_long_as_it_may_run(
@@ -102,7 +104,7 @@ class Clock:
 
 @pytest.fixture
 async def scheduler(tmp_path: Path) -> AsyncIterator[tuple[Scheduler, Clock]]:
-    """A 1-job batch, job timeout 1 s, first poll at 0.5 s, prediction times 2-3 s known: a hold of 4.5 s."""
+    """A 1-job batch, job timeout 1 s, first poll at 0.5 s, prediction times 4-6 s known: a hold of 9 s."""
     manifest = load_manifest(write_manifest(tmp_path, 1, image=False))
     out = OutputDir(tmp_path / "out")
     out.create()
@@ -114,7 +116,7 @@ async def scheduler(tmp_path: Path) -> AsyncIterator[tuple[Scheduler, Clock]]:
         async with aiohttp.ClientSession() as session:
             client = Client(session, base_url="http://127.0.0.1:9", api_key="unused")
             sched = Scheduler(manifest, client, ledger, out, state, config, clock=clock)
-            sched.durations.extend([2.0, 3.0, 2.5])
+            sched.durations.extend([4.0, 6.0, 5.0])
             yield sched, clock
 
 
@@ -136,10 +138,10 @@ async def test_an_accepted_cancel_is_not_read_as_finished_and_the_job_waits_out_
     # "success" is accepted, not finished: the next look is a first-poll interval away, not at once.
     assert flight.next_poll_at == pytest.approx(1.5)
     assert sched._choose(1.0)[0] is None
-    # Held the longest prediction seen and half again (4.5 s) after the cancel, not one more --job-timeout.
+    # Held the longest prediction seen and half again (9 s) after the cancel, not one more --job-timeout.
     assert sched._choose(2.1)[0] == ("poll", flight)
-    assert sched._choose(5.4)[0] != ("abandon", flight)
-    assert sched._choose(5.5)[0] == ("abandon", flight)
+    assert sched._choose(9.9)[0] != ("abandon", flight)
+    assert sched._choose(10.0)[0] == ("abandon", flight)
 
 
 # --- end to end ---------------------------------------------------------------------------------------------------

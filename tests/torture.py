@@ -77,6 +77,7 @@ FAULTS: tuple[str, ...] = (
 # them are cancelled while they run; the simulator's cancel is only recorded (they complete and are billed), so
 # the runner must wait for them, not create their jobs again.
 FAULTS_JOB_TIMEOUT = 0.1
+FAULTS_MAX_ATTEMPTS = 8
 # Any key passes the simulator; a fixed made-up one, so no real key is ever read or passed on.
 API_KEY = "torture-not-a-real-key"
 _LISTENING = re.compile(r"listening on (http://\S+)")
@@ -268,6 +269,9 @@ def runner_command(settings: Settings, manifest: Path, url: str, out: Path) -> l
         "--progress",
         "none",
         *(["--job-timeout", f"{timeout:g}s"] if (timeout := job_timeout(settings)) is not None else []),
+        # Retryable failures (0.1) and cut-off downloads (0.05) each cost an attempt: at the default 3, some job of
+        # 120 fails for good in about one session in three (120 x 0.15^3 = 0.4), by chance, not by the runner's fault.
+        *(["--max-attempts", str(FAULTS_MAX_ATTEMPTS)] if settings.faults else []),
     ]
 
 
