@@ -205,7 +205,9 @@ def summary_line(result: RunResult, *, report: str | None = None) -> str:
     if result.recovered:
         extra.append(f"{result.recovered} recovered from the executions listing (not paid twice)")
     if result.lost_answers:
-        extra.append(f"{result.lost_answers} possibly duplicated (created again while in doubt)")
+        extra.append(
+            f"{result.lost_answers} possibly duplicated (created again while an earlier prediction may have run)"
+        )
     if result.rate_limited:
         extra.append(f"{result.rate_limited} refused with 429 (something else spends the key)")
     if extra:

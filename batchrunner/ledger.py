@@ -16,7 +16,8 @@ Job events (each also carries ``ts``, ``event``, ``job`` and ``fingerprint``) an
     recovered      {prediction_id}                    -> IN_FLIGHT  an in-doubt create did make this prediction
     not_created    {}                                 -> PENDING    an in-doubt create made nothing (listing searched)
     succeeded      {file, prediction_id?, cost?, duration?}   -> SUCCEEDED
-    failed         {error, retryable, error_code?, prediction_id?, cost?, duration?}  -> FAILED, attempts + 1
+    failed         {error, retryable, error_code?, prediction_id?, cost?, duration?, still_running?}
+                                                      -> FAILED, attempts + 1
     reset          {}                                 attempts = 0; FAILED -> PENDING
 
 ``uploaded {sha256, public_url, file, id}`` records an uploaded input image (``id``: the API's file id, for a later
@@ -28,7 +29,8 @@ A create whose answer never arrived (or was not a readable yes or no) may still 
 such a job is *in doubt* (``doubt_open``: an intent with no answer, or a ``create_failed`` with ``in_doubt``)
 until the account's listing settles it with ``recovered`` or ``not_created`` (see reconcile.py). A new
 ``submitting`` while a doubt is still open was sent without that settling (the listing failed, or an older
-version wrote the ledger): it is counted in ``lost_answers``, the creates possibly paid twice.
+version wrote the ledger): it is counted in ``lost_answers``, the creates possibly paid twice. So is a ``submitting``
+after a ``failed`` with ``still_running`` (a cancelled prediction given up while it may still run and be billed).
 
 ``RequestLog`` (``<output>/requests.log``) remembers when API requests were made, so a restarted run does not
 burst past a rate window that the killed run partly used.
@@ -132,6 +134,9 @@ class JobState:
     doubt_at: float | None = None
     intent_at: float | None = None  # epoch seconds of the latest `submitting`: when its create was sent
     doubt_open: bool = False  # a create in doubt that no `recovered`/`not_created`/answer has settled
+    # The last attempt's prediction was given up after a cancel while it may still run (`failed` with
+    # `still_running`): the next `submitting` is possibly paid twice.
+    still_running: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +225,10 @@ def _apply(state: JobState, name: str, event: dict[str, Any]) -> None:
         if state.doubt_open:
             # A new intent while the last create is still in doubt: sent without knowing, possibly paid twice.
             state.lost_answers += 1
+        if state.still_running:
+            # A new intent while the cancelled prediction of the last attempt may still run: possibly paid twice.
+            state.lost_answers += 1
+            state.still_running = False
         state.status = JobStatus.IN_DOUBT
         state.doubt_at = state.intent_at = _ts(event)
         state.doubt_open = True
@@ -247,7 +256,7 @@ def _apply(state: JobState, name: str, event: dict[str, Any]) -> None:
         state.cost = _number(event.get("cost"))
         state.finished_at = _ts(event)
         state.error = state.error_code = None
-        state.doubt_open = False
+        state.doubt_open = state.still_running = False
     elif name == FAILED:
         state.status = JobStatus.FAILED
         state.attempts += 1
@@ -259,6 +268,7 @@ def _apply(state: JobState, name: str, event: dict[str, Any]) -> None:
         state.finished_at = _ts(event)
         state.doubt_at = None
         state.doubt_open = False
+        state.still_running = event.get("still_running") is True
     elif name == CREATE_FAILED:
         state.status = JobStatus.PENDING
         state.prediction_id = None

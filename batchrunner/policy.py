@@ -223,6 +223,22 @@ def doubt_hold(durations: Sequence[float], poll_initial: float) -> float:
     return max(1.0, poll_initial * 10)
 
 
+def cancel_hold(durations: Sequence[float], *, job_timeout: float, poll_initial: float) -> float:
+    """How long after a cancel its prediction is still watched before its job may be created again.
+
+    An accepted cancel is often only recorded: the prediction runs on, and its success is billed. Creating the job
+    again while it may run pays twice, and holding on costs only a slot, so the job waits until the prediction is
+    terminal, or until the account surely no longer runs it: the longest prediction seen and half again
+    (:func:`doubt_hold`), never less than another ``job_timeout``, and never less than ten first-poll intervals (a
+    second at least). That floor holds with samples too: the times seen are cut short by the timeout (a prediction
+    that overran it is dropped from a resumed run's samples), and the runner needs time to see it end: with 1.5 x
+    the longest seen alone, ``python tests/torture.py --kills 30 --jobs 120 --faults --seed 17
+    --min-seconds-per-run 1 --max-seconds-per-run 3`` (predictions up to 0.15 s, a 0.1 s timeout: holds of about
+    0.15 s) gave 2 of 65 cancelled predictions up while they ran, both paid twice; with the floor, none.
+    """
+    return max(job_timeout, doubt_hold(durations, poll_initial), poll_initial * 10, 1.0)
+
+
 def poll_reserve(*, creates_waiting: bool, slots_free: int) -> int:
     """Places in the request window a poll must leave free: one while every slot is busy and jobs wait.
 

@@ -134,11 +134,14 @@ class Results:
         duration: float | None = None,
         error_message: str | None = None,
         category: str | None = None,
+        still_running: bool = False,
     ) -> None:
         """Record a failed attempt; the job is tried again (after a backoff) while it is retryable and has attempts.
 
         ``error`` is the text shown; ``error_code``, ``error_message`` and ``category`` are the API's failure envelope
         as written (``error_code``, ``error_message``, ``classification.category``), kept in the ledger.
+        ``still_running``: the prediction was given up after a cancel while it may still run (and be billed), so a
+        new create for the job is possibly paid twice; recorded in the ledger as ``still_running: true``.
         """
         fields: dict[str, Any] = {"error": error, "retryable": retryable}
         if error_code is not None:
@@ -154,9 +157,12 @@ class Results:
             self.counters.spend += cost
         if duration is not None:
             fields["duration"] = duration
+        if still_running:
+            fields["still_running"] = True
         self.ledger.append(FAILED, job=job_id, fingerprint=fingerprint, **fields)
         st = job_state(self.state, job_id, fingerprint)
         st.status = JobStatus.FAILED
+        st.still_running = still_running
         st.attempts += 1
         st.retryable = retryable
         st.error = error

@@ -15,7 +15,9 @@ means nothing was made (``not_created``) and the job is created again. Only when
 again in doubt, and counted as possibly paid twice. A resumed run settles the doubts a killed run left the same way.
 
 After ``--job-timeout`` a prediction is cancelled, but cancels are best effort and often only recorded: it is watched
-on, and a success is saved; only a terminal failure, or a second timeout, is a failed attempt.
+on, and nothing is created again for its job until it is terminal (a success is saved and is the job's result;
+``cancelled`` or a failure is a failed attempt) or until a hold long enough that the account no longer runs it
+(``policy.cancel_hold``); a job created again after that hold counts as possibly paid twice.
 
 Two collaborators, owned by the scheduler, hold their own state: ``Uploads`` (which input images to upload, their
 uploads, the request bodies) and ``Results`` (downloading a finished prediction's output, and the success or failure
@@ -67,6 +69,7 @@ from batchrunner.policy import (
     MIN_SAMPLES,
     PollPacer,
     PollPlan,
+    cancel_hold,
     done_probability,
     doubt_hold,
     expected_duration,
@@ -81,7 +84,7 @@ from batchrunner.reconcile import PAGE_SIZE, TRIES, Doubt, Outcome, Reconciler, 
 from batchrunner.results import Results
 from batchrunner.runstate import Counters, Flight, RunConfig, RunResult, Snapshot, StopReason, classify, job_state
 from batchrunner.uploads import Uploads, data_uri
-from batchrunner.watch import Watch, listing_interval
+from batchrunner.watch import Watch, listing_interval, needs_get
 
 # What callers import from here, including the run's records (runstate.py) and data_uri (uploads.py) re-exported.
 __all__ = ["RunConfig", "RunResult", "Scheduler", "Snapshot", "StopReason", "classify", "data_uri"]
@@ -490,13 +493,15 @@ class Scheduler:
 
         idle = [f for f in self.flights.values() if not f.busy]
         timeout, earliest = self.config.job_timeout, math.inf
+        hold: float | None = None  # computed once, and only when a flight was cancelled
         for flight in idle:
             if flight.cancelled_at is None:
                 expires = flight.created_at + timeout
                 if now >= expires:
                     return ("cancel", flight), None
             else:
-                expires = flight.cancelled_at + timeout
+                hold = self._cancel_hold() if hold is None else hold
+                expires = flight.cancelled_at + hold
                 if now >= expires:
                     return ("abandon", flight), None
             if expires < earliest:
@@ -803,6 +808,7 @@ class Scheduler:
                 f"cannot read: {describe_os_error(exc)}", file=str(job.image_path), jobs=(job.id,)
             ) from exc
         self.counters.creates += 1
+        self._count_rerun_after_cancel(job)
         tries = self.create_retries.get(job.fingerprint, 0)
         request_id = f"br-{job.fingerprint[:12]}-a{attempt}-t{tries + 1}"
         sent_at = self._wall()
@@ -959,6 +965,9 @@ class Scheduler:
             prediction = row.prediction if flight is not None and not flight.busy else None
             if flight is None or prediction is None:
                 continue
+            if needs_get(prediction):
+                self._get_now(flight)
+                continue
             flight.listed = True
             self._observe(flight, prediction)
         if not done:
@@ -1003,6 +1012,16 @@ class Scheduler:
         self._api_ok()
         self._observe(flight, prediction)
 
+    def _upload_was_stale(self, job: Job, prediction: Prediction) -> bool:
+        """Whether the image a prediction could not fetch was a stale upload (queued again: the job may retry)."""
+        sent = prediction.input.get("input_image") if prediction.input is not None else None
+        return self.uploads.forget_stale(job, sent if isinstance(sent, str) else None)
+
+    def _get_now(self, flight: Flight) -> None:
+        """A listing row says the prediction failed but carries no envelope: one GET of it decides, as for a poll."""
+        flight.listed = False
+        flight.next_poll_at = self.now()
+
     def _poll_later(self, flight: Flight, tries: int, retry_after: float | None) -> None:
         flight.busy = False
         wait = retry_delay(tries, retry_after, base=self.config.retry_base, cap=self.config.retry_cap, rng=self._rng)
@@ -1038,7 +1057,11 @@ class Scheduler:
         if flight.cancelled_at is not None and prediction.status.lower() in ("cancelled", "canceled"):
             error, error_code = f"no result after {self.config.job_timeout:g}s; cancelled", "TIMEOUT"
         job = flight.job
-        if prediction.error_code == "INPUT_DOWNLOAD_ERROR" and job is not None and self.uploads.forget_stale(job):
+        if (
+            prediction.error_code == "INPUT_DOWNLOAD_ERROR"
+            and job is not None
+            and self._upload_was_stale(job, prediction)
+        ):
             # The API could not fetch an image an earlier run uploaded (expired or lost): it is uploaded again and the
             # job tried again.
             retryable = True
@@ -1057,11 +1080,15 @@ class Scheduler:
         )
 
     async def _cancel(self, flight: Flight) -> None:
-        """Ask the API to cancel an overdue prediction; it is watched on, since the cancel may only be recorded."""
+        """Ask the API to cancel an overdue prediction; it is watched on, since the cancel may only be recorded.
+
+        Nothing is created again for the job until the prediction is terminal (a success is saved and is the job's
+        result; ``cancelled`` or a failure frees the job) or until ``_cancel_hold`` has passed (``_abandon``).
+        """
         self.counters.cancels += 1
-        status: str | None = None
         try:
-            status = await self._call("cancel", self.client.cancel(flight.prediction_id))
+            # The answer's "success" means accepted, not finished: it tells nothing of the prediction's state.
+            await self._call("cancel", self.client.cancel(flight.prediction_id))
         except ApiError as exc:
             log.warning("job %s: cancel of %s failed: %s", flight.job_id, flight.prediction_id, exc)
         now = self.now()
@@ -1073,13 +1100,17 @@ class Scheduler:
             self.config.job_timeout,
             flight.prediction_id,
         )
-        # "success": it had finished meanwhile; otherwise look soon whether the cancel took.
-        flight.next_poll_at = now if status == "success" else now + self.config.poll_initial
+        # A cancel that takes shows as ``cancelled`` soon; one only recorded, when the prediction ends on its own.
+        flight.next_poll_at = now + self.config.poll_initial
+
+    def _cancel_hold(self) -> float:
+        return cancel_hold(self.durations, job_timeout=self.config.job_timeout, poll_initial=self.config.poll_initial)
 
     def _abandon(self, flight: Flight) -> None:
-        """A cancelled prediction still running a second timeout later: a failed attempt.
+        """A cancelled prediction still running ``_cancel_hold`` later: a failed attempt, marked as possibly running.
 
-        It may run on (and hold the account's slot) all the same, so its slot is held as long as a lost answer's.
+        It may run on (and hold the account's slot) all the same, so its slot is held as long as a lost answer's; a
+        new create for the job counts as possibly paid twice (``_count_rerun_after_cancel``).
         """
         self.flights.pop(flight.prediction_id, None)
         self.orphans.discard(flight.prediction_id)
@@ -1088,11 +1119,22 @@ class Scheduler:
             flight.job_id,
             flight.fingerprint,
             flight.job,
-            f"no result {2 * self.config.job_timeout:g}s after its create, and still running after a cancel",
+            f"no result {self.config.job_timeout + self._cancel_hold():g}s after its create, "
+            "and still running after a cancel",
             retryable=True,
             error_code="TIMEOUT",
             prediction_id=flight.prediction_id,
+            still_running=True,
         )
+
+    def _count_rerun_after_cancel(self, job: Job) -> None:
+        """A create for a job whose cancelled prediction was given up while still running: possibly paid twice."""
+        st = self.state.jobs.get(job.fingerprint)
+        if st is None or not st.still_running:
+            return
+        st.still_running = False
+        self.counters.lost_answers += 1
+        log.warning("job %s: created again while its cancelled prediction may still run: possibly paid twice", job.id)
 
     # ----------------------------------------------------------------------------------------------- reconciliation
     def _match_request(self, job: Job) -> Mapping[str, Any]:

@@ -56,6 +56,9 @@ class Faults:
     cancel_stops: float = 0.0
     # A prediction fails with a code not thought transient (PROVIDER_SERVER_ERROR, NETWORK_ERROR) but retryable.
     retryable_failure: float = 0.0
+    # A prediction fails with an envelope without ``retryable`` whose code is a transient one (EXECUTION_TIMEOUT).
+    unmarked_transient_failure: float = 0.0
+    dispatch_failure: float = 0.0  # a prediction fails without running: ``output`` is a lone ``{"error": ...}``
     empty_error_bodies: float = 0.0  # a 400, 401 or 422 answer carries ``{}`` instead of ``{"error": ...}``
     # A create is acted on, then answered by the gateway with a 504 HTML page: the client cannot know its id.
     gateway_timeout_after_create: float = 0.0
@@ -85,6 +88,8 @@ class SimConfig:
     create_status: int = 200  # the HTTP status of an accepted create (one docs page says 201)
     create_path: str = "both"  # one of CREATE_PATH_FORMS: the forms of the create path taken
     wrong_path_status: int = 404  # one of WRONG_PATH_STATUSES: the answer to a create on the other form
+    # Listing rows show ``output`` as a GET does, failure envelope included (not documented: rows carry a URL or null).
+    listing_envelopes: bool = False
 
     def __post_init__(self) -> None:
         if self.auth_headers not in AUTH_HEADERS:

@@ -7,7 +7,8 @@ Query: ``limit`` (1..100, default 50), ``offset`` (>= 0, default 0), ``model`` a
 ``error_classification`` (each a comma-separated list; a row matches any of the values), ``from`` and ``to``
 (RFC 3339 with ``Z`` or a numeric offset, fractional seconds allowed; both bounds inclusive, on ``created_at``).
 Answer: ``{"executions": [row, ...], "total_count": N}``, rows newest first by ``created_at``, ``total_count``
-the number of matching rows capped at :data:`TOTAL_COUNT_CAP` (a client pages until a short page).
+the number of matching rows capped at :data:`TOTAL_COUNT_CAP` (a client pages until a short page). A row's
+``output`` is the primary output URL of a success, else null: no failure envelope, as documented.
 """
 
 from __future__ import annotations
@@ -150,8 +151,14 @@ def _stamp(moment: float | None, wall: WallClock) -> str | None:
     return None if moment is None else format_time(wall(moment))
 
 
-def execution_row(prediction: Prediction, now: float, base_url: str, wall: WallClock) -> dict[str, Any]:
-    """One row of the listing: no ``input``; ``output`` as a GET of the prediction shows it."""
+def execution_row(
+    prediction: Prediction, now: float, base_url: str, wall: WallClock, *, envelopes: bool = False
+) -> dict[str, Any]:
+    """One row of the listing: no ``input``; ``output`` the primary output URL of a success, else null.
+
+    As documented, a row carries no failure envelope (no ``retryable``, no ``error_code``): a client must GET the
+    prediction to decide on a failure. ``envelopes`` shows ``output`` as a GET does (an undocumented variant).
+    """
     run_time, cost = prediction.metrics(now)
     started = prediction.started_at
     stopped = prediction.stopped_at
@@ -166,7 +173,7 @@ def execution_row(prediction: Prediction, now: float, base_url: str, wall: WallC
         "created_at": format_time(wall(prediction.created_at)),
         "started_at": _stamp(began, wall),
         "completed_at": _stamp(prediction.completed_at(now), wall),
-        "output": prediction.output(now, base_url),
+        "output": prediction.output(now, base_url) if envelopes else prediction.primary_output(now, base_url),
     }
 
 
@@ -179,15 +186,17 @@ def list_executions(
     wall: WallClock,
     lag: float = 0.0,
     cap: int = TOTAL_COUNT_CAP,
+    envelopes: bool = False,
 ) -> dict[str, Any]:
     """The listing's answer: the page of matching rows, newest first, and the capped count of all matches.
 
-    A prediction shows up only ``lag`` seconds after its creation (the listing reads a lagging index).
+    A prediction shows up only ``lag`` seconds after its creation (the listing reads a lagging index); ``envelopes``
+    as for :func:`execution_row`.
     """
     visible = [p for p in predictions if now >= p.created_at + lag and _matches(p, query, now, wall)]
     visible.sort(key=lambda p: (p.created_at, p.seq), reverse=True)
     page = visible[query.offset : query.offset + query.limit]
     return {
-        "executions": [execution_row(p, now, base_url, wall) for p in page],
+        "executions": [execution_row(p, now, base_url, wall, envelopes=envelopes) for p in page],
         "total_count": min(len(visible), cap),
     }

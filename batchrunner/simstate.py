@@ -39,6 +39,8 @@ class Outcome(StrEnum):
     PROVIDER_RATE_LIMIT = "provider_rate_limit"
     INPUT_ERROR = "input_error"
     RETRYABLE_FAILURE = "retryable_failure"  # a code not thought transient, marked retryable
+    UNMARKED_TRANSIENT = "unmarked_transient"  # an envelope without ``retryable``, its code a transient one
+    DISPATCH_FAILURE = "dispatch_failure"  # never ran: ``output`` is a lone ``{"error": ...}``
 
 
 def failure_envelope(code: str, message: str, *, retryable: bool, category: str) -> dict[str, Any]:
@@ -72,6 +74,14 @@ def failure_output(outcome: Outcome, seq: int, reason: str = "") -> tuple[Any, s
             message = "Connection to the model provider was reset"
             envelope = failure_envelope("NETWORK_ERROR", message, retryable=True, category="NETWORK")
         return envelope, f"Error: {message}"
+    if outcome is Outcome.UNMARKED_TRANSIENT:
+        # An envelope that predates ``retryable`` (or leaves it out): only its code says to try again.
+        message = "The model provider did not answer in time"
+        envelope = failure_envelope("EXECUTION_TIMEOUT", message, retryable=False, category="PROVIDER")
+        del envelope["retryable"]
+        return envelope, f"Error: {message}"
+    if outcome is Outcome.DISPATCH_FAILURE:
+        return {"error": "Failed to dispatch prediction to the model provider"}, None
     if outcome is Outcome.FAILURE:
         shape = seq % 3
         if shape == 0:
@@ -149,6 +159,13 @@ class Prediction:
             return failure_output(self.outcome, self.seq, self.reason)[0]
         if self.status(now) in ("created", "starting"):
             return ""
+        return None
+
+    def primary_output(self, now: float, base_url: str) -> str | None:
+        """A listing row's ``output``: the primary output URL of a success, else null (a row carries no failure
+        envelope; ``ExecutionSummary.output`` is a string or null)."""
+        if self.stopped_at is None and now >= self.finish_at and self.outcome is Outcome.SUCCESS:
+            return f"{base_url}/outputs/{self.id}.png"
         return None
 
     def metrics(self, now: float) -> tuple[float, float]:

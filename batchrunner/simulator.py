@@ -24,8 +24,9 @@ Decisions the API leaves open, made here once:
 - In flight means created, not stopped by a cancel, and not yet at its finish time on the injected clock.
 - A cancel is best effort: by default it is only recorded and the prediction runs to its natural end (output,
   cost and all), holding its slot; ``cancel_stops`` is the chance that a cancel really stops it (status
-  ``cancelled``, cost 0, slot freed). A cancel answers ``cancelled`` for a running or stopped prediction,
-  ``success`` for one already finished (failed ones too); an unknown id answers 500.
+  ``cancelled``, cost 0, slot freed; a GET and the listing show it so, and it is not paid). A cancel answers
+  ``{"status": "success", ...}`` whenever it is accepted (running, stopped or finished: "success" means accepted,
+  not finished); an unknown id answers 500.
 - Check order for an API request: auth, late_arrival (the request is stamped late, as if slow on the wire),
   window, spurious faults (reset_before, 429s, 5xx), then the action (for creates: 400 validation, 402,
   concurrency 429; for GETs: 404, fresh_404; for listings: listing_error, 400), then slow / malformed_json /
@@ -35,10 +36,12 @@ Decisions the API leaves open, made here once:
 - Views: while running, ``metrics`` read 0 and 0 (not null); ``output`` is ``""`` while ``created``/``starting``
   and null while ``processing``. Failed predictions cost 0. Generic failures (``failure_rate``) rotate the
   envelope (PROVIDER_FAILED, not retryable), the dispatch-only ``{"error"}`` and the logs-only shapes.
-- Listings (``GET /v1/executions``, see ``simlisting``) show every prediction on the server, with the output a GET
-  shows (but never withheld by ``success_without_output``, which models the GET path); a ``fresh_404`` GET does
-  not hide a prediction from listings (``listing_lag`` does). Timestamps are wall time: the injected clock plus an
-  offset fixed at construction (``Simulator.wall_time``), RFC 3339 in UTC with microseconds and ``Z``.
+- Listings (``GET /v1/executions``, see ``simlisting``) show every prediction on the server; a row's ``output`` is the
+  primary output URL of a success, else null, never a failure envelope (``SimConfig.listing_envelopes`` shows the
+  output a GET shows instead, an undocumented variant), and never withheld by ``success_without_output``, which
+  models the GET path; a ``fresh_404`` GET does not hide a prediction from listings (``listing_lag`` does).
+  Timestamps are wall time: the injected clock plus an offset fixed at construction (``Simulator.wall_time``),
+  RFC 3339 in UTC with microseconds and ``Z``.
 - Presign: ``expires_in_seconds`` is the stored file's retention (default 180 days, clamped to 60 s - 365 days);
   the PUT URL lasts 15 minutes. A PUT must carry the presign's Content-Type and every ``required_headers`` value
   exactly; a refused, expired or unknown upload URL answers 403 with an S3 XML error. A stored file past its
@@ -452,6 +455,10 @@ class Simulator:
             outcome, reason = Outcome.INPUT_ERROR, "HTTP 403 Forbidden"
         elif self._inject("retryable_failure", faults.retryable_failure):
             outcome = Outcome.RETRYABLE_FAILURE
+        elif self._inject("unmarked_transient_failure", faults.unmarked_transient_failure):
+            outcome = Outcome.UNMARKED_TRANSIENT
+        elif self._inject("dispatch_failure", faults.dispatch_failure):
+            outcome = Outcome.DISPATCH_FAILURE
         elif self._inject("failure_rate", config.failure_rate):
             outcome = Outcome.FAILURE
         withhold = (
@@ -534,18 +541,16 @@ class Simulator:
             # The API answers an unknown id with a 500, not a 404.
             return _Answer(500, {"error": "Internal Server Error"})
         now = self._clock()
-        if prediction.is_terminal(now):
-            status = "cancelled" if prediction.stopped_at is not None else "success"
-        else:
-            status = "cancelled"
+        if not prediction.is_terminal(now):
             if prediction.cancel_requested_at is None:
                 prediction.cancel_requested_at = now
             # Best effort: by default the cancel is only recorded and the prediction runs to its natural end.
             if self._inject("cancel_stops", self.config.faults.cancel_stops):
                 prediction.stopped_at = now
                 self._running.discard(prediction.id)
+        # "success" means accepted, not finished: whether it took shows only in the prediction's later status.
         message = "Prediction canceled successfully"
-        return _Answer(200, {"status": status, "message": message, "predictionID": prediction.id})
+        return _Answer(200, {"status": "success", "message": message, "predictionID": prediction.id})
 
     async def _presign(self, request: web.Request) -> _Answer:
         try:
@@ -618,6 +623,7 @@ class Simulator:
             base_url=self.base_url,
             wall=self.wall_time,
             lag=faults.listing_lag,
+            envelopes=self.config.listing_envelopes,
         )
         return _Answer(200, page)
 

@@ -105,7 +105,10 @@ class StatusCounts:
                 f"{self.recovered} recovered: creates in doubt found in the executions listing, not paid twice"
             )
         if self.lost_answers:
-            lines.append(f"{self.lost_answers} possibly duplicated: created again while in doubt (the listing failed)")
+            lines.append(
+                f"{self.lost_answers} possibly duplicated: created again while an earlier prediction may have run "
+                "(a create in doubt while the listing failed, or a cancel that did not take)"
+            )
         if self.orphans:
             lines.append(f"{plural(self.orphans, 'job')} in the ledger no longer in the manifest")
         return lines

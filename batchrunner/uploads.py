@@ -71,6 +71,7 @@ class Uploads:
         self._clock = clock
         self.uploaded: dict[str, str] = {}  # sha256 -> public_url
         self.fresh: set[str] = set()  # uploaded by this run
+        self.stale_urls: set[str] = set()  # uploads the API could not fetch this run, forgotten (renewed since)
         self.queue: deque[str] = deque()
         self.uploading: set[str] = set()
         self.tries: dict[str, int] = {}
@@ -143,16 +144,22 @@ class Uploads:
             (self.blocked if job.image_sha256 == sha else keep).append(job)
         return keep
 
-    def forget_stale(self, job: Job) -> bool:
+    def forget_stale(self, job: Job, sent: str | None = None) -> bool:
         """The API could not fetch the job's image: if an earlier run uploaded it, queue it again and say so.
 
         That upload expired or was lost, so the job deserves another try. An upload made by this run that fails so is
-        a real input problem: False, no second try.
+        a real input problem: False, no second try. ``sent`` is the ``input_image`` the failed prediction was given,
+        when known: one already found stale (by another job's failure; the jobs of one image fail together) also
+        deserves another try, with the upload that replaces it.
         """
         sha = job.image_sha256
-        if sha is None or sha not in self.uploaded or sha in self.fresh:
+        if sha is None:
             return False
-        del self.uploaded[sha]
+        if sent is not None and sent in self.stale_urls:
+            return True
+        if sha not in self.uploaded or sha in self.fresh:
+            return False
+        self.stale_urls.add(self.uploaded.pop(sha))
         if sha not in self.queue and sha not in self.uploading:
             self.paths[sha] = job.image_path or self.paths[sha]
             self.queue.append(sha)

@@ -8,7 +8,9 @@ with status and output, in one request: one listing sees every prediction of a r
 finds finished predictions sooner (slots refill sooner) but spends requests that creates need. ``Watch`` holds the
 state of the listing rounds (a round pages until every prediction it looks for has been seen, or the rows are older than
 the oldest of them) and of a listing that fails: in ``auto`` mode the run falls back on polling each prediction and
-probes the listing again now and then. Nothing here makes a request or reads a clock.
+probes the listing again now and then. A row carries no failure envelope (its ``output`` is a URL or null), so a row
+that says a prediction failed decides nothing: ``needs_get`` sends it to one GET of the prediction, whose envelope
+decides as for a poll. Nothing here makes a request or reads a clock.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from batchrunner.client import Execution, ExecutionsPage
+from batchrunner.client import Execution, ExecutionsPage, Phase, Prediction
 
 __all__ = [
     "MAX_PARALLEL_PAGES",
@@ -27,6 +29,7 @@ __all__ = [
     "Round",
     "Watch",
     "listing_interval",
+    "needs_get",
     "round_pages",
     "round_parallel",
 ]
@@ -91,6 +94,21 @@ def round_pages(rows: int, in_flight: int) -> int:
     """
     needed = max(1, math.ceil(max(rows, in_flight) / PAGE))
     return min(MAX_ROUND_PAGES, needed + round_parallel(in_flight) - 1)
+
+
+# Row statuses of a failure: the row cannot say whether it is worth another attempt, nor why it failed.
+_FAILURE_WORDS = frozenset({"error", "failed"})
+
+
+def needs_get(row: Prediction) -> bool:
+    """Whether a listing row must be confirmed by a GET of its prediction before anything is decided.
+
+    A row has no error envelope (``retryable``, ``error_code``: ``ExecutionSummary.output`` is a string or null), so an
+    ``error`` or ``failed`` row, read as it stands, would end a job that deserves another attempt, and never trigger
+    the new upload an ``INPUT_DOWNLOAD_ERROR`` calls for. A ``cancelled`` row needs nothing more (a cancel carries no
+    envelope), nor does a success (its URL is in the row) or a prediction still running.
+    """
+    return row.phase is Phase.FAILED and row.status.strip().lower() in _FAILURE_WORDS
 
 
 @dataclass(slots=True)

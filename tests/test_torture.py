@@ -29,7 +29,7 @@ from batchrunner.ledger import SUBMITTING, JobStatus, read_ledger, replay
 from batchrunner.manifest import load_manifest
 from batchrunner.simulator import Faults
 from tests.conftest import SECRET_KEY, ThreadedSimulator, fast_sim, run_args, serve_in_thread, write_manifest
-from tests.torture import evaluate, torture
+from tests.torture import FAULTS_JOB_TIMEOUT, evaluate, torture
 
 JOBS = 6
 
@@ -75,6 +75,10 @@ def test_batch_killed_at_random_moments_resumes_with_every_image_and_nothing_pai
     assert summary["images"] == 16
     assert summary["paid_twice"] == 0
     assert summary["recovered"] >= 1  # creates were left in doubt, and settled from the listing
+    # Retryable failures were tried again, and predictions past the job timeout were cancelled (record-only: they
+    # completed and were billed) without their jobs being created again.
+    assert summary["faults_injected"].get("retryable_failure", 0) >= 1
+    assert summary["cancels"] >= 1 and summary["job_timeout"] == FAULTS_JOB_TIMEOUT
 
 
 def test_with_the_listing_broken_every_second_payment_is_counted() -> None:

@@ -1,7 +1,7 @@
 """Torture test: a simulated batch SIGKILLed at many random moments, resumed, and checked.
 
     python tests/torture.py --kills 200 [--jobs N] [--concurrency 4] [--faults] [--listing-broken] [--seed S]
-                            [--max-seconds-per-run 0.5]
+                            [--max-seconds-per-run 0.5] [--job-timeout SECONDS]
 
 The simulator runs as a separate process (``python -m batchrunner simulate``). The runner is started as
 ``python -m batchrunner run`` against it and killed with SIGKILL after a random time (seeded), again and again,
@@ -20,7 +20,11 @@ until ``--kills`` kills are done or the batch is complete; a last run then goes 
   concurrency cap (which is the runner's cap unless ``--sim-concurrency`` says otherwise): with the caps equal,
   such a refusal is the moment the runner tried to put more than ``--concurrency`` in flight.
 
-``--faults`` adds the fault mix of ``FAULTS``; ``--fault NAME=VALUE`` (repeatable) sets a mix of your own.
+``--faults`` adds the fault mix of ``FAULTS`` (retryable failures among them) and a ``--job-timeout`` of
+``FAULTS_JOB_TIMEOUT``, below the longest prediction, so that some predictions are cancelled while they run; the
+simulator's cancels are only recorded (those predictions complete and are billed), so ``paid_twice`` is zero only if
+the runner waits for a cancelled prediction instead of creating its job again. ``--fault NAME=VALUE`` (repeatable)
+sets a mix of your own, ``--job-timeout SECONDS`` a timeout of your own.
 
 It prints a one-line JSON summary (the figures and the checks) on stdout and exits 0 when every check passes,
 1 otherwise. ``torture(...)`` does the same for the test suite and returns the summary.
@@ -53,7 +57,8 @@ from batchrunner.manifest import Manifest, load_manifest
 from batchrunner.simulator import input_key
 from batchrunner.uploads import data_uri
 
-# The fault mix of ``--faults``: lost, garbled and late answers, cut-off downloads, gateway errors.
+# The fault mix of ``--faults``: lost, garbled and late answers, cut-off downloads, gateway errors, predictions that
+# fail but deserve another attempt, and (with ``FAULTS_JOB_TIMEOUT``) predictions cancelled while they run.
 FAULTS: tuple[str, ...] = (
     # Creates left in doubt: the prediction is made, and the answer is a gateway 504 or never comes.
     "gateway_timeout_after_create=0.1",
@@ -65,7 +70,14 @@ FAULTS: tuple[str, ...] = (
     # Some answers come late, so that kills also fall between a create's intent and its answer.
     "slow=0.03",
     "slow_seconds=0.15",
+    # Failures whose envelope says retryable: true (seen in the listing, confirmed by a GET).
+    "retryable_failure=0.1",
 )
+# The runner's --job-timeout under --faults: below the longest simulated prediction (0.15 s), so about a third of
+# them are cancelled while they run; the simulator's cancel is only recorded (they complete and are billed), so
+# the runner must wait for them, not create their jobs again.
+FAULTS_JOB_TIMEOUT = 0.1
+FAULTS_MAX_ATTEMPTS = 8
 # Any key passes the simulator; a fixed made-up one, so no real key is ever read or passed on.
 API_KEY = "torture-not-a-real-key"
 _LISTENING = re.compile(r"listening on (http://\S+)")
@@ -90,6 +102,7 @@ class Settings:
     sim_max_seconds: float = 0.15
     final_timeout: float = 120.0
     listing_broken: bool = False  # the executions listing answers 500: reconciliation falls back
+    job_timeout: float | None = None  # the runner's --job-timeout; None: FAULTS_JOB_TIMEOUT with faults, else default
 
     @property
     def rate(self) -> str:
@@ -255,7 +268,18 @@ def runner_command(settings: Settings, manifest: Path, url: str, out: Path) -> l
         "0.05s",
         "--progress",
         "none",
+        *(["--job-timeout", f"{timeout:g}s"] if (timeout := job_timeout(settings)) is not None else []),
+        # Retryable failures (0.1) and cut-off downloads (0.05) each cost an attempt: at the default 3, some job of
+        # 120 fails for good in about one session in three (120 x 0.15^3 = 0.4), by chance, not by the runner's fault.
+        *(["--max-attempts", str(FAULTS_MAX_ATTEMPTS)] if settings.faults else []),
     ]
+
+
+def job_timeout(settings: Settings) -> float | None:
+    """The runner's --job-timeout for the session, when not its default."""
+    if settings.job_timeout is not None:
+        return settings.job_timeout
+    return FAULTS_JOB_TIMEOUT if settings.faults else None
 
 
 def fetch_stats(url: str) -> dict[str, Any]:
@@ -327,6 +351,7 @@ def torture(
     final_timeout: float = 120.0,
     echo: bool = False,
     listing_broken: bool = False,
+    job_timeout: float | None = None,
 ) -> dict[str, Any]:
     """Run one torture session (see the module docstring) and return its summary: figures, checks and ``ok``.
 
@@ -347,6 +372,7 @@ def torture(
         fault_mix=tuple(fault_mix),
         final_timeout=final_timeout,
         listing_broken=listing_broken,
+        job_timeout=job_timeout,
     )
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -435,6 +461,8 @@ def _session(settings: Settings, folder: Path, echo: bool) -> dict[str, Any]:
         "recovered": state.recovered,
         "not_created": sum(1 for raw in lines if b'"event":"not_created"' in raw),
         "paid_twice": stats["paid_twice"],
+        "cancels": stats["cancels"],
+        "job_timeout": job_timeout(settings),
         "failed_attempts": sum(st.attempts for st in state.jobs.values()),
         "listing_broken": settings.listing_broken,
         "listings": stats.get("listings", 0),
@@ -490,6 +518,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="the executions listing answers 500: check that every second payment is counted",
     )
+    parser.add_argument(
+        "--job-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"the runner's --job-timeout (with --faults: {FAULTS_JOB_TIMEOUT:g}, below the longest prediction)",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="a line per kill on stderr")
     args = parser.parse_args(argv)
     count, _, period = args.rate_limit.partition("/")
@@ -513,6 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir=args.workdir,
         echo=args.verbose,
         listing_broken=args.listing_broken,
+        job_timeout=args.job_timeout,
     )
     print(json.dumps(summary, sort_keys=False))
     return 0 if summary["ok"] else 1
