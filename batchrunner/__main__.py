@@ -1,3 +1,3 @@
-from batchrunner.cli import main
+from batchrunner.cli.main import main
 
 raise SystemExit(main())

@@ -43,15 +43,15 @@ from pathlib import Path
 import aiohttp
 from PIL import Image
 
-from batchrunner.accountlimits import AccountLimiter, LocalLimits, open_limits
-from batchrunner.client import Client, ExecutionsPage, Phase, Prediction, classify_status
+from batchrunner.api.client import Client, ExecutionsPage, Phase, Prediction, classify_status
+from batchrunner.engine.estimate import PAGE_SECONDS, estimate_run, spread_times
+from batchrunner.engine.scheduler import RunConfig, Scheduler, Snapshot, classify
 from batchrunner.errors import RateLimited
-from batchrunner.estimate import PAGE_SECONDS, estimate_run, spread_times
-from batchrunner.ledger import Ledger, RequestLog, read_ledger
-from batchrunner.manifest import Job, Manifest, load_manifest
-from batchrunner.output import OutputDir, image_extension, save_download
-from batchrunner.scheduler import RunConfig, Scheduler, Snapshot, classify
-from batchrunner.simulator import Faults, SimConfig, Simulator
+from batchrunner.limits.limiter import AccountLimiter, LocalLimits, open_limits
+from batchrunner.manifest.parse import Job, Manifest, load_manifest
+from batchrunner.sim.server import Faults, SimConfig, Simulator
+from batchrunner.store.ledger import Ledger, RequestLog, read_ledger
+from batchrunner.store.output import OutputDir, image_extension, save_download
 
 KEY = "bench-key"
 # runner-poll: the runner with --watch poll (each prediction polled, as before the listing watcher).

@@ -25,8 +25,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from batchrunner.account import AccountState, Lease, Store, expire, join, record_history, request, settle_grant
-from batchrunner.accountlimits import open_store
+from batchrunner.limits.account import AccountState, Lease, Store, expire, join, record_history, request, settle_grant
+from batchrunner.limits.limiter import open_store
 from tests.conftest import serve_in_thread
 from tests.test_account_e2e import batch_seconds, redis_server, sim_config, start_run
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from batchrunner.simulator import SimConfig, Simulator
+from batchrunner.sim.server import SimConfig, Simulator
 
 # A key that must never show up in any log line, ledger line or error message.
 SECRET_KEY = "sk-test-SECRET-4f1c9a7e"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from batchrunner.account import (
+from batchrunner.limits.account import (
     FULL_RETRY,
     AccountLimits,
     AccountState,
@@ -32,7 +32,7 @@ from batchrunner.account import (
     slots_held,
     view,
 )
-from batchrunner.sqlitestore import SqliteStore, account_id, state_dir
+from batchrunner.limits.sqlitestore import SqliteStore, account_id, state_dir
 
 
 def lease(

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import redis
 
-from batchrunner.cli import main
-from batchrunner.simconfig import SimConfig
+from batchrunner.cli.main import main
+from batchrunner.sim.config import SimConfig
 from tests.conftest import SECRET_KEY, ThreadedSimulator, fast_sim, images_in, run_args, write_manifest
 
 SimFactory = Callable[..., ThreadedSimulator]
@@ -300,7 +300,7 @@ def test_redis_unreachable_at_start_is_one_line_and_exit_2(
 def test_a_corrupt_sqlite_store_is_one_line_and_exit_74(
     tmp_path: Path, threaded_sim: SimFactory, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from batchrunner.sqlitestore import account_id
+    from batchrunner.limits.sqlitestore import account_id
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.setenv("EACHLABS_API_KEY", SECRET_KEY)

@@ -26,7 +26,7 @@ from batchrunner.bench import (
     scaled_defaults,
     slot_bound,
 )
-from batchrunner.runstate import RunConfig
+from batchrunner.engine.runstate import RunConfig
 
 
 @pytest.mark.parametrize(

@@ -18,15 +18,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from batchrunner.cli import main
-from batchrunner.client import Client
-from batchrunner.ledger import FAILED, SUBMITTED, SUBMITTING, SUCCEEDED, Ledger, read_ledger, replay
-from batchrunner.manifest import load_manifest
-from batchrunner.output import OutputDir
-from batchrunner.policy import cancel_hold
-from batchrunner.runstate import Flight, RunConfig
-from batchrunner.scheduler import Scheduler
-from batchrunner.simulator import Faults
+from batchrunner.api.client import Client
+from batchrunner.cli.main import main
+from batchrunner.engine.policy import cancel_hold
+from batchrunner.engine.runstate import Flight, RunConfig
+from batchrunner.engine.scheduler import Scheduler
+from batchrunner.manifest.parse import load_manifest
+from batchrunner.sim.server import Faults
+from batchrunner.store.ledger import FAILED, SUBMITTED, SUBMITTING, SUCCEEDED, Ledger, read_ledger, replay
+from batchrunner.store.output import OutputDir
 from tests.conftest import ThreadedSimulator, fast_sim, images_in, run_args, write_manifest
 
 SimFactory = Callable[..., ThreadedSimulator]

@@ -12,13 +12,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from batchrunner.cleanup import plan_cleanup
-from batchrunner.cli import main
-from batchrunner.ledger import replay
-from batchrunner.manifest import load_manifest
-from batchrunner.output import OutputDir
-from batchrunner.simulator import SimConfig, Simulator
-from batchrunner.uploads import UPLOAD_TTL
+from batchrunner.cli.main import main
+from batchrunner.engine.cleanup import plan_cleanup
+from batchrunner.engine.uploads import UPLOAD_TTL
+from batchrunner.manifest.parse import load_manifest
+from batchrunner.sim.server import SimConfig, Simulator
+from batchrunner.store.ledger import replay
+from batchrunner.store.output import OutputDir
 from tests.conftest import ThreadedSimulator, fast_sim, make_image, run_args, write_manifest
 
 KEY = "test-key"
@@ -148,7 +148,7 @@ def test_a_file_the_api_no_longer_has_is_recorded_as_deleted(
 def test_a_running_batch_holds_the_folder(
     tmp_path: Path, api_key: str, threaded_sim: Callable[[SimConfig], ThreadedSimulator]
 ) -> None:
-    from batchrunner.output import RunLock
+    from batchrunner.store.output import RunLock
 
     served = threaded_sim(fast_sim(api_key=api_key))
     out = tmp_path / "out"

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from batchrunner.cli import build_parser, main
-from batchrunner.ledger import Ledger
-from batchrunner.manifest import load_manifest
-from batchrunner.output import RunLock
-from batchrunner.simulator import Faults
+from batchrunner.cli.main import build_parser, main
+from batchrunner.manifest.parse import load_manifest
+from batchrunner.sim.server import Faults
+from batchrunner.store.ledger import Ledger
+from batchrunner.store.output import RunLock
 from tests.conftest import ThreadedSimulator, fast_sim, make_image, run_args, write_manifest
 
 SimFactory = Callable[..., ThreadedSimulator]

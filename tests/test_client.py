@@ -1,4 +1,4 @@
-"""Tests of batchrunner.client: pure parsing by table, HTTP against tiny aiohttp apps on 127.0.0.1."""
+"""Tests of batchrunner.api.client: pure parsing by table, HTTP against tiny aiohttp apps on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from batchrunner.client import (
+from batchrunner.api.client import (
     MAX_API_BODY_BYTES,
     TRANSIENT_ERROR_CODES,
     Client,
@@ -31,6 +31,7 @@ from batchrunner.client import (
     parse_prediction,
     parse_retry_after,
 )
+from batchrunner.api.redact import MASK, Redactor
 from batchrunner.errors import (
     ApiError,
     ApiTimeout,
@@ -45,7 +46,6 @@ from batchrunner.errors import (
     RequestRejected,
     ServerError,
 )
-from batchrunner.redact import MASK, Redactor
 
 KEY = "sk-live-TOPSECRET-0123456789"
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 800  # ~200 KB: several read chunks

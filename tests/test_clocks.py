@@ -22,16 +22,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from batchrunner.cli import main
-from batchrunner.client import Client
+from batchrunner.api.client import Client
+from batchrunner.cli.main import main
+from batchrunner.engine.runstate import RunConfig
+from batchrunner.engine.scheduler import Scheduler
 from batchrunner.errors import ApiTimeout
-from batchrunner.ledger import FUTURE_TOLERANCE, Ledger, RequestLog, read_ledger
-from batchrunner.limits import SlidingWindow, default_margin, seed_history
-from batchrunner.manifest import load_manifest
-from batchrunner.output import OutputDir
-from batchrunner.runstate import RunConfig
-from batchrunner.scheduler import Scheduler
-from batchrunner.simulator import Faults
+from batchrunner.limits.window import SlidingWindow, default_margin, seed_history
+from batchrunner.manifest.parse import load_manifest
+from batchrunner.sim.server import Faults
+from batchrunner.store.ledger import FUTURE_TOLERANCE, Ledger, RequestLog, read_ledger
+from batchrunner.store.output import OutputDir
 from tests.conftest import (
     SECRET_KEY,
     ThreadedSimulator,

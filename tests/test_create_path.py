@@ -13,13 +13,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from batchrunner.cli import main
-from batchrunner.client import CREATE_PATH, CREATE_PATHS, Client, create_path_refused, other_create_path
-from batchrunner.createpath import create_path_file, load_create_path, save_create_path
+from batchrunner.api.client import CREATE_PATH, CREATE_PATHS, Client, create_path_refused, other_create_path
+from batchrunner.cli.main import main
+from batchrunner.engine.createpath import create_path_file, load_create_path, save_create_path
+from batchrunner.engine.reconcile import create_in_doubt
 from batchrunner.errors import CreatePathRefused, CreatePathUnusable, NotFound, RequestRejected
-from batchrunner.manifest import parse_manifest
-from batchrunner.reconcile import create_in_doubt
-from batchrunner.simulator import SimConfig, Simulator
+from batchrunner.manifest.parse import parse_manifest
+from batchrunner.sim.server import SimConfig, Simulator
 from tests.conftest import ThreadedSimulator, fast_sim, run_args, write_manifest
 
 KEY = "test-key"

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from batchrunner.cli import main
-from batchrunner.ledger import read_ledger
-from batchrunner.simulator import Faults
+from batchrunner.cli.main import main
+from batchrunner.sim.server import Faults
+from batchrunner.store.ledger import read_ledger
 from tests.conftest import (
     SECRET_KEY,
     ThreadedSimulator,

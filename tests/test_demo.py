@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from batchrunner.cli import main
-from batchrunner.ledger import SUBMITTING
-from batchrunner.output import LEDGER_NAME
+from batchrunner.cli.main import main
+from batchrunner.store.ledger import SUBMITTING
+from batchrunner.store.output import LEDGER_NAME
 from tests.conftest import images_in
 
 DEMO = Path(__file__).resolve().parent.parent / "jobs" / "demo.yaml"

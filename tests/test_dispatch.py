@@ -8,12 +8,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from batchrunner.client import Client
-from batchrunner.ledger import Ledger, Upload, read_ledger
-from batchrunner.manifest import load_manifest
-from batchrunner.output import OutputDir
-from batchrunner.runstate import Flight, RunConfig
-from batchrunner.scheduler import Scheduler
+from batchrunner.api.client import Client
+from batchrunner.engine.runstate import Flight, RunConfig
+from batchrunner.engine.scheduler import Scheduler
+from batchrunner.manifest.parse import load_manifest
+from batchrunner.store.ledger import Ledger, Upload, read_ledger
+from batchrunner.store.output import OutputDir
 from tests.conftest import write_manifest
 
 

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from batchrunner.display import (
+from batchrunner.engine.runstate import RunConfig, RunResult, Snapshot, StopReason
+from batchrunner.views.display import (
     bar_texts,
     eta,
     fit,
@@ -20,8 +21,7 @@ from batchrunner.display import (
     wait_text,
     waiting_for,
 )
-from batchrunner.runstate import RunConfig, RunResult, Snapshot, StopReason
-from batchrunner.words import Tally, duration, money, tally_text
+from batchrunner.views.words import Tally, duration, money, tally_text
 
 SNAP = Snapshot(
     total=200,

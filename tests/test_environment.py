@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from batchrunner.cli import main
-from batchrunner.logs import LogFile
+from batchrunner.cli.main import main
+from batchrunner.views.logs import LogFile
 from tests.conftest import ThreadedSimulator, fast_sim, images_in, run_args, write_manifest
 
 SimFactory = Callable[..., ThreadedSimulator]

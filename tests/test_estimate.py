@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from batchrunner.cli import main
-from batchrunner.estimate import Estimate, estimate_run, expected_longest, spread_times
-from batchrunner.watch import MAX_ROUND_PAGES, round_pages, round_parallel
+from batchrunner.cli.main import main
+from batchrunner.engine.estimate import Estimate, estimate_run, expected_longest, spread_times
+from batchrunner.engine.watch import MAX_ROUND_PAGES, round_pages, round_parallel
 
 DEMO = Path(__file__).resolve().parent.parent / "jobs" / "demo.yaml"
 

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from batchrunner.cli import main
+from batchrunner.cli.main import main
 from batchrunner.errors import LockHeld, OutputError
-from batchrunner.export import write_rows
-from batchrunner.files import BoundedLines, open_own, read_small, read_tail
-from batchrunner.ledger import RequestLog, read_ledger
-from batchrunner.manifest import load_manifest
-from batchrunner.output import OutputDir, RunLock
-from batchrunner.schema import cached_schema_path
+from batchrunner.manifest.parse import load_manifest
+from batchrunner.manifest.schema import cached_schema_path
+from batchrunner.store.files import BoundedLines, open_own, read_small, read_tail
+from batchrunner.store.ledger import RequestLog, read_ledger
+from batchrunner.store.output import OutputDir, RunLock
+from batchrunner.views.export import write_rows
 from tests.conftest import ThreadedSimulator, fast_sim, images_in, run_args, write_manifest
 
 SimFactory = Callable[..., ThreadedSimulator]

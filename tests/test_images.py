@@ -1,4 +1,4 @@
-"""Tests of batchrunner.images: local files made with Pillow in tmp_path, URL probes against 127.0.0.1 only."""
+"""Tests of batchrunner.manifest.images: local files made with Pillow in tmp_path, URL probes against 127.0.0.1 only."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestServer
 from PIL import Image
 
 from batchrunner.errors import InputImageError
-from batchrunner.images import (
+from batchrunner.manifest.images import (
     MAX_UPLOAD_BYTES,
     SUPPORTED_FORMATS,
     LocalImage,
@@ -26,7 +26,7 @@ from batchrunner.images import (
     local_images,
     url_inputs,
 )
-from batchrunner.manifest import Manifest, parse_manifest
+from batchrunner.manifest.parse import Manifest, parse_manifest
 
 SIZE = (64, 48)
 

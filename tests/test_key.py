@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from batchrunner.cli import build_parser, main
+from batchrunner.api.redact import MASK, MAX_KEY_LENGTH, Redactor, check_api_key
+from batchrunner.cli.main import build_parser, main
 from batchrunner.errors import UsageError
-from batchrunner.ledger import FAILED, Ledger
-from batchrunner.logs import setup_logging
-from batchrunner.redact import MASK, MAX_KEY_LENGTH, Redactor, check_api_key
+from batchrunner.store.ledger import FAILED, Ledger
+from batchrunner.views.logs import setup_logging
 from tests.conftest import SECRET_KEY, ThreadedSimulator, fast_sim, run_args, write_manifest
 
 SimFactory = Callable[..., ThreadedSimulator]
@@ -145,7 +145,7 @@ def logged(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], str]]:
 def _setup(fmt: str, stream: io.StringIO) -> str:
     args = build_parser().parse_args(["run", "m.yaml", "--log-format", fmt])
     setup_logging(stream, fmt=args.log_format, redact=Redactor(KEY))
-    log = logging.getLogger("batchrunner.client")
+    log = logging.getLogger("batchrunner.api.client")
     log.warning("the server said: %s", f"invalid key {KEY[:12]}")
     log.error("job %s failed: %s", "j1", f"token ...{KEY[-8:]}", extra={"fields": {"detail": KEY[2:14]}})
     try:

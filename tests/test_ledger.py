@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchrunner.errors import OutputError
-from batchrunner.ledger import (
+from batchrunner.store.ledger import (
     CREATE_FAILED,
     FAILED,
     NOT_CREATED,

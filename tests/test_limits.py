@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchrunner.errors import UsageError
-from batchrunner.limits import (
+from batchrunner.limits.window import (
     InFlightGate,
     SlidingWindow,
     answer_margin,

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from batchrunner.cli import main
-from batchrunner.client import parse_execution
-from batchrunner.simlisting import execution_row
-from batchrunner.simstate import Outcome, Prediction
-from batchrunner.simulator import Faults
-from batchrunner.watch import needs_get
+from batchrunner.api.client import parse_execution
+from batchrunner.cli.main import main
+from batchrunner.engine.watch import needs_get
+from batchrunner.sim.listing import execution_row
+from batchrunner.sim.server import Faults
+from batchrunner.sim.state import Outcome, Prediction
 from tests.conftest import ThreadedSimulator, fast_sim, images_in, run_args, write_manifest
 
 SimFactory = Callable[..., ThreadedSimulator]

@@ -25,10 +25,10 @@ from types import FrameType
 
 import pytest
 
-from batchrunner.cli import main
+from batchrunner.cli.main import main
 from batchrunner.errors import InputImageError
-from batchrunner.images import inspect_image
-from batchrunner.localpaths import (
+from batchrunner.manifest.images import inspect_image
+from batchrunner.manifest.localpaths import (
     LocalFileRefused,
     LocalPathError,
     local_file_problem,
@@ -37,8 +37,8 @@ from batchrunner.localpaths import (
     sha256_local,
     stat_problem,
 )
-from batchrunner.manifest import parse_manifest
-from batchrunner.output import read_bytes
+from batchrunner.manifest.parse import parse_manifest
+from batchrunner.store.output import read_bytes
 from tests.conftest import SECRET_KEY, ThreadedSimulator, fast_sim, make_image, run_args
 
 SimFactory = Callable[..., ThreadedSimulator]

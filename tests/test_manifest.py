@@ -1,4 +1,4 @@
-"""Tests of batchrunner.manifest: expansion, fingerprints, derived ids, local images, ways to be wrong."""
+"""Tests of batchrunner.manifest.parse: expansion, fingerprints, derived ids, local images, ways to be wrong."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from batchrunner.errors import InputImageError, ManifestError, UsageError
-from batchrunner.manifest import (
+from batchrunner.manifest.parse import (
     ASPECT_RATIOS,
     DEFAULT_MAX_JOBS,
     DEFAULT_MODEL,

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchrunner.ledger import JobState, JobStatus
-from batchrunner.policy import (
+from batchrunner.engine.policy import (
     MIN_SAMPLES,
     PollPacer,
     PollPlan,
@@ -26,7 +25,8 @@ from batchrunner.policy import (
     prior_plan,
     retry_delay,
 )
-from batchrunner.runstate import classify
+from batchrunner.engine.runstate import classify
+from batchrunner.store.ledger import JobState, JobStatus
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from batchrunner.logs import JsonFormatter, setup_logging
-from batchrunner.progress import Progress
-from batchrunner.runstate import Snapshot
+from batchrunner.engine.runstate import Snapshot
+from batchrunner.views.logs import JsonFormatter, setup_logging
+from batchrunner.views.progress import Progress
 
 
 class Clock:

@@ -7,18 +7,8 @@ from typing import Any
 
 import pytest
 
-from batchrunner.client import Execution, ExecutionsPage
-from batchrunner.errors import (
-    ApiError,
-    ApiTimeout,
-    AuthError,
-    NetworkError,
-    PaymentRequired,
-    RateLimited,
-    RequestRejected,
-    ServerError,
-)
-from batchrunner.reconcile import (
+from batchrunner.api.client import Execution, ExecutionsPage
+from batchrunner.engine.reconcile import (
     LOOKS,
     MAX_PAGES,
     TRIES,
@@ -30,6 +20,16 @@ from batchrunner.reconcile import (
     inputs_match,
     listing_span,
     look_at,
+)
+from batchrunner.errors import (
+    ApiError,
+    ApiTimeout,
+    AuthError,
+    NetworkError,
+    PaymentRequired,
+    RateLimited,
+    RequestRejected,
+    ServerError,
 )
 
 

@@ -20,11 +20,11 @@ import pytest
 from PIL import Image
 
 from batchrunner.errors import OutputError
-from batchrunner.ledger import JobState, JobStatus, Ledger, LedgerState, read_ledger
-from batchrunner.manifest import Job, Manifest, load_manifest
-from batchrunner.output import OutputDir
-from batchrunner.report import REPORT_NAME, build_report, job_card, write_report
-from batchrunner.thumbs import THUMBS_DIR, thumbnail_jpeg
+from batchrunner.manifest.parse import Job, Manifest, load_manifest
+from batchrunner.store.ledger import JobState, JobStatus, Ledger, LedgerState, read_ledger
+from batchrunner.store.output import OutputDir
+from batchrunner.views.report import REPORT_NAME, build_report, job_card, write_report
+from batchrunner.views.thumbs import THUMBS_DIR, thumbnail_jpeg
 from tests import browser
 
 SCRIPT_PROMPT = "Make it <script>alert('x')</script> & \"shiny\""

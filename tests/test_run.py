@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from batchrunner.cli import main
-from batchrunner.ledger import read_ledger
-from batchrunner.manifest import load_manifest
-from batchrunner.output import OutputDir, RunLock
-from batchrunner.simulator import Faults
+from batchrunner.cli.main import main
+from batchrunner.manifest.parse import load_manifest
+from batchrunner.sim.server import Faults
+from batchrunner.store.ledger import read_ledger
+from batchrunner.store.output import OutputDir, RunLock
 from tests.conftest import (
     SECRET_KEY,
     ThreadedSimulator,

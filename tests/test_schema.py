@@ -1,4 +1,4 @@
-"""Tests of batchrunner.schema: validation by table on the flux-kontext schema shape, and the schema cache."""
+"""Tests of batchrunner.manifest.schema: validation by table on the flux-kontext schema shape, and the schema cache."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchrunner.errors import OutputError
-from batchrunner.schema import cached_schema_path, load_cached_schema, save_cached_schema, validate_input
-from batchrunner.simmodel import REQUEST_SCHEMA
+from batchrunner.manifest.schema import cached_schema_path, load_cached_schema, save_cached_schema, validate_input
+from batchrunner.sim.model import REQUEST_SCHEMA
 
 # The simulator's flux-kontext schema, closed to unknown fields as a strict model's schema would be.
 FLUX: dict[str, Any] = {**REQUEST_SCHEMA, "additionalProperties": False}
@@ -532,7 +532,7 @@ def test_pattern_that_never_ends_is_cut_short_with_one_warning(
 ) -> None:
     import time
 
-    import batchrunner.schema as module
+    import batchrunner.manifest.schema as module
 
     monkeypatch.setattr(module, "PATTERN_TIMEOUT", 0.05)
     monkeypatch.setattr(module, "_compiled", {})

@@ -19,9 +19,9 @@ import pytest
 from multidict import CIMultiDictProxy
 from PIL import Image
 
-from batchrunner.simlisting import TOTAL_COUNT_CAP, ListingQuery, format_time, list_executions, parse_rfc3339
-from batchrunner.simstate import Outcome, Prediction
-from batchrunner.simulator import Faults, SimConfig, Simulator, input_key, serve_forever
+from batchrunner.sim.listing import TOTAL_COUNT_CAP, ListingQuery, format_time, list_executions, parse_rfc3339
+from batchrunner.sim.server import Faults, SimConfig, Simulator, input_key, serve_forever
+from batchrunner.sim.state import Outcome, Prediction
 
 KEY = "test-key"
 MODEL = "flux-kontext-max"

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from batchrunner.account import (
+from batchrunner.cli.main import main
+from batchrunner.limits.account import (
     AccountState,
     Decision,
     Lease,
@@ -24,8 +25,7 @@ from batchrunner.account import (
     settle_grant,
     view,
 )
-from batchrunner.cli import main
-from batchrunner.sqlitestore import SqliteStore, _Times, account_id
+from batchrunner.limits.sqlitestore import SqliteStore, _Times, account_id
 from tests.conftest import SECRET_KEY, fast_sim, images_in, run_args, write_manifest
 from tests.test_account_e2e import SimFactory
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from batchrunner.cli import main
-from batchrunner.simulator import Faults
+from batchrunner.cli.main import main
+from batchrunner.sim.server import Faults
 from tests.conftest import SECRET_KEY, ThreadedSimulator, fast_sim, images_in, run_args, write_manifest
 
 SimFactory = Callable[..., ThreadedSimulator]

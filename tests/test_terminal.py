@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from batchrunner.cli import main
+from batchrunner.cli.main import main
 from tests.conftest import SECRET_KEY, ThreadedSimulator, fast_sim, write_manifest
 
 pyte = pytest.importorskip("pyte")

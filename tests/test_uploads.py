@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from batchrunner.cli import main
-from batchrunner.ledger import read_ledger
-from batchrunner.simulator import Faults
+from batchrunner.cli.main import main
+from batchrunner.sim.server import Faults
+from batchrunner.store.ledger import read_ledger
 from tests.conftest import ThreadedSimulator, fast_sim, make_image, run_args
 
 SimFactory = Callable[..., ThreadedSimulator]

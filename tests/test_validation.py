@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from batchrunner.cli import main
+from batchrunner.cli.main import main
 from tests.conftest import ThreadedSimulator, fast_sim, make_image, run_args
 
 SimFactory = Callable[..., ThreadedSimulator]
@@ -122,8 +122,8 @@ def test_hostile_model_schema_ends_in_one_warning_and_the_run_goes_on(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import batchrunner.schema as schema_module
-    from batchrunner.schema import save_cached_schema
+    import batchrunner.manifest.schema as schema_module
+    from batchrunner.manifest.schema import save_cached_schema
 
     monkeypatch.setattr(schema_module, "PATTERN_TIMEOUT", 0.05)
     monkeypatch.setattr(schema_module, "_compiled", {})

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from batchrunner.cli import main
-from batchrunner.client import Execution, ExecutionsPage, Phase
-from batchrunner.policy import learnt_duration
-from batchrunner.results import Results
-from batchrunner.runstate import MAX_DOWNLOADS, Counters, RunConfig
-from batchrunner.simulator import Faults
-from batchrunner.watch import MAX_PARALLEL_PAGES, MAX_ROUND_PAGES, PAGE, Watch, listing_interval
+from batchrunner.api.client import Execution, ExecutionsPage, Phase
+from batchrunner.cli.main import main
+from batchrunner.engine.policy import learnt_duration
+from batchrunner.engine.results import Results
+from batchrunner.engine.runstate import MAX_DOWNLOADS, Counters, RunConfig
+from batchrunner.engine.watch import MAX_PARALLEL_PAGES, MAX_ROUND_PAGES, PAGE, Watch, listing_interval
+from batchrunner.sim.server import Faults
 from tests.conftest import ThreadedSimulator, fast_sim, images_in, run_args, write_manifest
 
 SimFactory = Callable[..., ThreadedSimulator]

@@ -52,10 +52,10 @@ from typing import Any
 
 from PIL import Image
 
-from batchrunner.ledger import SUCCEEDED, UPLOADED, JobStatus, LedgerState, read_ledger, replay
-from batchrunner.manifest import Manifest, load_manifest
-from batchrunner.simulator import input_key
-from batchrunner.uploads import data_uri
+from batchrunner.engine.uploads import data_uri
+from batchrunner.manifest.parse import Manifest, load_manifest
+from batchrunner.sim.server import input_key
+from batchrunner.store.ledger import SUCCEEDED, UPLOADED, JobStatus, LedgerState, read_ledger, replay
 
 # The fault mix of ``--faults``: lost, garbled and late answers, cut-off downloads, gateway errors, predictions that
 # fail but deserve another attempt, and (with ``FAULTS_JOB_TIMEOUT``) predictions cancelled while they run.

@@ -1,0 +1,1 @@
+"""YAML -> validated, frozen Job records; schema checks and local image checks."""

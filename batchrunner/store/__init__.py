@@ -1,0 +1,1 @@
+"""What lasts on disk: the ledger and its replay, the output folder, its files and names."""

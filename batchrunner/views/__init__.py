@@ -1,0 +1,1 @@
+"""What people read: progress, display, words, logs, status, report, thumbs, export, history."""
