@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -158,70 +158,96 @@ def _text(value: Any) -> str | None:
 _REQUIRED = {SUBMITTED: "prediction_id", SUCCEEDED: "file", RECOVERED: "prediction_id"}
 
 
-def _apply(state: JobState, name: str, event: dict[str, Any]) -> None:
-    """Apply one well-formed job event to its job. The order of the branches follows the usual frequency."""
-    if name == SUBMITTING:
-        if state.doubt_open:
-            # A new intent while the last create is still in doubt: sent without knowing, possibly paid twice.
-            state.lost_answers += 1
-        if state.still_running:
-            # A new intent while the cancelled prediction of the last attempt may still run: possibly paid twice.
-            state.lost_answers += 1
-            state.still_running = False
-        state.status = JobStatus.IN_DOUBT
-        state.doubt_at = state.intent_at = _ts(event)
-        state.doubt_open = True
-        # A new create abandons any earlier prediction; its id must not be polled as this attempt's.
-        state.prediction_id = None
-    elif name in (SUBMITTED, RECOVERED):
-        state.status = JobStatus.IN_FLIGHT
-        state.prediction_id = event["prediction_id"]
-        state.submitted_at = _ts(event)
-        state.doubt_at = None
-        state.doubt_open = False
-        if name == RECOVERED:
-            state.recovered += 1
-    elif name == NOT_CREATED:
-        if state.status is JobStatus.IN_DOUBT:
-            state.status = JobStatus.PENDING
-        state.doubt_at = None
-        state.doubt_open = False
-    elif name == SUCCEEDED:
-        state.status = JobStatus.SUCCEEDED
-        state.file = event["file"]
-        prediction_id = event.get("prediction_id")
-        if type(prediction_id) is str:
-            state.prediction_id = prediction_id
-        state.cost = _number(event.get("cost"))
-        state.finished_at = _ts(event)
-        state.error = state.error_code = None
-        state.doubt_open = state.still_running = False
-    elif name == FAILED:
-        state.status = JobStatus.FAILED
-        state.attempts += 1
-        state.error = _text(event.get("error"))
-        state.error_code = _text(event.get("error_code"))
-        # Without a word from the writer, assume the failure is permanent rather than pay for repeats.
-        state.retryable = event.get("retryable") is True
-        state.prediction_id = None
-        state.finished_at = _ts(event)
-        state.doubt_at = None
-        state.doubt_open = False
-        state.still_running = event.get("still_running") is True
-    elif name == CREATE_FAILED:
+def _submitting(state: JobState, event: dict[str, Any]) -> None:
+    if state.doubt_open:
+        # A new intent while the last create is still in doubt: sent without knowing, possibly paid twice.
+        state.lost_answers += 1
+    if state.still_running:
+        # A new intent while the cancelled prediction of the last attempt may still run: possibly paid twice.
+        state.lost_answers += 1
+        state.still_running = False
+    state.status = JobStatus.IN_DOUBT
+    state.doubt_at = state.intent_at = _ts(event)
+    state.doubt_open = True
+    # A new create abandons any earlier prediction; its id must not be polled as this attempt's.
+    state.prediction_id = None
+
+
+def _submitted(state: JobState, event: dict[str, Any]) -> None:
+    state.status = JobStatus.IN_FLIGHT
+    state.prediction_id = event["prediction_id"]
+    state.submitted_at = _ts(event)
+    state.doubt_at = None
+    state.doubt_open = False
+
+
+def _recovered(state: JobState, event: dict[str, Any]) -> None:
+    _submitted(state, event)
+    state.recovered += 1
+
+
+def _not_created(state: JobState, event: dict[str, Any]) -> None:
+    if state.status is JobStatus.IN_DOUBT:
         state.status = JobStatus.PENDING
-        state.prediction_id = None
-        state.error = _text(event.get("error"))
-        if event.get("in_doubt") is True:
-            state.doubt_at = _ts(event)
-            state.doubt_open = True
-        else:
-            state.doubt_at = None
-            state.doubt_open = False
-    elif name == RESET:
-        state.attempts = 0
-        if state.status is JobStatus.FAILED:
-            state.status = JobStatus.PENDING
+    state.doubt_at = None
+    state.doubt_open = False
+
+
+def _succeeded(state: JobState, event: dict[str, Any]) -> None:
+    state.status = JobStatus.SUCCEEDED
+    state.file = event["file"]
+    prediction_id = event.get("prediction_id")
+    if type(prediction_id) is str:
+        state.prediction_id = prediction_id
+    state.cost = _number(event.get("cost"))
+    state.finished_at = _ts(event)
+    state.error = state.error_code = None
+    state.doubt_open = state.still_running = False
+
+
+def _failed(state: JobState, event: dict[str, Any]) -> None:
+    state.status = JobStatus.FAILED
+    state.attempts += 1
+    state.error = _text(event.get("error"))
+    state.error_code = _text(event.get("error_code"))
+    # Without a word from the writer, assume the failure is permanent rather than pay for repeats.
+    state.retryable = event.get("retryable") is True
+    state.prediction_id = None
+    state.finished_at = _ts(event)
+    state.doubt_at = None
+    state.doubt_open = False
+    state.still_running = event.get("still_running") is True
+
+
+def _create_failed(state: JobState, event: dict[str, Any]) -> None:
+    state.status = JobStatus.PENDING
+    state.prediction_id = None
+    state.error = _text(event.get("error"))
+    if event.get("in_doubt") is True:
+        state.doubt_at = _ts(event)
+        state.doubt_open = True
+    else:
+        state.doubt_at = None
+        state.doubt_open = False
+
+
+def _reset(state: JobState, event: dict[str, Any]) -> None:
+    state.attempts = 0
+    if state.status is JobStatus.FAILED:
+        state.status = JobStatus.PENDING
+
+
+# What each well-formed job event does to its job (one function per event, as the table in events.py reads).
+_APPLY: dict[str, Callable[[JobState, dict[str, Any]], None]] = {
+    SUBMITTING: _submitting,
+    SUBMITTED: _submitted,
+    RECOVERED: _recovered,
+    NOT_CREATED: _not_created,
+    SUCCEEDED: _succeeded,
+    FAILED: _failed,
+    CREATE_FAILED: _create_failed,
+    RESET: _reset,
+}
 
 
 _DECODER = json.JSONDecoder()
@@ -238,82 +264,92 @@ def _parse_leniently(line: str | bytes) -> Any:
         return None
 
 
+def _decode(line: str | bytes, decode: Callable[[str], tuple[Any, int]]) -> Any:
+    """What a line holds: usually a dict; None for garbage, ``_BLANK`` for a blank line."""
+    # raw_decode on the decoded text parses twice as fast as json.loads, which spends as long again in
+    # Python-level encoding detection and whitespace regexes as in the C scanner.
+    try:
+        text = line if isinstance(line, str) else line.decode()
+        event, end = decode(text)
+        if end != len(text) and not text[end:].isspace():
+            return None  # trailing garbage after the object
+        return event
+    except (ValueError, RecursionError):  # ValueError covers bad JSON and bad UTF-8
+        return _parse_leniently(line)
+
+
+def _fold_job_event(ledger: LedgerState, name: str, event: dict[str, Any]) -> None:
+    """Apply one job event to its job, and to the ledger's totals; a malformed one is skipped."""
+    fingerprint, job = event.get("fingerprint"), event.get("job")
+    if type(fingerprint) is not str or type(job) is not str:
+        return
+    required = _REQUIRED.get(name)
+    if required is not None and type(event.get(required)) is not str:
+        return
+    state = ledger.jobs.get(fingerprint)
+    if state is None:
+        state = ledger.jobs[fingerprint] = JobState(fingerprint, job)
+    else:
+        state.job = job  # the manifest may have renamed the job; the latest name is the one to report
+    _APPLY[name](state, event)
+    prediction_id = event.get("prediction_id")
+    if type(prediction_id) is str:
+        ledger.predictions.add(prediction_id)
+    if name in (SUCCEEDED, FAILED):
+        cost = _number(event.get("cost"))
+        if cost is not None:
+            ledger.spend += cost
+        duration = _number(event.get("duration"))
+        if duration is not None:
+            ledger.durations.append(duration)
+
+
+def _fold_upload_event(uploads: dict[str, Upload], name: object, event: dict[str, Any]) -> None:
+    """Record an ``uploaded`` or ``upload_deleted`` event; any other event is ignored."""
+    if name == UPLOADED:
+        sha256, url = event.get("sha256"), event.get("public_url")
+        if type(sha256) is str and type(url) is str:
+            file_id, file = event.get("id"), event.get("file")
+            # No usable ts: treat the upload as ancient, so it is uploaded again rather than trusted.
+            uploads[sha256] = Upload(
+                sha256,
+                url,
+                _ts(event) or 0.0,
+                file_id if type(file_id) is str else None,
+                file if type(file) is str else None,
+            )
+    elif name == UPLOAD_DELETED:
+        sha256, file_id = event.get("sha256"), event.get("id")
+        found = uploads.get(sha256) if type(sha256) is str else None
+        # Only the upload deleted: a newer upload of the same image (another id) stays usable.
+        if found is not None and found.id == file_id:
+            del uploads[found.sha256]
+
+
 def replay(lines: Iterable[str | bytes]) -> LedgerState:
     """Fold ledger lines, in order, into the state they describe. Pure: no I/O, never raises on bad content.
 
     Lines that are not JSON objects are skipped and counted in ``bad_lines``; blank lines are skipped quietly.
     """
-    jobs: dict[str, JobState] = {}
-    uploads: dict[str, Upload] = {}
-    durations: list[float] = []
-    spend = 0.0
-    bad_lines = 0
-    predictions: set[str] = set()
+    ledger = LedgerState()
     decode = _DECODER.raw_decode  # hoisted: this loop runs once per line, for hundreds of thousands of lines
     for line in lines:
-        # raw_decode on the decoded text parses twice as fast as json.loads, which spends as long again in
-        # Python-level encoding detection and whitespace regexes as in the C scanner.
-        try:
-            text = line if isinstance(line, str) else line.decode()
-            event, end = decode(text)
-            if end != len(text) and not text[end:].isspace():
-                event = None  # trailing garbage after the object
-        except (ValueError, RecursionError):  # ValueError covers bad JSON and bad UTF-8
-            event = _parse_leniently(line)
+        event = _decode(line, decode)
         if type(event) is not dict:
             if event is not _BLANK:
-                bad_lines += 1
+                ledger.bad_lines += 1
             continue
         name = event.get("event")
-        if name not in JOB_EVENTS:
-            if name == UPLOADED:
-                sha256, url = event.get("sha256"), event.get("public_url")
-                if type(sha256) is str and type(url) is str:
-                    file_id, file = event.get("id"), event.get("file")
-                    # No usable ts: treat the upload as ancient, so it is uploaded again rather than trusted.
-                    uploads[sha256] = Upload(
-                        sha256,
-                        url,
-                        _ts(event) or 0.0,
-                        file_id if type(file_id) is str else None,
-                        file if type(file) is str else None,
-                    )
-            elif name == UPLOAD_DELETED:
-                sha256, file_id = event.get("sha256"), event.get("id")
-                found = uploads.get(sha256) if type(sha256) is str else None
-                # Only the upload deleted: a newer upload of the same image (another id) stays usable.
-                if found is not None and found.id == file_id:
-                    del uploads[found.sha256]
-            continue
-        fingerprint, job = event.get("fingerprint"), event.get("job")
-        if type(fingerprint) is not str or type(job) is not str:
-            continue
-        required = _REQUIRED.get(name)
-        if required is not None and type(event.get(required)) is not str:
-            continue
-        state = jobs.get(fingerprint)
-        if state is None:
-            state = jobs[fingerprint] = JobState(fingerprint, job)
+        if name in JOB_EVENTS:
+            _fold_job_event(ledger, name, event)
         else:
-            state.job = job  # the manifest may have renamed the job; the latest name is the one to report
-        _apply(state, name, event)
-        prediction_id = event.get("prediction_id")
-        if type(prediction_id) is str:
-            predictions.add(prediction_id)
-        if name in (SUCCEEDED, FAILED):
-            cost = _number(event.get("cost"))
-            if cost is not None:
-                spend += cost
-            duration = _number(event.get("duration"))
-            if duration is not None:
-                durations.append(duration)
-    lost_answers = recovered = 0
-    for state in jobs.values():
+            _fold_upload_event(ledger.uploads, name, event)
+    for state in ledger.jobs.values():
         # A job still IN_DOUBT at the end (killed between sending a create and hearing back) is not yet a duplicate:
         # the next run settles it from the listing before it creates anything.
-        lost_answers += state.lost_answers
-        recovered += state.recovered
-    return LedgerState(jobs, uploads, durations, spend, bad_lines, lost_answers, recovered, predictions)
+        ledger.lost_answers += state.lost_answers
+        ledger.recovered += state.recovered
+    return ledger
 
 
 def read_ledger(path: Path, *, max_line: int = MAX_LINE) -> LedgerState:
