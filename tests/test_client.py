@@ -18,10 +18,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from batchrunner.api.client import (
-    MAX_API_BODY_BYTES,
+from batchrunner.api.answers import (
     TRANSIENT_ERROR_CODES,
-    Client,
     Phase,
     Prediction,
     Presigned,
@@ -29,9 +27,10 @@ from batchrunner.api.client import (
     output_urls,
     parse_execution,
     parse_prediction,
-    parse_retry_after,
 )
+from batchrunner.api.client import Client
 from batchrunner.api.redact import MASK, Redactor
+from batchrunner.api.transport import MAX_API_BODY_BYTES, parse_retry_after
 from batchrunner.errors import (
     ApiError,
     ApiTimeout,

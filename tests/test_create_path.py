@@ -13,7 +13,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from batchrunner.api.client import CREATE_PATH, CREATE_PATHS, Client, create_path_refused, other_create_path
+from batchrunner.api.client import Client
+from batchrunner.api.paths import CREATE_PATH, CREATE_PATHS, create_path_refused, other_create_path
 from batchrunner.cli.main import main
 from batchrunner.engine.createpath import create_path_file, load_create_path, save_create_path
 from batchrunner.engine.reconcile import create_in_doubt

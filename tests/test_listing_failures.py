@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from batchrunner.api.client import parse_execution
+from batchrunner.api.answers import parse_execution
 from batchrunner.cli.main import main
 from batchrunner.engine.watch import needs_get
 from batchrunner.sim.listing import execution_row

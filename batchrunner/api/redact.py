@@ -10,17 +10,30 @@ of the key is masked too: a word lost from a log line is cheap, a key in a log f
 
 from __future__ import annotations
 
+import functools
 import string
 
 from batchrunner.errors import UsageError
 
-__all__ = ["MASK", "MAX_KEY_LENGTH", "MIN_EDGE", "MIN_INNER", "Redactor", "check_api_key"]
+__all__ = [
+    "MASK",
+    "MAX_KEY_LENGTH",
+    "MIN_EDGE",
+    "MIN_INNER",
+    "SNIPPET_CHARS",
+    "Redactor",
+    "check_api_key",
+    "redact",
+    "snippet",
+]
 
 # Real API keys are tens of characters; one of thousands is a file pasted into the variable, or an attack.
 MAX_KEY_LENGTH = 512
 MIN_INNER = 8
 MIN_EDGE = 6
 MASK = "[redacted]"
+# The longest excerpt of an answer that goes into a message.
+SNIPPET_CHARS = 100
 _LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)  # keeps every index in place, unlike lower()
 
 
@@ -114,3 +127,21 @@ class Redactor:
             last = end
         parts.append(text[last:])
         return "".join(parts)
+
+
+@functools.lru_cache(maxsize=4)
+def _redactor(secret: str) -> Redactor:
+    return Redactor(secret)
+
+
+def redact(text: str, secret: str) -> str:
+    """``text`` with the key and every piece of it that could identify it masked (see redact.py)."""
+    return _redactor(secret)(text) if secret else text
+
+
+def snippet(body: bytes | str, secret: str) -> str:
+    """A short one-line excerpt; redacted before it is cut, so no prefix of the key survives the cut."""
+    # Only the head of a large body can reach the excerpt: cut generously first (the key may straddle the cut).
+    head = body[: 4 * SNIPPET_CHARS + 4 * len(secret)]
+    text = head.decode("utf-8", "replace") if isinstance(head, bytes) else head
+    return " ".join(redact(text, secret).split())[:SNIPPET_CHARS]

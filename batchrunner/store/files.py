@@ -28,9 +28,13 @@ __all__ = [
     "BoundedLines",
     "check_own",
     "describe_kind",
+    "ends_torn",
+    "fsync_dir",
+    "open_append",
     "open_own",
     "read_small",
     "read_tail",
+    "write_all",
 ]
 
 # A ledger line is a few hundred bytes; one of a mebibyte is garbage however it came about.
@@ -184,3 +188,46 @@ class BoundedLines:
                     skipping = True
         if pending and not skipping:
             yield pending
+
+
+def open_append(path: Path) -> tuple[int, bool]:
+    """Open ``path`` (the output folder's own) for appending, creating it; the descriptor, and whether it ends in a
+    torn line (one a later append must start after a newline of its own)."""
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
+    fd = open_own(path, flags, 0o644)
+    try:
+        return fd, ends_torn(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def ends_torn(fd: int) -> bool:
+    """Whether the file ``fd`` is non-empty and does not end in a newline (a killed writer left a fragment)."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return False
+    os.lseek(fd, size - 1, os.SEEK_SET)  # reads honour the offset; O_APPEND writes still go to the end
+    return os.read(fd, 1) != b"\n"
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd``."""
+    # One write call writes a whole line on any local file system; the loop only guards against a short write.
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def fsync_dir(directory: Path) -> None:
+    """Sync ``directory`` itself, where the platform can."""
+    # A new file survives a power loss only once its directory entry is on disk too.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms that cannot open a directory (Windows) have no such thing to sync
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
