@@ -13,7 +13,7 @@ from batchrunner.cli.options import sim_config
 from batchrunner.engine.estimate import PAGE_SECONDS, TYPICAL_SECONDS
 from batchrunner.errors import UsageError
 from batchrunner.limits.limiter import check_store_spec
-from batchrunner.manifest.parse import Manifest, load_manifest
+from batchrunner.manifest import Manifest, load_manifest
 from batchrunner.store.ledger import LedgerState, read_ledger
 from batchrunner.store.output import OutputDir
 from batchrunner.views.status import Plan, make_plan

@@ -13,7 +13,7 @@ from batchrunner.cli.args import (
     price_of,
 )
 from batchrunner.errors import UsageError
-from batchrunner.manifest.parse import Manifest
+from batchrunner.manifest import Manifest
 
 
 def cmd_plan(args: argparse.Namespace, manifest: Manifest | None = None) -> int:

@@ -31,7 +31,7 @@ from batchrunner.cli.plan import cmd_plan
 from batchrunner.engine.runner import Endpoint, check_input_urls, run_batch
 from batchrunner.engine.scheduler import RunConfig, RunResult, Scheduler, Snapshot, StopReason
 from batchrunner.errors import BatchrunnerError, UsageError
-from batchrunner.manifest.parse import Manifest
+from batchrunner.manifest import Manifest
 from batchrunner.sim.server import Simulator
 from batchrunner.store.ledger import read_ledger
 from batchrunner.store.output import OutputDir

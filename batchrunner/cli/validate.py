@@ -17,8 +17,8 @@ from batchrunner.cli.args import load, output_dir
 from batchrunner.cli.plan import cmd_plan
 from batchrunner.engine.runner import check_input_urls
 from batchrunner.errors import ManifestError, Problems, UsageError
+from batchrunner.manifest import Job, Manifest
 from batchrunner.manifest.images import check_url_hosts, local_images, url_inputs
-from batchrunner.manifest.parse import Job, Manifest
 from batchrunner.store.filenames import output_conflicts
 from batchrunner.store.ledger import LedgerState, read_ledger
 from batchrunner.store.output import OutputDir

@@ -17,7 +17,7 @@ import yaml
 from batchrunner.engine.estimate import PAGE_SECONDS, TYPICAL_SECONDS, Estimate, estimate_run, spread_times
 from batchrunner.engine.policy import MIN_SAMPLES
 from batchrunner.engine.runstate import classify
-from batchrunner.manifest.parse import Manifest, sha256_file
+from batchrunner.manifest import Manifest, sha256_file
 from batchrunner.store.ledger import JobStatus, LedgerState
 from batchrunner.store.output import OutputDir
 from batchrunner.views.history import RunRecord
