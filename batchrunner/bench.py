@@ -48,7 +48,7 @@ from batchrunner.engine.estimate import PAGE_SECONDS, estimate_run, spread_times
 from batchrunner.engine.scheduler import RunConfig, Scheduler, Snapshot, classify
 from batchrunner.errors import RateLimited
 from batchrunner.limits.limiter import AccountLimiter, LocalLimits, open_limits
-from batchrunner.manifest.parse import Job, Manifest, load_manifest
+from batchrunner.manifest import Job, Manifest, load_manifest
 from batchrunner.sim.server import Faults, SimConfig, Simulator
 from batchrunner.store.ledger import Ledger, RequestLog, read_ledger
 from batchrunner.store.output import OutputDir, image_extension, save_download

@@ -23,7 +23,7 @@ from batchrunner.cli.main import main
 from batchrunner.engine.policy import cancel_hold
 from batchrunner.engine.runstate import Flight, RunConfig
 from batchrunner.engine.scheduler import Scheduler
-from batchrunner.manifest.parse import load_manifest
+from batchrunner.manifest import load_manifest
 from batchrunner.sim.server import Faults
 from batchrunner.store.ledger import FAILED, SUBMITTED, SUBMITTING, SUCCEEDED, Ledger, read_ledger, replay
 from batchrunner.store.output import OutputDir

@@ -15,7 +15,7 @@ import pytest
 from batchrunner.cli.main import main
 from batchrunner.engine.cleanup import plan_cleanup
 from batchrunner.engine.uploads import UPLOAD_TTL
-from batchrunner.manifest.parse import load_manifest
+from batchrunner.manifest import load_manifest
 from batchrunner.sim.server import SimConfig, Simulator
 from batchrunner.store.ledger import replay
 from batchrunner.store.output import OutputDir

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from batchrunner.cli.main import build_parser, main
-from batchrunner.manifest.parse import load_manifest
+from batchrunner.manifest import load_manifest
 from batchrunner.sim.server import Faults
 from batchrunner.store.ledger import Ledger
 from batchrunner.store.output import RunLock

@@ -28,7 +28,7 @@ from batchrunner.engine.runstate import RunConfig
 from batchrunner.engine.scheduler import Scheduler
 from batchrunner.errors import ApiTimeout
 from batchrunner.limits.window import SlidingWindow, default_margin, seed_history
-from batchrunner.manifest.parse import load_manifest
+from batchrunner.manifest import load_manifest
 from batchrunner.sim.server import Faults
 from batchrunner.store.ledger import FUTURE_TOLERANCE, Ledger, RequestLog, read_ledger
 from batchrunner.store.output import OutputDir

@@ -19,7 +19,7 @@ from batchrunner.cli.main import main
 from batchrunner.engine.createpath import create_path_file, load_create_path, save_create_path
 from batchrunner.engine.reconcile import create_in_doubt
 from batchrunner.errors import CreatePathRefused, CreatePathUnusable, NotFound, RequestRejected
-from batchrunner.manifest.parse import parse_manifest
+from batchrunner.manifest import parse_manifest
 from batchrunner.sim.server import SimConfig, Simulator
 from tests.conftest import ThreadedSimulator, fast_sim, run_args, write_manifest
 

@@ -11,7 +11,7 @@ import pytest
 from batchrunner.api.client import Client
 from batchrunner.engine.runstate import Flight, RunConfig
 from batchrunner.engine.scheduler import Scheduler
-from batchrunner.manifest.parse import load_manifest
+from batchrunner.manifest import load_manifest
 from batchrunner.store.ledger import Ledger, Upload, read_ledger
 from batchrunner.store.output import OutputDir
 from tests.conftest import write_manifest

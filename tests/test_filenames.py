@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from batchrunner.cli.main import main
-from batchrunner.manifest.parse import Job
+from batchrunner.manifest import Job
 from batchrunner.store.filenames import output_conflicts
 from batchrunner.store.ledger import JobState, JobStatus, LedgerState
 from tests.conftest import ThreadedSimulator, fast_sim, images_in, make_image, run_args

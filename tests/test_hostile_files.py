@@ -25,7 +25,7 @@ import pytest
 
 from batchrunner.cli.main import main
 from batchrunner.errors import LockHeld, OutputError
-from batchrunner.manifest.parse import load_manifest
+from batchrunner.manifest import load_manifest
 from batchrunner.manifest.schema import cached_schema_path
 from batchrunner.store.files import BoundedLines, open_own, read_small, read_tail
 from batchrunner.store.ledger import RequestLog, read_ledger

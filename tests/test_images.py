@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestServer
 from PIL import Image
 
 from batchrunner.errors import InputImageError
+from batchrunner.manifest import Manifest, parse_manifest
 from batchrunner.manifest.images import (
     MAX_UPLOAD_BYTES,
     SUPPORTED_FORMATS,
@@ -26,7 +27,6 @@ from batchrunner.manifest.images import (
     local_images,
     url_inputs,
 )
-from batchrunner.manifest.parse import Manifest, parse_manifest
 
 SIZE = (64, 48)
 

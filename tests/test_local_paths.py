@@ -27,6 +27,7 @@ import pytest
 
 from batchrunner.cli.main import main
 from batchrunner.errors import InputImageError
+from batchrunner.manifest import parse_manifest
 from batchrunner.manifest.images import inspect_image
 from batchrunner.manifest.localpaths import (
     LocalFileRefused,
@@ -37,7 +38,6 @@ from batchrunner.manifest.localpaths import (
     sha256_local,
     stat_problem,
 )
-from batchrunner.manifest.parse import parse_manifest
 from batchrunner.store.output import read_bytes
 from tests.conftest import SECRET_KEY, ThreadedSimulator, fast_sim, make_image, run_args
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from batchrunner.errors import InputImageError, ManifestError, UsageError
-from batchrunner.manifest.parse import (
+from batchrunner.manifest import (
     ASPECT_RATIOS,
     DEFAULT_MAX_JOBS,
     DEFAULT_MODEL,

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from batchrunner.errors import OutputError
-from batchrunner.manifest.parse import Job, Manifest, load_manifest
+from batchrunner.manifest import Job, Manifest, load_manifest
 from batchrunner.store.ledger import JobState, JobStatus, Ledger, LedgerState, read_ledger
 from batchrunner.store.output import OutputDir
 from batchrunner.views.report import REPORT_NAME, build_report, job_card, write_report

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from batchrunner.cli.main import main
-from batchrunner.manifest.parse import load_manifest
+from batchrunner.manifest import load_manifest
 from batchrunner.sim.server import Faults
 from batchrunner.store.ledger import read_ledger
 from batchrunner.store.output import OutputDir, RunLock

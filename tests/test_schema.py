@@ -532,7 +532,7 @@ def test_pattern_that_never_ends_is_cut_short_with_one_warning(
 ) -> None:
     import time
 
-    import batchrunner.manifest.schema as module
+    import batchrunner.manifest.patterns as module
 
     monkeypatch.setattr(module, "PATTERN_TIMEOUT", 0.05)
     monkeypatch.setattr(module, "_compiled", {})

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from batchrunner.cli.main import main
-from batchrunner.manifest.parse import load_manifest
+from batchrunner.manifest import load_manifest
 from batchrunner.sim.server import Faults
 from batchrunner.store.ledger import SUBMITTING, JobStatus, read_ledger, replay
 from tests.conftest import SECRET_KEY, ThreadedSimulator, fast_sim, run_args, serve_in_thread, write_manifest

@@ -122,7 +122,7 @@ def test_hostile_model_schema_ends_in_one_warning_and_the_run_goes_on(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import batchrunner.manifest.schema as schema_module
+    import batchrunner.manifest.patterns as schema_module
     from batchrunner.manifest.schema import save_cached_schema
 
     monkeypatch.setattr(schema_module, "PATTERN_TIMEOUT", 0.05)

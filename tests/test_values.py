@@ -13,8 +13,8 @@ from batchrunner.cli import main as cli
 from batchrunner.cli import options
 from batchrunner.errors import ManifestError, UsageError
 from batchrunner.limits.window import parse_duration
+from batchrunner.manifest import parse_manifest
 from batchrunner.manifest.images import check_url_hosts, unfetchable_host
-from batchrunner.manifest.parse import parse_manifest
 
 
 def parse(text: str) -> dict[str, object]:

@@ -53,7 +53,7 @@ from typing import Any
 from PIL import Image
 
 from batchrunner.engine.uploads import data_uri
-from batchrunner.manifest.parse import Manifest, load_manifest
+from batchrunner.manifest import Manifest, load_manifest
 from batchrunner.sim.server import input_key
 from batchrunner.store.ledger import SUCCEEDED, UPLOADED, JobStatus, LedgerState, read_ledger, replay
 

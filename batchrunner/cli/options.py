@@ -1,6 +1,6 @@
 """What the command line accepts: the subcommands, their options in groups, and the checks of each value.
 
-``cli.py`` does what the commands say; this module only reads them. Every value that cannot be read ends in one
+The command modules do what the commands say; this module only reads them. Every value that cannot be read ends in one
 line and exit code 2, like every other usage error.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,9 @@ predictions left in flight are polled, and nothing is paid twice. It writes
 <output>/report.html at its end.
 """
 )
+
+# Makes one subcommand's parser: name, one-line summary, description, epilog.
+_Command = Callable[..., argparse.ArgumentParser]
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -144,6 +148,17 @@ def _common(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 
 def _run_options(p: argparse.ArgumentParser, where: argparse._ArgumentGroup) -> None:
     """Every option of ``run``: ``plan`` and ``validate`` take them all, so scripts pass the same flags to each."""
+    _where_options(where)
+    _limit_options(p)
+    _stop_options(p)
+    _input_options(p)
+    _polling_options(p)
+    _shown_options(p)
+    sim = p.add_argument_group("the simulator (with --simulate)")
+    _simulator_options(sim)
+
+
+def _where_options(where: argparse._ArgumentGroup) -> None:
     where.add_argument(
         "--simulate", action="store_true", help="run against the built-in simulator (no key, no network)"
     )
@@ -156,6 +171,8 @@ def _run_options(p: argparse.ArgumentParser, where: argparse._ArgumentGroup) -> 
         "redis://HOST:PORT/DB (several machines), or local (this run alone); env BATCHRUNNER_LIMITS_STORE",
     )
 
+
+def _limit_options(p: argparse.ArgumentParser) -> None:
     limits = p.add_argument_group("limits")
     limits.add_argument("--concurrency", type=_positive_int, default=10, help="predictions in flight at most (10)")
     limits.add_argument(
@@ -173,6 +190,8 @@ def _run_options(p: argparse.ArgumentParser, where: argparse._ArgumentGroup) -> 
     )
     limits.add_argument("--max-attempts", type=_positive_int, default=3, help="predictions per job at most (3)")
 
+
+def _stop_options(p: argparse.ArgumentParser) -> None:
     stops = p.add_argument_group("when to stop (each exits 75; rerun to continue)")
     stops.add_argument(
         "--max-runtime", type=_positive_duration, default=None, metavar="D", help="stop by this time (e.g. 14m)"
@@ -199,6 +218,8 @@ def _run_options(p: argparse.ArgumentParser, where: argparse._ArgumentGroup) -> 
         help="after Ctrl-C/SIGTERM, finish what is in flight this long (60s; 0: at once)",
     )
 
+
+def _input_options(p: argparse.ArgumentParser) -> None:
     inputs = p.add_argument_group("inputs")
     inputs.add_argument(
         "--inline-images", action="store_true", help="send local images as data URIs instead of uploading them"
@@ -206,6 +227,8 @@ def _run_options(p: argparse.ArgumentParser, where: argparse._ArgumentGroup) -> 
     inputs.add_argument("--check-urls", action="store_true", help="check each input URL once before submitting")
     inputs.add_argument("--retry-failed", action="store_true", help="give failed jobs their attempts back first")
 
+
+def _polling_options(p: argparse.ArgumentParser) -> None:
     polling = p.add_argument_group("polling and requests")
     polling.add_argument(
         "--poll-initial",
@@ -239,6 +262,8 @@ def _run_options(p: argparse.ArgumentParser, where: argparse._ArgumentGroup) -> 
         help="look for a create in doubt D x 0.5, 1.5, 3.5 after it (2s)",
     )
 
+
+def _shown_options(p: argparse.ArgumentParser) -> None:
     shown = p.add_argument_group("what it shows")
     shown.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines (text)")
     shown.add_argument("--log-file", type=Path, default=None, metavar="PATH", help="append log lines here too")
@@ -250,9 +275,6 @@ def _run_options(p: argparse.ArgumentParser, where: argparse._ArgumentGroup) -> 
         help="a bar on a terminal, a line every 10 s otherwise (auto)",
     )
     shown.add_argument("--json", action="store_true", help="plan and validate: machine-readable output")
-
-    sim = p.add_argument_group("the simulator (with --simulate)")
-    _simulator_options(sim)
 
 
 def _simulator_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -293,6 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=_Formatter,
         )
 
+    _batch_commands(command)
+    _ledger_commands(command)
+    _upkeep_commands(command)
+    return parser
+
+
+def _batch_commands(command: _Command) -> None:
+    """run, and the two that take every option of run: plan and validate."""
     run = command(
         "run",
         "run a manifest's batch (resumes where an earlier run stopped)",
@@ -321,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _run_options(validate, _common(validate))
 
+
+def _ledger_commands(command: _Command) -> None:
+    """The commands that read (or reset) what the ledger holds: status, retry, report, export."""
     status = command(
         "status",
         "where a batch stands, and whether a run is active (no request)",
@@ -362,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--to", type=Path, default=None, metavar="FILE", help="write here instead of stdout")
     export.add_argument("--max-attempts", type=_positive_int, default=3, help="as given to run (3)")
 
+
+def _upkeep_commands(command: _Command) -> None:
+    """The commands around a batch: clean-uploads, account, simulate."""
     clean = command(
         "clean-uploads",
         "delete the batch's uploaded input images from the API once no job needs them",
@@ -413,7 +449,6 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=_port, default=8787)
     _simulator_options(sim)
-    return parser
 
 
 def sim_config(args: argparse.Namespace) -> SimConfig:

@@ -7,16 +7,23 @@ each input URL's host, and every output name that would land on a paid image or 
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import dataclasses
+import os
 
+from batchrunner.api.client import DEFAULT_API_URL
+from batchrunner.cli.args import load, output_dir
+from batchrunner.cli.plan import cmd_plan
+from batchrunner.engine.runner import check_input_urls
 from batchrunner.errors import ManifestError, Problems, UsageError
+from batchrunner.manifest import Job, Manifest
 from batchrunner.manifest.images import check_url_hosts, local_images, url_inputs
-from batchrunner.manifest.parse import Job, Manifest
 from batchrunner.store.filenames import output_conflicts
-from batchrunner.store.ledger import LedgerState
+from batchrunner.store.ledger import LedgerState, read_ledger
 from batchrunner.store.output import OutputDir
 
-__all__ = ["MAX_PROBLEMS", "check_all"]
+__all__ = ["MAX_PROBLEMS", "check_all", "cmd_validate"]
 
 MAX_PROBLEMS = 20
 
@@ -52,3 +59,16 @@ def check_all(
     if problems:
         raise Problems(problems[:limit], more=len(problems) > limit)
     return images
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    manifest = load(args, collect=MAX_PROBLEMS)
+    out = output_dir(args)
+    api_url = args.api_url or os.environ.get("EACHLABS_API_URL") or DEFAULT_API_URL
+    images = check_all(manifest, out, read_ledger(out.ledger), api_url)
+    if args.check_urls:
+        asyncio.run(check_input_urls(manifest))
+    what = f"OK: {len(manifest.jobs)} jobs, {images} local images checked"
+    if not args.json:
+        print(what + (", input URLs answer" if args.check_urls else ""))
+    return cmd_plan(args, manifest)

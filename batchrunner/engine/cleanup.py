@@ -23,7 +23,7 @@ from batchrunner.api.client import Client
 from batchrunner.api.redact import Redactor
 from batchrunner.engine.runstate import classify
 from batchrunner.errors import ApiError, AuthError, TransientError
-from batchrunner.manifest.parse import Manifest
+from batchrunner.manifest import Manifest
 from batchrunner.store.ledger import UPLOAD_DELETED, Ledger, LedgerState, read_ledger
 from batchrunner.store.output import OutputDir, RunLock
 

@@ -17,7 +17,7 @@ from batchrunner.api.client import Client, Prediction
 from batchrunner.engine.policy import backoff
 from batchrunner.engine.runstate import MAX_DOWNLOADS, Counters, Flight, RunConfig, job_state
 from batchrunner.errors import ApiError, DownloadRejected, TransientError
-from batchrunner.manifest.parse import Job
+from batchrunner.manifest import Job
 from batchrunner.store.ledger import FAILED, SUCCEEDED, JobStatus, Ledger, LedgerState
 from batchrunner.store.output import OutputDir, save_download
 

@@ -23,8 +23,8 @@ from batchrunner.engine.createpath import load_create_path, save_create_path
 from batchrunner.engine.scheduler import RunConfig, RunResult, Scheduler, Snapshot
 from batchrunner.errors import ApiError, ManifestError, UsageError
 from batchrunner.limits.limiter import open_limits
+from batchrunner.manifest import DEFAULT_MODEL, Manifest
 from batchrunner.manifest.images import check_url_hosts, check_urls, local_images, url_inputs
-from batchrunner.manifest.parse import DEFAULT_MODEL, Manifest
 from batchrunner.manifest.schema import cached_schema_path, load_cached_schema, save_cached_schema, validate_input
 from batchrunner.store.filenames import check_output_names
 from batchrunner.store.files import check_own

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from batchrunner.manifest.parse import Job
+from batchrunner.manifest import Job
 from batchrunner.store.ledger import JobState, JobStatus, LedgerState
 
 

@@ -81,7 +81,7 @@ from batchrunner.errors import (
 from batchrunner.limits.account import StoreLost
 from batchrunner.limits.limiter import AccountLimiter, GateLike, LocalLimits, WindowLike
 from batchrunner.limits.window import SlidingWindow, default_margin, seed_history
-from batchrunner.manifest.parse import Job, Manifest
+from batchrunner.manifest import Job, Manifest
 from batchrunner.store.ledger import (
     CREATE_FAILED,
     NOT_CREATED,

@@ -23,7 +23,7 @@ from batchrunner.api.client import Client, Presigned
 from batchrunner.engine.policy import retry_delay
 from batchrunner.engine.runstate import RunConfig
 from batchrunner.errors import ApiError, InputImageError
-from batchrunner.manifest.parse import Job
+from batchrunner.manifest import Job
 from batchrunner.store.ledger import UPLOADED, Ledger, Upload
 from batchrunner.store.output import describe_os_error, read_bytes
 

@@ -54,6 +54,7 @@ import aiohttp
 from PIL import Image, UnidentifiedImageError
 
 from batchrunner.errors import InputImageError, ManifestError
+from batchrunner.manifest.jobs import Manifest
 from batchrunner.manifest.localpaths import (
     MAX_UPLOAD_BYTES,
     NO_SUCH_FILE,
@@ -61,7 +62,6 @@ from batchrunner.manifest.localpaths import (
     local_file_problem,
     open_local,
 )
-from batchrunner.manifest.parse import Manifest
 
 log = logging.getLogger("batchrunner")
 

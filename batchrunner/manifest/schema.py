@@ -1,6 +1,6 @@
 """Check a job's input against a model's JSON Schema before it is sent, and cache that schema per run folder.
 
-For models other than flux-kontext-max (whose fields ``manifest.py`` checks itself), the API describes the
+For models other than flux-kontext-max (whose fields ``values.py`` checks itself), the API describes the
 ``input`` it takes in ``request_schema`` of ``GET /v1/model?slug=NAME``. :func:`validate_input` finds every problem
 in one input and says each in one line (``field 'seed': must be an integer, got '7'``), so a whole batch fails
 before the first prediction is paid for.
@@ -30,35 +30,35 @@ The judge is the ``jsonschema`` package; this module is the adapter around it. D
 Validation happens on the value the API will receive. A local file for an image field is uploaded and sent as
 a URL, so the caller puts a placeholder URL (such as ``https://upload.invalid/image.png``) in its place before
 calling :func:`validate_input`; a relative path there would fail ``format: uri``.
+
+This module is the adapter (the draft, the sanitising, the validator class); ``patterns`` owns the bounded pattern
+keywords, ``schemawords`` the wording of jsonschema's errors, ``schemacache`` the cached schema on disk.
 """
 
 from __future__ import annotations
 
-import contextlib
-import difflib
-import hashlib
 import json
 import logging
 import math
-import os
-import re
-import tempfile
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import jsonschema
 import referencing
-import regex
-from jsonschema.exceptions import ValidationError
 from jsonschema.protocols import Validator
 
-from batchrunner.errors import OutputError
+from batchrunner.manifest import patterns
+from batchrunner.manifest.patterns import (
+    PATTERN_TIMEOUT,
+    additional_properties_keyword,
+    pattern_keyword,
+    pattern_properties_keyword,
+)
+from batchrunner.manifest.schemacache import cached_schema_path, load_cached_schema, save_cached_schema
+from batchrunner.manifest.schemawords import MAX_MESSAGE_CHARS, describe, one_line, problems
 
 __all__ = [
     "PATTERN_TIMEOUT",
@@ -70,28 +70,9 @@ __all__ = [
 
 log = logging.getLogger("batchrunner")
 
-# Seconds one pattern may take to match one string. Real patterns take microseconds.
-PATTERN_TIMEOUT = 1.0
-
-_MAX_ENUM_SHOWN = 20
-_MAX_CACHE_BYTES = 10 * 1024 * 1024
-_MAX_MESSAGE_CHARS = 200
 _MAX_SANITIZE_ROUNDS = 50
 _PREPARED_KEPT = 8
-_SAFE_SLUG = re.compile(r"[A-Za-z0-9._-]{1,100}")
-_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-# Where a value sits in the input: field names and list positions.
-_Where = tuple[str | int, ...]
-_TYPE_WORDS = {
-    "string": "a string",
-    "integer": "an integer",
-    "number": "a number",
-    "boolean": "a boolean (true or false)",
-    "array": "a list",
-    "object": "a mapping",
-    "null": "null",
-    "any": "anything",
-}
+
 _DRAFTS: tuple[type[Validator], ...] = (
     jsonschema.Draft202012Validator,
     jsonschema.Draft201909Validator,
@@ -117,72 +98,7 @@ def validate_input(input: Mapping[str, Any], schema: Mapping[str, Any]) -> list[
     except Exception as exc:
         prepared.unusable(_reason(exc))
         return []
-    return [problem.line() for problem in _problems(errors)]
-
-
-def cached_schema_path(out_dir: Path, slug: str) -> Path:
-    """Where a model's schema is cached in the output folder: ``<out>/.schema-<safe slug>.json``.
-
-    A slug of letters, digits, ``.``, ``_`` and ``-`` is used as written; any other slug is cleaned and given
-    a hash of itself, so two slugs never share a file and no slug can name a path outside ``out_dir``.
-    """
-    if _SAFE_SLUG.fullmatch(slug):
-        name = slug
-    else:
-        cleaned = _UNSAFE_CHARS.sub("_", slug)[:64]
-        name = f"{cleaned}-{hashlib.sha256(slug.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
-    return out_dir / f".schema-{name}.json"
-
-
-def load_cached_schema(
-    out_dir: Path, slug: str, *, max_age: float = 7 * 86400, now: float | None = None
-) -> Mapping[str, Any] | None:
-    """The cached schema of ``slug``, or None when there is none, it is older than ``max_age`` seconds, or the
-    file is unreadable, corrupt or belongs to another slug (a case-insensitive file system can fold two slugs
-    into one name). Age is the file's modification time against ``now`` (default: the current Unix time); a
-    file dated more than ``max_age`` in the future (a clock that jumped) is stale too.
-    """
-    path = cached_schema_path(out_dir, slug)
-    try:
-        with path.open("rb") as fh:
-            modified = os.fstat(fh.fileno()).st_mtime
-            data = fh.read(_MAX_CACHE_BYTES + 1)
-    except OSError:
-        return None
-    current = time.time() if now is None else now
-    if len(data) > _MAX_CACHE_BYTES or abs(current - modified) > max_age:
-        return None
-    try:
-        document = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(document, dict) or document.get("slug") != slug:
-        return None
-    schema = document.get("schema")
-    return schema if isinstance(schema, dict) else None
-
-
-def save_cached_schema(out_dir: Path, slug: str, schema: Mapping[str, Any]) -> None:
-    """Cache ``schema`` for ``slug`` in ``out_dir`` (which must exist); OSError becomes OutputError.
-
-    Written to a temporary file and renamed over the old one, so a reader sees the old file or the new one,
-    never half of one. Not fsynced: a file a crash leaves empty or torn reads as corrupt, i.e. not cached.
-    """
-    path = cached_schema_path(out_dir, slug)
-    text = json.dumps({"slug": slug, "schema": schema}, ensure_ascii=False)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f"{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-    except OSError as exc:
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        raise OutputError(f"{path}: cannot write the model's schema cache: {reason}") from None
+    return [problem.line() for problem in problems(errors)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,8 +128,6 @@ class _Prepared:
 
 _prepared: OrderedDict[int, _Prepared] = OrderedDict()
 _prepared_lock = threading.Lock()
-# The _Prepared whose validator is running on this thread: the pattern keywords report their warnings to it.
-_current = threading.local()
 
 
 def _prepare(schema: Any) -> _Prepared:
@@ -222,10 +136,10 @@ def _prepare(schema: Any) -> _Prepared:
         hit = _prepared.get(id(schema))
         if hit is not None and hit.source is schema:
             _prepared.move_to_end(id(schema))
-            _current.prepared = hit
+            patterns.current.warn = hit.warn
             return hit
     prepared = _Prepared(schema, None)
-    _current.prepared = prepared
+    patterns.current.warn = prepared.warn
     try:
         prepared.validator = _build(schema, prepared)
     except Exception as exc:
@@ -373,90 +287,14 @@ def _validator_class(cls: type[Validator]) -> type[Validator]:
         made = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
             cls,
             validators={
-                "pattern": _pattern,
-                "patternProperties": _pattern_properties,
-                "additionalProperties": _additional_properties,
+                "pattern": pattern_keyword,
+                "patternProperties": pattern_properties_keyword,
+                "additionalProperties": additional_properties_keyword,
             },
             type_checker=types,
         )
         _classes[cls] = made
     return made
-
-
-# --------------------------------------------------------------------------------------------------
-# Pattern keywords, bounded
-
-
-@dataclass(frozen=True, slots=True)
-class _Unreadable:
-    """A pattern regex cannot compile, or that once took too long: not checked again."""
-
-    why: str
-
-
-_compiled: dict[str, regex.Pattern[str] | _Unreadable] = {}
-
-
-def _search(pattern: str, text: str) -> bool | None:
-    """Whether ``pattern`` is found in ``text``; None for a pattern that cannot be judged (the caller takes the
-    side that reports nothing: a value passes, a field name is neither matched by it nor unknown)."""
-    compiled = _compiled.get(pattern)
-    if compiled is None:
-        try:
-            compiled = regex.compile(pattern)
-        except (regex.error, RecursionError, OverflowError, ValueError) as exc:
-            compiled = _Unreadable(f"cannot be read ({' '.join(str(exc).split())[:80]})")
-        if len(_compiled) < 1024:
-            _compiled[pattern] = compiled
-    if isinstance(compiled, _Unreadable):
-        _warn_pattern(pattern, compiled.why)
-        return None
-    try:
-        return compiled.search(text, timeout=PATTERN_TIMEOUT, concurrent=True) is not None
-    except TimeoutError:
-        slow = _Unreadable(f"took more than {PATTERN_TIMEOUT:g} s to match")
-        _compiled[pattern] = slow
-        _warn_pattern(pattern, slow.why)
-        return None
-
-
-def _warn_pattern(pattern: str, why: str) -> None:
-    prepared = getattr(_current, "prepared", None)
-    message = f"the model's schema pattern {_describe(pattern)} {why}; it is not checked"
-    if isinstance(prepared, _Prepared):
-        prepared.warn(message)
-    else:
-        log.warning("%s", message)
-
-
-def _pattern(validator: Any, pattern: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
-    if isinstance(pattern, str) and validator.is_type(instance, "string") and _search(pattern, instance) is False:
-        yield ValidationError(f"does not match {pattern!r}")
-
-
-def _pattern_properties(validator: Any, patterns: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
-    if not validator.is_type(instance, "object") or not isinstance(patterns, Mapping):
-        return
-    for pattern, subschema in patterns.items():
-        for key, value in instance.items():
-            if _search(pattern, key):  # None (cannot judge): the subschema is not applied
-                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
-
-
-def _additional_properties(validator: Any, extra: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
-    if not validator.is_type(instance, "object"):
-        return
-    properties = schema.get("properties", {})
-    patterns = schema.get("patternProperties", {})
-    extras = [
-        key for key in instance if key not in properties and all(_search(pattern, key) is False for pattern in patterns)
-    ]
-    if validator.is_type(extra, "object"):
-        for key in extras:
-            yield from validator.descend(instance[key], extra, path=key)
-    elif extra is False:
-        for key in extras:
-            yield ValidationError(f"unknown field {key!r}", path=(key,))
 
 
 def _is_fetchable_uri(value: object) -> bool:
@@ -477,161 +315,6 @@ _FORMATS.checks("uri")(_is_fetchable_uri)
 
 
 # --------------------------------------------------------------------------------------------------
-# jsonschema's errors in our words
-
-
-@dataclass(frozen=True, slots=True)
-class _Problem:
-    """One problem at one place. ``expected`` is set for a type mismatch, so ``anyOf`` can merge them."""
-
-    path: _Where
-    message: str
-    expected: tuple[str, ...] = ()
-    got: str = ""
-    rank: int = 1  # required fields first, unknown fields last
-
-    def line(self) -> str:
-        if self.rank == 2:
-            return self.message
-        return f"{_where(self.path)}: {self.message}"
-
-
-def _problems(errors: list[ValidationError]) -> list[_Problem]:
-    """Our problems for jsonschema's errors, in a stable order: a wrong type hides the other complaints there."""
-    typed = {tuple(e.absolute_path) for e in errors if e.validator == "type"}
-    out: list[_Problem] = []
-    seen: set[tuple[_Where, str]] = set()
-    for error in errors:
-        path: _Where = tuple(error.absolute_path)
-        if error.validator != "type" and path in typed:
-            continue
-        for problem in _translate(error, path):
-            key = (problem.path, problem.message)
-            if key not in seen:
-                seen.add(key)
-                out.append(problem)
-    return sorted(out, key=lambda p: p.rank)
-
-
-def _translate(error: ValidationError, path: _Where) -> list[_Problem]:
-    keyword: Any = error.validator
-    wanted: Any = error.validator_value
-    value: Any = error.instance
-    schema: Mapping[str, Any] = error.schema if isinstance(error.schema, Mapping) else {}
-    if keyword is None:
-        return [_Problem(path, "is not allowed here")]
-    if keyword == "type":
-        names = [wanted] if isinstance(wanted, str) else [n for n in wanted if isinstance(n, str)]
-        words = tuple(_TYPE_WORDS.get(name, name) for name in names)
-        choices = schema.get("enum")
-        hint = _enum_hint(value, choices) if isinstance(choices, list) and not isinstance(value, str) else ""
-        return [_Problem(path, f"must be {_or(words)}, got {_describe(value)}{hint}", words, _describe(value))]
-    if keyword == "required":
-        if not isinstance(value, Mapping):
-            return []
-        missing = [name for name in wanted if isinstance(name, str) and name not in value]
-        return [_Problem((*path, name), "is required", rank=0) for name in missing]
-    if keyword == "additionalProperties":
-        known = [name for name in schema.get("properties", {}) if isinstance(name, str)]
-        close = difflib.get_close_matches(str(path[-1]), known, n=1, cutoff=0.6) if path else []
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        return [_Problem(path, f"unknown field {_dotted(path)!r}{hint}", rank=2)]
-    if keyword in ("anyOf", "oneOf"):
-        return _best_branch(error, path)
-    message = _message(keyword, wanted, value, schema)
-    return [_Problem(path, message or _one_line(error.message))]
-
-
-def _message(keyword: str, wanted: Any, value: Any, schema: Mapping[str, Any]) -> str | None:
-    """Our wording of one failed keyword, or None for jsonschema's own."""
-    shown = _describe(value)
-    if keyword == "enum" and isinstance(wanted, list):
-        listed = ", ".join(_describe(c) for c in wanted[:_MAX_ENUM_SHOWN])
-        if len(wanted) > _MAX_ENUM_SHOWN:
-            listed += f", ... ({len(wanted)} in all)"
-        return f"must be one of {listed}; got {shown}{_enum_hint(value, wanted)}"
-    if keyword == "const":
-        return f"must be {_describe(wanted)}, got {shown}"
-    if keyword == "minimum" and isinstance(wanted, int | float):
-        # Draft 4 spelled an exclusive bound as a boolean beside minimum/maximum.
-        verb = "more than" if schema.get("exclusiveMinimum") is True else "at least"
-        return f"must be {verb} {_number(wanted)}, got {shown}"
-    if keyword == "maximum" and isinstance(wanted, int | float):
-        verb = "less than" if schema.get("exclusiveMaximum") is True else "at most"
-        return f"must be {verb} {_number(wanted)}, got {shown}"
-    if keyword == "exclusiveMinimum" and isinstance(wanted, int | float):
-        return f"must be more than {_number(wanted)}, got {shown}"
-    if keyword == "exclusiveMaximum" and isinstance(wanted, int | float):
-        return f"must be less than {_number(wanted)}, got {shown}"
-    if keyword == "minLength" and isinstance(value, str):
-        if not value:
-            return "must not be empty"
-        return f"must be at least {_plural(wanted, 'character')} long, got {len(value)}"
-    if keyword == "maxLength" and isinstance(value, str):
-        return f"must be at most {_plural(wanted, 'character')} long, got {len(value):,}"
-    if keyword == "pattern":
-        return f"must match the pattern {_describe(wanted, 80)}, got {shown}"
-    if keyword == "format":
-        if wanted == "uri":
-            return f"must be an http(s) URL or a data: URI, got {shown}"
-        return f"must be a valid {wanted}, got {shown}"
-    if keyword == "minItems" and isinstance(value, list):
-        return f"must have at least {_plural(wanted, 'item')}, got {len(value)}"
-    if keyword == "maxItems" and isinstance(value, list):
-        return f"must have at most {_plural(wanted, 'item')}, got {len(value)}"
-    if keyword == "multipleOf":
-        return f"must be a multiple of {_describe(wanted)}, got {shown}"
-    if keyword == "not" and wanted == {}:
-        return "is not allowed here"
-    if keyword == "not":
-        return f"must not be {shown} (the schema excludes it)"
-    return None
-
-
-def _best_branch(error: ValidationError, path: _Where) -> list[_Problem]:
-    """What to say when no branch of anyOf/oneOf fits: merged types when every branch wanted another type, else
-    the problems of the first branch whose type fitted (the one the user most likely meant)."""
-    by_branch: dict[int, list[ValidationError]] = {}
-    for sub in error.context or ():
-        index = sub.relative_schema_path[0] if sub.relative_schema_path else 0
-        by_branch.setdefault(index if isinstance(index, int) else 0, []).append(sub)
-    if not by_branch:
-        return [_Problem(path, "matches more than one of the choices its schema allows only one of (oneOf)")]
-    results = [_problems(found) for _, found in sorted(by_branch.items())]
-    results = [found for found in results if found]
-    if not results:
-        return [_Problem(path, _one_line(error.message))]
-    type_only = [r[0] for r in results if len(r) == 1 and r[0].expected and r[0].path == path]
-    if len(type_only) == len(results):
-        words = tuple(dict.fromkeys(word for problem in type_only for word in problem.expected))
-        got = type_only[0].got
-        return [_Problem(path, f"must be {_or(words)}, got {got}", words, got)]
-    for found in results:
-        if not (found[0].expected and found[0].path == path):
-            return found
-    return results[0]
-
-
-def _enum_hint(value: Any, choices: list[Any]) -> str:
-    words = [c for c in choices if isinstance(c, str)]
-    if isinstance(value, str):
-        folded = [word for word in words if word.casefold() == value.casefold()]
-        # Spelling is what difflib judges; between digit strings such as 7:5 and 4:5 it finds noise.
-        close = folded
-        if not close and any(c.isalpha() for c in value):
-            close = difflib.get_close_matches(value, words, n=1, cutoff=0.6)
-        return f"; did you mean {close[0]!r}?" if close else ""
-    if isinstance(value, int) and not isinstance(value, bool):
-        # YAML 1.1 reads an unquoted 16:9 as the base-60 number 969.
-        for word in words:
-            parts = word.split(":")
-            sexagesimal = len(parts) == 2 and len(word) <= 12 and all(p.isascii() and p.isdigit() for p in parts)
-            if sexagesimal and int(parts[0]) * 60 + int(parts[1]) == value:
-                return f"; YAML reads an unquoted {word} as the number {value}: write '{word}' in quotes"
-    return ""
-
-
-# --------------------------------------------------------------------------------------------------
 # Small helpers
 
 
@@ -640,53 +323,5 @@ def _reason(exc: BaseException) -> str:
         return "it nests or refers to itself too deeply"
     if isinstance(exc, referencing.exceptions.Unresolvable):
         ref = getattr(exc, "ref", "")
-        return f"$ref {_describe(str(ref), 80)} is not in the schema, and remote references are not fetched"
-    return _one_line(str(exc))[:_MAX_MESSAGE_CHARS] or type(exc).__name__
-
-
-def _where(path: _Where) -> str:
-    return f"field {_dotted(path)!r}" if path else "input"
-
-
-def _dotted(path: _Where) -> str:
-    text = ""
-    for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
-
-
-def _or(words: tuple[str, ...]) -> str:
-    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
-
-
-def _plural(n: Any, word: str) -> str:
-    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
-
-
-def _number(value: float) -> str:
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
-
-
-def _one_line(text: str) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= _MAX_MESSAGE_CHARS else line[: _MAX_MESSAGE_CHARS - 3] + "..."
-
-
-def _describe(value: Any, limit: int = 40) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int) and abs(value) >= 10**30:
-        return "a very large number"  # str() of a huge int is slow, and refused beyond 4300 digits
-    if isinstance(value, int | float):
-        return _number(value)
-    if isinstance(value, str):
-        return repr(value if len(value) <= limit else value[: limit - 3] + "...")
-    if isinstance(value, list | tuple):
-        return "a list"
-    if isinstance(value, Mapping):
-        return "a mapping"
-    return f"a {type(value).__name__}"
+        return f"$ref {describe(str(ref), 80)} is not in the schema, and remote references are not fetched"
+    return one_line(str(exc))[:MAX_MESSAGE_CHARS] or type(exc).__name__

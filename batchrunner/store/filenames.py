@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchrunner.errors import ManifestError
-from batchrunner.manifest.parse import Job, Manifest
+from batchrunner.manifest import Job, Manifest
 from batchrunner.store.ledger import JobState, JobStatus, LedgerState
 from batchrunner.store.output import IMAGE_EXTENSIONS, PARTIAL_DIR, OutputDir
 

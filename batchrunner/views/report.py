@@ -29,7 +29,7 @@ from typing import Any
 
 from batchrunner.engine.runstate import classify
 from batchrunner.errors import OutputError
-from batchrunner.manifest.parse import Job, Manifest
+from batchrunner.manifest import Job, Manifest
 from batchrunner.store.ledger import JobState, LedgerState
 from batchrunner.store.output import OutputDir, describe_os_error
 from batchrunner.views.history import History, read_history

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ import yaml
 from batchrunner.engine.estimate import PAGE_SECONDS, TYPICAL_SECONDS, Estimate, estimate_run, spread_times
 from batchrunner.engine.policy import MIN_SAMPLES
 from batchrunner.engine.runstate import classify
-from batchrunner.manifest.parse import Manifest, sha256_file
+from batchrunner.manifest import Manifest, sha256_file
 from batchrunner.store.ledger import JobStatus, LedgerState
 from batchrunner.store.output import OutputDir
 from batchrunner.views.history import RunRecord
@@ -266,34 +267,13 @@ def make_plan(
     Prediction times are the ledger's when it knows enough of them, else ``typical`` (the model's documented range;
     the simulator's with ``--simulate``); ``page_seconds`` is a listing page's round trip."""
     counts = count_status(manifest, state, out, max_attempts=max_attempts)
-    retryable_failed = 0
-    to_submit = 0
-    submit_images: list[str | None] = []
-    for job in manifest.jobs:
-        st = state.jobs.get(job.fingerprint)
-        present = st is not None and out.has_file(st.file)
-        if classify(st, file_present=present, max_attempts=max_attempts) != "submit":
-            continue
-        to_submit += 1
-        if st is not None and st.status is JobStatus.FAILED:
-            retryable_failed += 1
-        submit_images.append(job.image_sha256)
-    this_run, limited_by = to_submit, None
-    if max_jobs is not None and max_jobs < this_run:
-        this_run, limited_by = max_jobs, f"--max-jobs {max_jobs}"
-    if budget is not None and price is not None and price > 0:
-        affordable = max(0, math.floor((budget - state.spend) / price + 1e-9))
-        if affordable < this_run:
-            this_run, limited_by = affordable, f"--budget {money(budget)}"
-    images = {
-        sha for sha in submit_images[:this_run] if sha is not None and sha not in state.uploads and not inline_images
-    }
-    known = state.durations[-500:]
-    times = known if len(known) >= MIN_SAMPLES else spread_times(*typical)
+    to_submit, retryable_failed, submit_images = _to_submit(manifest, state, out, max_attempts)
+    this_run, limited_by, uploads = _this_run(submit_images, state, max_jobs, budget, price, inline_images)
+    times = _prediction_times(state.durations, typical)
     estimate = estimate_run(
         jobs=this_run,
         in_flight=counts.in_flight + counts.in_doubt,
-        uploads=len(images),
+        uploads=uploads,
         concurrency=concurrency,
         rate_count=rate_count,
         rate_period=rate_period,
@@ -308,7 +288,7 @@ def make_plan(
         counts=counts,
         retryable_failed=retryable_failed,
         to_submit=to_submit,
-        uploads=len(images),
+        uploads=uploads,
         requests=estimate.requests,
         seconds=estimate.seconds,
         cost=None if price is None else this_run * price,
@@ -322,6 +302,54 @@ def make_plan(
         watch=watch,
         estimate=estimate,
     )
+
+
+def _to_submit(
+    manifest: Manifest, state: LedgerState, out: OutputDir, max_attempts: int
+) -> tuple[int, int, list[str | None]]:
+    """The jobs a run would submit: how many, how many of them failed before, and each one's image (in order)."""
+    retryable_failed = 0
+    to_submit = 0
+    submit_images: list[str | None] = []
+    for job in manifest.jobs:
+        st = state.jobs.get(job.fingerprint)
+        present = st is not None and out.has_file(st.file)
+        if classify(st, file_present=present, max_attempts=max_attempts) != "submit":
+            continue
+        to_submit += 1
+        if st is not None and st.status is JobStatus.FAILED:
+            retryable_failed += 1
+        submit_images.append(job.image_sha256)
+    return to_submit, retryable_failed, submit_images
+
+
+def _this_run(
+    submit_images: list[str | None],
+    state: LedgerState,
+    max_jobs: int | None,
+    budget: float | None,
+    price: float | None,
+    inline_images: bool,
+) -> tuple[int, str | None, int]:
+    """How many of the jobs to submit this run would submit, the option that holds it back (None: nothing does),
+    and how many distinct local images it would upload (none, with --inline-images)."""
+    this_run, limited_by = len(submit_images), None
+    if max_jobs is not None and max_jobs < this_run:
+        this_run, limited_by = max_jobs, f"--max-jobs {max_jobs}"
+    if budget is not None and price is not None and price > 0:
+        affordable = max(0, math.floor((budget - state.spend) / price + 1e-9))
+        if affordable < this_run:
+            this_run, limited_by = affordable, f"--budget {money(budget)}"
+    images = {
+        sha for sha in submit_images[:this_run] if sha is not None and sha not in state.uploads and not inline_images
+    }
+    return this_run, limited_by, len(images)
+
+
+def _prediction_times(durations: Sequence[float], typical: tuple[float, float]) -> Sequence[float]:
+    """The ledger's latest 500 prediction times when it knows enough of them, else ``typical`` spread out."""
+    known = durations[-500:]
+    return known if len(known) >= MIN_SAMPLES else spread_times(*typical)
 
 
 # --------------------------------------------------------------------------------------------------- collapses
