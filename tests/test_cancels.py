@@ -134,7 +134,7 @@ async def test_an_accepted_cancel_is_not_read_as_finished_and_the_job_waits_out_
         return "success"  # the documented answer of an accepted cancel
 
     monkeypatch.setattr(sched.client, "cancel", accepted)
-    await sched._cancel(flight)
+    await sched.cancels.cancel(flight)
     # "success" is accepted, not finished: the next look is a first-poll interval away, not at once.
     assert flight.next_poll_at == pytest.approx(1.5)
     assert sched._choose(1.0)[0] is None

@@ -114,4 +114,4 @@ async def test_a_resumed_doubt_is_matched_with_the_upload_the_ledger_recorded_ho
             client = Client(session, base_url="http://127.0.0.1:9", api_key="unused")
             sched = Scheduler(manifest, client, ledger, out, state, RunConfig())
             assert not sched.uploads.ready_for(job)  # past the reuse period (uploaded at epoch 0): not reused
-            assert sched._match_request(job)["input_image"] == "https://cdn.example/old-upload.png"
+            assert sched.doubts.match_request(job)["input_image"] == "https://cdn.example/old-upload.png"
