@@ -11,6 +11,7 @@ clock, and each server behaviour end to end in every watch mode.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 
 from batchrunner.api.client import Client
 from batchrunner.cli.main import main
+from batchrunner.engine.cancels import overdue
 from batchrunner.engine.policy import cancel_hold
 from batchrunner.engine.runstate import Flight, RunConfig
 from batchrunner.engine.scheduler import Scheduler
@@ -134,7 +136,7 @@ async def test_an_accepted_cancel_is_not_read_as_finished_and_the_job_waits_out_
         return "success"  # the documented answer of an accepted cancel
 
     monkeypatch.setattr(sched.client, "cancel", accepted)
-    await sched._cancel(flight)
+    await sched.cancels.cancel(flight)
     # "success" is accepted, not finished: the next look is a first-poll interval away, not at once.
     assert flight.next_poll_at == pytest.approx(1.5)
     assert sched._choose(1.0)[0] is None
@@ -217,3 +219,39 @@ def test_a_cancelled_prediction_still_running_after_the_hold_counts_as_possibly_
     manifest = tmp_path / "batch.yaml"
     assert main(["status", str(manifest), "--output", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["possibly_duplicated"] == 1
+
+
+# --- the deadline scan, by table ----------------------------------------------------------------------------------
+
+
+def _flight(name: str, created_at: float, cancelled_at: float | None = None) -> Flight:
+    return Flight(name, name, name, created_at=created_at, job=None, cancelled_at=cancelled_at)
+
+
+@pytest.mark.parametrize(
+    ("flights", "now", "action", "earliest"),
+    [
+        ([], 5.0, None, math.inf),
+        ([_flight("a", 0.0)], 0.5, None, 1.0),  # not yet overdue: its deadline is the next look
+        ([_flight("a", 0.0)], 1.0, ("cancel", "a"), math.inf),  # at its --job-timeout: cancelled
+        ([_flight("a", 0.0, cancelled_at=1.0)], 5.0, None, 10.0),  # cancelled: held 9 s after the cancel
+        ([_flight("a", 0.0, cancelled_at=1.0)], 10.0, ("abandon", "a"), math.inf),
+        ([_flight("a", 0.5), _flight("b", 0.0, cancelled_at=0.2)], 0.8, None, 1.5),  # the soonest of both
+        ([_flight("a", 0.5), _flight("b", 0.0)], 1.2, ("cancel", "b"), math.inf),  # the first overdue in order
+    ],
+)
+def test_the_deadline_scan_cancels_then_abandons_and_tells_the_next_deadline(
+    flights: list[Flight], now: float, action: tuple[str, str] | None, earliest: float
+) -> None:
+    asked: list[int] = []
+
+    def hold() -> float:
+        asked.append(1)
+        return 9.0
+
+    chosen, soonest = overdue(flights, now, timeout=1.0, hold=hold)
+    assert (None if chosen is None else (chosen[0], chosen[1].prediction_id)) == action
+    assert soonest == earliest
+    assert len(asked) <= 1  # the hold is worked out once, and only for a cancelled flight
+    if not any(f.cancelled_at is not None for f in flights):
+        assert not asked

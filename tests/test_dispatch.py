@@ -11,6 +11,7 @@ import pytest
 from batchrunner.api.client import Client
 from batchrunner.engine.runstate import Flight, RunConfig
 from batchrunner.engine.scheduler import Scheduler
+from batchrunner.engine.watching import spare_poll
 from batchrunner.manifest import load_manifest
 from batchrunner.store.ledger import Ledger, Upload, read_ledger
 from batchrunner.store.output import OutputDir
@@ -114,4 +115,32 @@ async def test_a_resumed_doubt_is_matched_with_the_upload_the_ledger_recorded_ho
             client = Client(session, base_url="http://127.0.0.1:9", api_key="unused")
             sched = Scheduler(manifest, client, ledger, out, state, RunConfig())
             assert not sched.uploads.ready_for(job)  # past the reuse period (uploaded at epoch 0): not reused
-            assert sched._match_request(job)["input_image"] == "https://cdn.example/old-upload.png"
+            assert sched.doubts.match_request(job)["input_image"] == "https://cdn.example/old-upload.png"
+
+
+# --- the spare poll, by table -------------------------------------------------------------------------------------
+
+KNOWN = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5]
+
+
+def _seen(name: str, created_at: float, checked: float | None = None) -> Flight:
+    return Flight(name, name, name, created_at=created_at, job=None, last_running_age=checked)
+
+
+@pytest.mark.parametrize(
+    ("flights", "now", "min_interval", "chosen", "wake"),
+    [
+        ([], 1.0, 0.0, None, None),
+        ([_seen("a", 0.0, 0.5)], 0.6, 0.0, None, 1.0),  # not likely done: one timer for when it will be
+        ([_seen("a", 0.0, 1.45)], 1.6, 0.0, "a", None),  # past every known time: surely done
+        ([_seen("old", 0.0, 1.3), _seen("young", 0.3)], 1.5, 0.0, "young", None),  # worth most, not likeliest
+        ([_seen("a", 0.0, 1.45)], 1.6, 0.5, None, 1.95),  # seen running too lately: the minimum interval first
+    ],
+)
+def test_a_spare_request_goes_to_the_poll_worth_most_or_sets_one_timer(
+    flights: list[Flight], now: float, min_interval: float, chosen: str | None, wake: float | None
+) -> None:
+    times: list[float] = []
+    best = spare_poll(flights, now, KNOWN, min_interval, times.append)
+    assert (None if best is None else best.prediction_id) == chosen
+    assert (min(times) if times else None) == (None if wake is None else pytest.approx(wake))

@@ -144,21 +144,18 @@ class Results:
         new create for the job is possibly paid twice; recorded in the ledger as ``still_running: true``.
         """
         fields: dict[str, Any] = {"error": error, "retryable": retryable}
-        if error_code is not None:
-            fields["error_code"] = error_code
-        if error_message is not None:
-            fields["error_message"] = error_message
-        if category is not None:
-            fields["error_category"] = category
-        if prediction_id is not None:
-            fields["prediction_id"] = prediction_id
+        optional = {
+            "error_code": error_code,
+            "error_message": error_message,
+            "error_category": category,
+            "prediction_id": prediction_id,
+            "cost": cost,
+            "duration": duration,
+            "still_running": True if still_running else None,
+        }
+        fields.update((k, v) for k, v in optional.items() if v is not None)
         if cost is not None:
-            fields["cost"] = cost
             self.counters.spend += cost
-        if duration is not None:
-            fields["duration"] = duration
-        if still_running:
-            fields["still_running"] = True
         self.ledger.append(FAILED, job=job_id, fingerprint=fingerprint, **fields)
         st = job_state(self.state, job_id, fingerprint)
         st.status = JobStatus.FAILED
@@ -167,16 +164,21 @@ class Results:
         st.retryable = retryable
         st.error = error
         st.error_code = error_code
-        if retryable and st.attempts < self.config.max_attempts and job is not None:
+        self._retry_or_give_up(job_id, job, error, error_code, st.attempts, retryable=retryable)
+
+    def _retry_or_give_up(
+        self, job_id: str, job: Job | None, error: str, error_code: str | None, attempts: int, *, retryable: bool
+    ) -> None:
+        if retryable and attempts < self.config.max_attempts and job is not None:
             self.counters.retried += 1
             log.warning(
                 "job %s: attempt %d failed: %s; trying again",
                 job_id,
-                st.attempts,
+                attempts,
                 error,
-                extra={"fields": _failure_fields("attempt_failed", job_id, error, error_code, st.attempts)},
+                extra={"fields": _failure_fields("attempt_failed", job_id, error, error_code, attempts)},
             )
-            self._retry(job, backoff(st.attempts, rng=self._rng))
+            self._retry(job, backoff(attempts, rng=self._rng))
         else:
             self.counters.failed += 1
             log.error(
@@ -184,7 +186,7 @@ class Results:
                 job_id,
                 error,
                 f" [{error_code}]" if error_code else "",
-                extra={"fields": _failure_fields("job_failed", job_id, error, error_code, st.attempts)},
+                extra={"fields": _failure_fields("job_failed", job_id, error, error_code, attempts)},
             )
 
 

@@ -22,7 +22,7 @@ from batchrunner.api.redact import Redactor
 from batchrunner.engine.createpath import load_create_path, save_create_path
 from batchrunner.engine.scheduler import RunConfig, RunResult, Scheduler, Snapshot
 from batchrunner.errors import ApiError, ManifestError, UsageError
-from batchrunner.limits.limiter import open_limits
+from batchrunner.limits.limiter import AccountLimiter, LocalLimits, open_limits
 from batchrunner.manifest import DEFAULT_MODEL, Manifest
 from batchrunner.manifest.images import check_url_hosts, check_urls, local_images, url_inputs
 from batchrunner.manifest.schema import cached_schema_path, load_cached_schema, save_cached_schema, validate_input
@@ -137,6 +137,50 @@ async def check_input_urls(manifest: Manifest) -> None:
     log.info("all %d input URLs answer", len(urls))
 
 
+def make_client(session: aiohttp.ClientSession, endpoint: Endpoint, out: OutputDir) -> Client:
+    """The run's API client, with the create path this folder learnt for the endpoint (createpath.py)."""
+    return Client(
+        session,
+        base_url=endpoint.base_url,
+        api_key=endpoint.api_key,
+        timeout=endpoint.timeout,
+        create_path=load_create_path(out.path, endpoint.base_url),
+        on_create_path=lambda path: save_create_path(out.path, endpoint.base_url, path),
+    )
+
+
+async def _run_scheduler(
+    manifest: Manifest,
+    out: OutputDir,
+    state: LedgerState,
+    config: RunConfig,
+    endpoint: Endpoint,
+    ledger: Ledger,
+    request_log: RequestLog,
+    limits: AccountLimiter | LocalLimits,
+    on_progress: Callable[[Snapshot], None] | None,
+    on_scheduler: Callable[[Scheduler], None] | None,
+) -> tuple[RunResult, Scheduler]:
+    """The run proper, once the folder is locked and the ledger open: the schema's check, then the scheduler."""
+    async with aiohttp.ClientSession() as session:
+        scheduler = Scheduler(
+            manifest,
+            make_client(session, endpoint, out),
+            ledger,
+            out,
+            state,
+            config,
+            request_log=request_log,
+            on_progress=on_progress,
+            content_types=content_types(manifest),
+            limits=limits,
+        )
+        if on_scheduler is not None:
+            on_scheduler(scheduler)
+        await check_schema(manifest, out, scheduler)
+        return await scheduler.run(), scheduler
+
+
 async def run_batch(
     manifest: Manifest,
     out: OutputDir,
@@ -153,8 +197,8 @@ async def run_batch(
     ``deadline`` (``time.monotonic()``) is when the whole command must be done, checks before the run included: the
     scheduler gets what is left of it as its ``max_runtime``.
     """
-    types = content_types(manifest)
     out.create()
+    label = str(out.path.resolve())
     with RunLock(out.lock):
         # Under the lock, so no other run appends meanwhile; before prepare(), which empties .partial/.
         state = read_ledger(out.ledger)
@@ -167,11 +211,7 @@ async def run_batch(
         # Under the folder's lock: a lease of this folder still in the store is a killed run's (account.join). Opened
         # before the ledger, so that a store that cannot be used ends the run before anything is written or sent.
         limits_cm = open_limits(
-            config,
-            api_url=endpoint.base_url,
-            api_key=endpoint.api_key,
-            request_timeout=endpoint.timeout,
-            label=str(out.path.resolve()),
+            config, api_url=endpoint.base_url, api_key=endpoint.api_key, request_timeout=endpoint.timeout, label=label
         )
         try:
             async with limits_cm as limits:
@@ -179,31 +219,8 @@ async def run_batch(
                     if retry_failed and reset_failed(manifest, state, ledger):
                         state = read_ledger(out.ledger)
                     ledger.append("run_started", pid=os.getpid(), jobs=len(manifest.jobs))
-                    async with aiohttp.ClientSession() as session:
-                        client = Client(
-                            session,
-                            base_url=endpoint.base_url,
-                            api_key=endpoint.api_key,
-                            timeout=endpoint.timeout,
-                            create_path=load_create_path(out.path, endpoint.base_url),
-                            on_create_path=lambda path: save_create_path(out.path, endpoint.base_url, path),
-                        )
-                        scheduler = Scheduler(
-                            manifest,
-                            client,
-                            ledger,
-                            out,
-                            state,
-                            config,
-                            request_log=request_log,
-                            on_progress=on_progress,
-                            content_types=types,
-                            limits=limits,
-                        )
-                        if on_scheduler is not None:
-                            on_scheduler(scheduler)
-                        await check_schema(manifest, out, scheduler)
-                        result = await scheduler.run()
+                    parts = (manifest, out, state, config, endpoint, ledger, request_log, limits)
+                    result, scheduler = await _run_scheduler(*parts, on_progress, on_scheduler)
                     if scheduler.fatal is not None:
                         raise scheduler.fatal
                     ledger.append("run_finished", **result_fields(result))
