@@ -79,7 +79,7 @@ from batchrunner.errors import (
     TransientError,
 )
 from batchrunner.limits.account import StoreLost
-from batchrunner.limits.limiter import AccountLimiter, GateLike, LocalLimits, WindowLike
+from batchrunner.limits.limiter import AccountLimiter, GateLike, LocalLimits, RunLimits, WindowLike
 from batchrunner.limits.window import SlidingWindow, default_margin, seed_history
 from batchrunner.manifest.parse import Job, Manifest
 from batchrunner.store.ledger import (
@@ -148,7 +148,7 @@ class Scheduler:
         self._on_progress = on_progress
         self.counters = Counters()
         # The run's own window and gate, or the account's through its store (accountlimits.py).
-        self.limits = limits if limits is not None else LocalLimits(config)
+        self.limits = limits or LocalLimits(RunLimits(config.rate_count, config.rate_period, config.concurrency))
         self.window: WindowLike = self.limits.window
         self.gate: GateLike = self.limits.gate
         # Polls are paced at the window's sustainable rate; when only creates count, at what the per-prediction minimum

@@ -23,10 +23,10 @@ import math
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from batchrunner.engine.runstate import RunConfig
 from batchrunner.errors import UsageError
 from batchrunner.limits.account import (
     SLOT_GRACE,
@@ -57,6 +57,7 @@ __all__ = [
     "AccountLimiter",
     "GateLike",
     "LocalLimits",
+    "RunLimits",
     "WindowLike",
     "check_store_spec",
     "open_limits",
@@ -73,6 +74,18 @@ TIGHT_REFRESH = 0.02
 IDLE_REFRESH = 0.25
 # Added to a run's hold: a prediction is created a moment after the transaction that gave its slot (a beat).
 HOLD_SLACK = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class RunLimits:
+    """What a run asks of the limits: its window and cap, its store (``--limits-store``; None: the default SQLite),
+    and its first poll interval, from which the hold of its slots after it is gone follows."""
+
+    count: int
+    period: float
+    concurrency: int
+    store: str | None = None
+    poll_initial: float = 1.0
 
 
 class WindowLike(Protocol):
@@ -115,11 +128,9 @@ class LocalLimits:
 
     shared = False
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunLimits) -> None:
         # Requests count at their answers (see SlidingWindow.settle), so the margin covers clock drift only.
-        self.window: WindowLike = SlidingWindow(
-            config.rate_count, config.rate_period, margin=answer_margin(config.rate_period)
-        )
+        self.window: WindowLike = SlidingWindow(config.count, config.period, margin=answer_margin(config.period))
         self.gate: GateLike = InFlightGate(config.concurrency)
 
     def sharing(self) -> int:
@@ -604,14 +615,14 @@ async def open_store(spec: str | None, *, api_url: str, api_key: str) -> Store:
 
 @contextlib.asynccontextmanager
 async def open_limits(
-    config: RunConfig, *, api_url: str, api_key: str, request_timeout: float, label: str
+    config: RunLimits, *, api_url: str, api_key: str, request_timeout: float, label: str
 ) -> AsyncIterator[AccountLimiter | LocalLimits]:
     """The run's limiter: its own for ``--limits-store local``, else the account's, entered for the run's length.
 
     Raises StoreUnavailable (Redis unreachable, exit 2) or StoreBroken (SQLite unusable, exit 74) before anything is
     sent.
     """
-    spec = config.limits_store
+    spec = config.store
     if spec == "local":
         yield LocalLimits(config)
         return
@@ -628,9 +639,9 @@ async def open_limits(
         ttl=LEASE_TTL,
         hold=max(1.0, config.poll_initial * 10) + HOLD_SLACK,
         timeout=request_timeout,
-        count=config.rate_count,
-        period=config.rate_period,
-        margin=answer_margin(config.rate_period),
+        count=config.count,
+        period=config.period,
+        margin=answer_margin(config.period),
         concurrency=config.concurrency,
     )
     limiter = AccountLimiter(store, lease)
