@@ -13,10 +13,12 @@ import pytest
 
 from batchrunner.limits.account import (
     FULL_RETRY,
+    STOCK_TTL,
     AccountLimits,
     AccountState,
     Lease,
     StoreBroken,
+    Waiter,
     account_limits,
     adopt,
     beat,
@@ -192,6 +194,42 @@ def test_randomised_runs_never_put_more_than_count_in_any_window_the_server_sees
         busiest = max(sum(1 for a in arrivals if s - 1.0 < a <= s) for s in arrivals)
         assert busiest <= 4, seed
         assert len(arrivals) > 30
+
+
+def test_at_large_limits_a_granted_run_takes_a_stock_ahead_that_counts_as_pending() -> None:
+    state = account(lease("a", count=6000, period=6.0, concurrency=1000))
+    decision = request(state, 0.0, "a", grant=True, slot=True, extra=64)
+    assert decision.granted and len(decision.more) == 64 and decision.more_slots == 64
+    assert len(state.pending) == 65 and state.leases["a"].held == 65
+    assert state.pending.take(decision.more[0]).deadline == pytest.approx(STOCK_TTL + 5.0)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("count", "concurrency", "extra", "grants", "slots"),
+    [
+        (3, 4, 64, 0, 0),  # small limits: an eighth of what is free is nothing
+        (6000, 4, 64, 0, 0),  # a create's stock is bounded by the slots free
+        (6000, 1000, 0, 0, 0),  # not asked for
+        (160, 1000, 64, 19, 19),  # an eighth of the 159 grants left free
+    ],
+)
+def test_a_stock_is_a_sliver_of_what_is_free_now(
+    count: int, concurrency: int, extra: int, grants: int, slots: int
+) -> None:
+    state = account(lease("a", count=count, concurrency=concurrency))
+    decision = request(state, 0.0, "a", grant=True, slot=True, extra=extra)
+    assert decision.granted and (len(decision.more), decision.more_slots) == (grants, slots)
+
+
+def test_no_stock_is_taken_while_another_run_waits_in_line() -> None:
+    state = account(lease("a", count=6000, concurrency=1), lease("b", count=6000, concurrency=1))
+    assert ask(state, 0.0, "a", slot=True)[0]
+    assert not ask(state, 0.0, "b", slot=True)[0]  # b waits for a slot
+    release(state, "a")
+    assert request(state, 0.0, "a", grant=True, slot=True, extra=64).more == ()  # b is first for the slot
+    assert len(request(state, 0.0, "a", grant=True, slot=False, extra=64).more) > 0  # grants alone: b is not in line
+    state.line.append(Waiter("b", 1.0))
+    assert request(state, 0.0, "a", grant=True, slot=False, extra=64).more == ()
 
 
 def test_grant_times_plan_the_next_grants_without_taking_them() -> None:

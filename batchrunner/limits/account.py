@@ -88,6 +88,12 @@ FULL_RETRY = 0.02
 # How soon a run refused a slot looks again on its own (the background refresh wakes it sooner when one frees).
 SLOT_RETRY = 0.05
 STATE_VERSION = 1
+# Seconds within which a run sends a request on a grant it took ahead (its stock; see ``request``) or gives it back:
+# a stock grant's deadline is this much later than a grant taken for a request sent at once.
+STOCK_TTL = 0.1
+# A run takes ahead at most this share of what is free now (divided among the live runs), so a stock is never more
+# than a sliver of the account's room; at small limits that is nothing, and each request is its own transaction.
+STOCK_SHARE = 8
 # Recorded grants a view carries: those the next grants a run plans between transactions wait for.
 VIEW_TIMES = 32
 
@@ -385,6 +391,8 @@ class Decision:
     wait: float = 0.0
     why: str = "granted"  # "granted", "window" (full), "turn" (runs ahead of it), "slots"
     grant_id: str | None = None
+    more: tuple[str, ...] = ()  # grants taken ahead with it (the run's stock), when ``extra`` asked for them
+    more_slots: int = 0  # slots taken ahead with it
 
 
 @dataclass(frozen=True, slots=True)
@@ -579,8 +587,14 @@ def _unqueue(line: list[Waiter], lease_id: str) -> None:
     line[:] = [w for w in line if w.lease != lease_id]
 
 
-def request(state: AccountState, now: float, lease_id: str, *, grant: bool, slot: bool) -> Decision:
-    """``decide``, then carry it out: take the grant (pending) and/or the slot, or keep the run's place in line."""
+def request(state: AccountState, now: float, lease_id: str, *, grant: bool, slot: bool, extra: int = 0) -> Decision:
+    """``decide``, then carry it out: take the grant (pending) and/or the slot, or keep the run's place in line.
+
+    With ``extra``, a granted run also takes up to that many more of the same (grants and/or slots) ahead, as its
+    stock for the next requests, so that at large limits a transaction serves many requests: only while no run waits
+    in the line concerned, only what is free now, and at most ``1/STOCK_SHARE`` of it per live run. A stock grant is
+    pending like any (its deadline ``STOCK_TTL`` later: the run sends on it by then or gives it back), a stock slot
+    held like any."""
     decision = decide(state, now, lease_id, grant=grant, slot=slot)
     lease = state.leases[lease_id]
     if not decision.granted:
@@ -601,7 +615,34 @@ def request(state: AccountState, now: float, lease_id: str, *, grant: bool, slot
     if slot:
         _unqueue(state.slot_line, lease_id)
         lease.held += 1
-    return Decision(True, grant_id=grant_id)
+    n = _stock_room(state, now, grant=grant, slot=slot, extra=extra)
+    more: list[str] = []
+    for _ in range(n if grant else 0):
+        state.seq += 1
+        more.append(f"{lease_id}.{state.seq}")
+        state.pending.add(more[-1], Pending(lease_id, now, now + STOCK_TTL + lease.timeout))
+    if slot:
+        lease.held += n
+    return Decision(True, grant_id=grant_id, more=tuple(more), more_slots=n if slot else 0)
+
+
+def _stock_room(state: AccountState, now: float, *, grant: bool, slot: bool, extra: int) -> int:
+    """How many more grants (and/or slots) a run granted now may take ahead: see ``request``."""
+    if extra <= 0 or (grant and state.line) or (slot and state.slot_line):
+        return 0
+    limits = account_limits(state, now)
+    if limits is None:
+        return 0
+    share = STOCK_SHARE * sum(1 for lease in state.leases.values() if lease.live(now))
+    room = extra
+    if slot:
+        room = min(room, (limits.concurrency - slots_held(state, now)) // share)
+    if grant and room > 0:
+        # Free now: COUNT less the pending grants and the recorded ones still inside the window (one index count).
+        times = state.times
+        in_window = len(times) - times.count_le(now - limits.window) if len(times) else 0
+        room = min(room, (limits.count - len(state.pending) - in_window) // share)
+    return max(0, room)
 
 
 def settle_grant(state: AccountState, now: float, grant_id: str) -> None:

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from batchrunner.errors import UsageError
 from batchrunner.limits.account import (
     SLOT_GRACE,
+    STOCK_TTL,
     AccountLimits,
     AccountState,
     Decision,
@@ -74,6 +75,14 @@ TIGHT_REFRESH = 0.02
 IDLE_REFRESH = 0.25
 # Added to a run's hold: a prediction is created a moment after the transaction that gave its slot (a beat).
 HOLD_SLACK = 0.5
+# The background task's transactions (answers, releases, the view) are at most this often: what it sends waits a
+# few milliseconds and goes in one transaction, instead of one per answer.
+OPS_GAP = 0.01
+# The most grants (and slots) a run asks to take ahead in one transaction; it doubles its ask each time its stock ran
+# out and halves it each time some went unused (``account.request``).
+STOCK_MAX = 64
+# A stock grant is used this long before its STOCK_TTL ends at the latest (the request must be on the wire by then).
+STOCK_GUARD = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +211,8 @@ class _Window:
         o = self._o
         if o.fallback is not None:
             return o.fallback[0].delay(now)
+        if o.stock:
+            return 0.0  # grants in hand
         return max(0.0, o.retry_at - now)
 
     def take(self, now: float, *, pending: bool = False) -> int:
@@ -232,7 +243,8 @@ class _Window:
         o = self._o
         if o.fallback is not None:
             return o.fallback[0].used(now)
-        return o.view.used() if o.view is not None else 0
+        # The run's stock is pending in the view, but it is the run's to use.
+        return max(0, o.view.used() - len(o.stock)) if o.view is not None else 0
 
     def remaining(self, now: float) -> int:
         return self._o.limits.count - self.used(now)
@@ -244,9 +256,8 @@ class _Window:
         if o.view is None:
             return [now] * k
         shift, seen = o.offset, o.view
-        return plan_grants(
-            lambda i: seen.nth(i) - shift, seen.recorded, seen.latest - shift, seen.pending, now, k, o.limits
-        )
+        pending = max(0, seen.pending - len(o.stock))
+        return plan_grants(lambda i: seen.nth(i) - shift, seen.recorded, seen.latest - shift, pending, now, k, o.limits)
 
 
 class _Gate:
@@ -258,15 +269,15 @@ class _Gate:
 
     @property
     def in_flight(self) -> int:
-        return self._o.lease.held
+        return self._o.lease.held - len(self._o.stock_slots)
 
     @in_flight.setter
     def in_flight(self, value: int) -> None:
         # Only the scheduler's load sets it: predictions (and doubts) it takes over from the folder's ledger.
         o = self._o
-        delta = value - o.lease.held
+        delta = value - self.in_flight
         if delta > 0:
-            o.lease.held = value
+            o.lease.held += delta
             o.queue_op("adopt", delta)
             if o.fallback is not None:
                 o.fallback[1].in_flight += delta
@@ -281,7 +292,7 @@ class _Gate:
         if o.view is None:
             return 0
         # A slot acquire() took for the create the scheduler is about to start is this run's to use.
-        return max(0, o.view.free() + o.released_since_view) + int(o.held_slot)
+        return max(0, o.view.free() + o.released_since_view) + int(o.held_slot) + len(o.stock_slots)
 
     def try_acquire(self) -> bool:
         o = self._o
@@ -291,12 +302,12 @@ class _Gate:
         elif not o.held_slot:
             return False
         o.held_slot = False
-        self.max_seen = max(self.max_seen, o.lease.held)
+        self.max_seen = max(self.max_seen, self.in_flight)
         return True
 
     def release(self) -> None:
         o = self._o
-        if o.lease.held <= 0:
+        if self.in_flight <= 0:
             raise RuntimeError("release() of the account's gate without a matching acquire")
         o.lease.held -= 1
         o.released_since_view += 1
@@ -322,6 +333,13 @@ class AccountLimiter:
         self.retry_at = -math.inf  # loop time before which asking for a grant is pointless
         self.held_grant: str | None = None  # taken by acquire(), for the window's take()
         self.held_slot = False  # taken by acquire(), for the gate's try_acquire()
+        # Grants and slots taken ahead (account.request's ``extra``), each with the loop time it must be used by;
+        # where the held grant or slot came from (None: taken for this request), so an unused one goes back there.
+        self.stock: list[tuple[str, float]] = []
+        self.stock_slots: list[float] = []
+        self.burst = 1
+        self._held_grant_until: float | None = None
+        self._held_slot_until: float | None = None
         self.tickets: dict[int, tuple[str, str | int]] = {}
         self.ticket = 0
         self.released_since_view = 0
@@ -477,6 +495,8 @@ class AccountLimiter:
         gate = InFlightGate(lim.concurrency, initial=held)
         self.fallback = (window, gate)
         self.held_grant, self.held_slot = None, False
+        self.lease.held -= len(self.stock_slots)  # taken ahead, never used: they are not in flight
+        self.stock, self.stock_slots = [], []
         self._on_lost(exc)
         self._wake()
 
@@ -501,7 +521,17 @@ class AccountLimiter:
             return not slot or self.fallback[1].free() > 0
         if self.held_grant is not None or self.held_slot:
             self.give_back()
-        fn, _ = self._tx(lambda state, now: request(state, now, self.lease.id, grant=grant, slot=slot))
+        started = self.now()
+        self._drop_stale(started)
+        if (grant or slot) and (not grant or self.stock) and (not slot or self.stock_slots):
+            if grant:  # the oldest first: it is the first to go stale
+                self.held_grant, self._held_grant_until = self.stock.pop(0)
+            if slot:
+                self._held_slot_until = self.stock_slots.pop(0)
+                self.held_slot = True
+            return True
+        extra = self.burst
+        fn, _ = self._tx(lambda state, now: request(state, now, self.lease.id, grant=grant, slot=slot, extra=extra))
         try:
             decision, fresh = await self.store.transact(fn)
         except StoreLost as exc:
@@ -509,10 +539,14 @@ class AccountLimiter:
             return False
         assert isinstance(decision, Decision)
         if decision.granted:
-            self.held_grant = decision.grant_id
+            self.held_grant, self._held_grant_until = decision.grant_id, None
+            until = started + STOCK_TTL - STOCK_GUARD
+            self.stock += [(grant_id, until) for grant_id in decision.more]
+            self.stock_slots += [until] * decision.more_slots
+            self.burst = min(STOCK_MAX, self.burst * 2)  # the stock ran out (or there was none): ask for more
             if slot:
-                self.held_slot = True
-                self.lease.held += 1
+                self.held_slot, self._held_slot_until = True, None
+                self.lease.held += 1 + decision.more_slots
                 self._slot_claim_until = -math.inf
         self._set_view(fresh)
         if not decision.granted:
@@ -526,12 +560,33 @@ class AccountLimiter:
         """Return what ``acquire`` took and the scheduler did not use (it chose otherwise meanwhile): no request was
         sent, so the grant counts nowhere."""
         if self.held_grant is not None:
-            self.queue_op("cancel", self.held_grant)
+            if self._held_grant_until is not None:
+                self.stock.insert(0, (self.held_grant, self._held_grant_until))
+            else:
+                self.queue_op("cancel", self.held_grant)
             self.held_grant = None
         if self.held_slot:
             self.held_slot = False
-            self.lease.held -= 1
-            self.queue_op("release", 1)
+            if self._held_slot_until is not None:
+                self.stock_slots.insert(0, self._held_slot_until)
+            else:
+                self.lease.held -= 1
+                self.queue_op("release", 1)
+
+    def _drop_stale(self, now: float, *, every: bool = False) -> None:
+        """Give back what the stock holds past its time (or all of it): the run had no request for it."""
+        stale = [g for g in self.stock if every or g[1] <= now]
+        if stale:
+            self.stock = [g for g in self.stock if not (every or g[1] <= now)]
+            for grant_id, _ in stale:
+                self.queue_op("cancel", grant_id)
+        slots = sum(1 for t in self.stock_slots if every or t <= now)
+        if slots:
+            self.stock_slots = [t for t in self.stock_slots if not (every or t <= now)]
+            self.lease.held -= slots
+            self.queue_op("release", slots)
+        if stale or slots:
+            self.burst = max(1, self.burst // 2)
 
     async def _background(self) -> None:
         while self.lost is None and not self._closing:
@@ -543,6 +598,7 @@ class AccountLimiter:
             if self._closing:
                 return
             now = self.now()
+            self._drop_stale(now)
             due = now - self._last_beat >= BEAT_EVERY
             fn, _ = self._tx(check_pids=due)
             try:
@@ -553,6 +609,8 @@ class AccountLimiter:
             if due:
                 self._last_beat = now
             self._set_view(fresh)
+            if not self._closing:
+                await asyncio.sleep(OPS_GAP)
 
     async def close(self) -> None:
         """Leave the account: slots still held (predictions left running) stay held for the run's hold."""
@@ -570,6 +628,7 @@ class AccountLimiter:
                     await self._task
         if self.lost is None:
             self.give_back()
+            self._drop_stale(self.now(), every=True)
             fn, _ = self._tx(lambda state, now: leave(state, now, self.lease.id))
             try:
                 await self.store.transact(fn)
