@@ -17,15 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import math
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from batchrunner.errors import UsageError
 from batchrunner.limits.account import (
@@ -45,13 +42,14 @@ from batchrunner.limits.account import (
     join,
     leave,
     mark_gone,
-    plan_grants,
     record_history,
     release,
     request,
     settle_grant,
     view,
 )
+from batchrunner.limits.handles import AccountGate, AccountWindow, GateLike, LocalLimits, RunLimits, WindowLike
+from batchrunner.limits.processes import gone_here, host_id, process_start
 from batchrunner.limits.window import InFlightGate, SlidingWindow, answer_margin
 
 __all__ = [
@@ -61,6 +59,7 @@ __all__ = [
     "RunLimits",
     "WindowLike",
     "check_store_spec",
+    "host_id",
     "open_limits",
     "open_store",
 ]
@@ -85,237 +84,7 @@ STOCK_MAX = 64
 STOCK_GUARD = 0.02
 
 
-@dataclass(frozen=True, slots=True)
-class RunLimits:
-    """What a run asks of the limits: its window and cap, its store (``--limits-store``; None: the default SQLite),
-    and its first poll interval, from which the hold of its slots after it is gone follows."""
-
-    count: int
-    period: float
-    concurrency: int
-    store: str | None = None
-    poll_initial: float = 1.0
-
-
-class WindowLike(Protocol):
-    """What the scheduler asks of a request window (``SlidingWindow``'s methods)."""
-
-    @property
-    def margin(self) -> float: ...
-
-    @property
-    def window(self) -> float: ...
-
-    def delay(self, now: float) -> float: ...
-
-    def take(self, now: float, *, pending: bool = False) -> int: ...
-
-    def settle(self, ticket: int, at: float) -> None: ...
-
-    def used(self, now: float) -> int: ...
-
-    def remaining(self, now: float) -> int: ...
-
-    def next_free_times(self, now: float, k: int) -> list[float]: ...
-
-
-class GateLike(Protocol):
-    """What the scheduler asks of an in-flight gate (``InFlightGate``'s methods)."""
-
-    in_flight: int
-    max_seen: int
-
-    def free(self) -> int: ...
-
-    def try_acquire(self) -> bool: ...
-
-    def release(self) -> None: ...
-
-
-class LocalLimits:
-    """A run's own window and gate: no other run shares them."""
-
-    shared = False
-
-    def __init__(self, config: RunLimits) -> None:
-        # Requests count at their answers (see SlidingWindow.settle), so the margin covers clock drift only.
-        self.window: WindowLike = SlidingWindow(config.count, config.period, margin=answer_margin(config.period))
-        self.gate: GateLike = InFlightGate(config.concurrency)
-
-    def sharing(self) -> int:
-        """Runs sharing the limits: this one alone."""
-        return 1
-
-    def bind(self, **_: Any) -> None:
-        """Nothing to wake or stop: a run's own limits never change behind its back."""
-
-    async def acquire(self, *, grant: bool, slot: bool) -> bool:
-        return True
-
-    def give_back(self) -> None:
-        """Nothing was taken ahead."""
-
-    def seed(self, history: list[float]) -> None:
-        """The scheduler seeds its own window (``SlidingWindow(history=...)``)."""
-
-    def count_rate_limited(self) -> None:
-        """A 429 is in the run's counters already; nothing else to tell."""
-
-
-# --------------------------------------------------------------------------------------------------- processes
-def host_id() -> str:
-    """This machine's boot and pid namespace, so that runs on it can tell each other's pids; "" without /proc."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
-        namespace = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return ""
-    return hashlib.sha256(f"{boot}:{namespace}".encode()).hexdigest()[:16]
-
-
-def process_start(pid: int) -> str:
-    """The start time of process ``pid`` (clock ticks since boot), "" when unknown; None-like "" also for zombies."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return ""
-    fields = text.rpartition(")")[2].split()
-    if len(fields) < 20 or fields[0] in ("Z", "X"):
-        return ""
-    return fields[19]
-
-
-def process_gone(pid: int, start: str) -> bool:
-    """Whether the process that took a lease is surely not running (a pid reused by another process counts)."""
-    if not start:
-        return False  # no /proc: leave it to the lease's ttl
-    return process_start(pid) != start
-
-
 # --------------------------------------------------------------------------------------------------- the account
-class _Window:
-    """The account's window as the scheduler sees it (loop times); see AccountLimiter."""
-
-    def __init__(self, owner: AccountLimiter) -> None:
-        self._o = owner
-
-    @property
-    def margin(self) -> float:
-        return self._o.limits.margin
-
-    @property
-    def window(self) -> float:
-        return self._o.limits.window
-
-    def delay(self, now: float) -> float:
-        o = self._o
-        if o.fallback is not None:
-            return o.fallback[0].delay(now)
-        if o.stock:
-            return 0.0  # grants in hand
-        return max(0.0, o.retry_at - now)
-
-    def take(self, now: float, *, pending: bool = False) -> int:
-        o = self._o
-        o.ticket += 1
-        if o.fallback is not None:
-            o.tickets[o.ticket] = ("local", o.fallback[0].take(now, pending=pending))
-            return o.ticket
-        if o.held_grant is None:
-            raise RuntimeError("a grant taken that the account's store did not give")
-        o.tickets[o.ticket] = ("store", o.held_grant)
-        o.held_grant = None
-        return o.ticket
-
-    def settle(self, ticket: int, at: float) -> None:
-        o = self._o
-        entry = o.tickets.pop(ticket, None)
-        if entry is None:
-            return
-        kind, value = entry
-        if kind == "local" and o.fallback is not None:
-            assert isinstance(value, int)
-            o.fallback[0].settle(value, at)
-        elif kind == "store":
-            o.queue_op("settle", value)
-
-    def used(self, now: float) -> int:
-        o = self._o
-        if o.fallback is not None:
-            return o.fallback[0].used(now)
-        # The run's stock is pending in the view, but it is the run's to use.
-        return max(0, o.view.used() - len(o.stock)) if o.view is not None else 0
-
-    def remaining(self, now: float) -> int:
-        return self._o.limits.count - self.used(now)
-
-    def next_free_times(self, now: float, k: int) -> list[float]:
-        o = self._o
-        if o.fallback is not None:
-            return o.fallback[0].next_free_times(now, k)
-        if o.view is None:
-            return [now] * k
-        shift, seen = o.offset, o.view
-        pending = max(0, seen.pending - len(o.stock))
-        return plan_grants(lambda i: seen.nth(i) - shift, seen.recorded, seen.latest - shift, pending, now, k, o.limits)
-
-
-class _Gate:
-    """The account's slots as the scheduler sees them: ``in_flight`` is this run's, ``free()`` the account's."""
-
-    def __init__(self, owner: AccountLimiter) -> None:
-        self._o = owner
-        self.max_seen = 0
-
-    @property
-    def in_flight(self) -> int:
-        return self._o.lease.held - len(self._o.stock_slots)
-
-    @in_flight.setter
-    def in_flight(self, value: int) -> None:
-        # Only the scheduler's load sets it: predictions (and doubts) it takes over from the folder's ledger.
-        o = self._o
-        delta = value - self.in_flight
-        if delta > 0:
-            o.lease.held += delta
-            o.queue_op("adopt", delta)
-            if o.fallback is not None:
-                o.fallback[1].in_flight += delta
-        elif delta < 0:
-            for _ in range(-delta):
-                self.release()
-
-    def free(self) -> int:
-        o = self._o
-        if o.fallback is not None:
-            return o.fallback[1].free()
-        if o.view is None:
-            return 0
-        # A slot acquire() took for the create the scheduler is about to start is this run's to use.
-        return max(0, o.view.free() + o.released_since_view) + int(o.held_slot) + len(o.stock_slots)
-
-    def try_acquire(self) -> bool:
-        o = self._o
-        if o.fallback is not None:
-            if not o.fallback[1].try_acquire():
-                return False
-        elif not o.held_slot:
-            return False
-        o.held_slot = False
-        self.max_seen = max(self.max_seen, self.in_flight)
-        return True
-
-    def release(self) -> None:
-        o = self._o
-        if self.in_flight <= 0:
-            raise RuntimeError("release() of the account's gate without a matching acquire")
-        o.lease.held -= 1
-        o.released_since_view += 1
-        o.queue_op("release", 1)
-        if o.fallback is not None:
-            o.fallback[1].release()
-
-
 class AccountLimiter:
     """The account's limits, through a store shared by every run on the key. Open with ``open_limits``."""
 
@@ -325,8 +94,8 @@ class AccountLimiter:
         self.store = store
         self.lease = lease  # the run's own copy: ``held`` is what it holds, the rest what it says of itself
         self._loop_time = loop_time
-        self.window: WindowLike = _Window(self)
-        gate = _Gate(self)
+        self.window: WindowLike = AccountWindow(self)
+        gate = AccountGate(self)
         self.gate: GateLike = gate
         self.view: View | None = None
         self.offset = 0.0  # store time minus loop time, at the last view
@@ -422,7 +191,7 @@ class AccountLimiter:
         def fn(state: AccountState, now: float) -> tuple[Any, View]:
             expire(state, now)
             if check_pids:
-                mark_gone(state, _gone_here(state, lease))
+                mark_gone(state, gone_here(state, lease))
             mine = beat(state, now, lease, hold=hold)
             mine.rate_limited = rate_limited
             for kind, value in ops:
@@ -455,22 +224,8 @@ class AccountLimiter:
         self.released_since_view = 0
         if self._slot_claim_until > -math.inf and fresh.free() <= 0 and self._wants_slot():
             self._slot_claim_until = self.now() + SLOT_GRACE  # still waiting: keep the place in the slot line
-        lease = self.lease
-        if not self._warned_limits and fresh.limits != AccountLimits(
-            lease.count, lease.period, lease.margin, lease.concurrency
-        ):
-            self._warned_limits = True
-            lim = fresh.limits
-            log.warning(
-                "another run on this key asks for other limits: the account keeps the strictest, "
-                "--rate-limit %d/%g --concurrency %d (this run asked for %d/%g and %d)",
-                lim.count,
-                lim.period,
-                lim.concurrency,
-                lease.count,
-                lease.period,
-                lease.concurrency,
-            )
+        if not self._warned_limits:
+            self._warned_limits = _warn_other_limits(self.lease, fresh.limits)
         if self.gate.free() > before or (opened and fresh.used() < fresh.limits.count):
             self._wake()
 
@@ -479,21 +234,8 @@ class AccountLimiter:
         if self.lost is not None:
             return
         self.lost = exc
-        now = self.now()
-        lim = self.limits
-        history: list[float] = []
-        if self.view is not None:
-            seen = self.view
-            start = seen.now - lim.window
-            history = [min(now, t - self.offset) for t in seen.times if t > start]
-            history += [now] * max(0, seen.in_window - len(history))  # those it does not carry: at most now
-            others_pending = self.view.pending - sum(1 for kind, _ in self.tickets.values() if kind == "store")
-            history += [now] * max(0, others_pending)
-        history += [now] * sum(1 for kind, _ in self.tickets.values() if kind == "store")
-        window = SlidingWindow(lim.count, lim.period, margin=lim.margin, history=history)
-        held = max(self.view.held if self.view is not None else 0, self.lease.held)
-        gate = InFlightGate(lim.concurrency, initial=held)
-        self.fallback = (window, gate)
+        sent = sum(1 for kind, _ in self.tickets.values() if kind == "store")
+        self.fallback = _fallback(self.view, self.limits, self.offset, self.now(), sent, self.lease.held)
         self.held_grant, self.held_slot = None, False
         self.lease.held -= len(self.stock_slots)  # taken ahead, never used: they are not in flight
         self.stock, self.stock_slots = [], []
@@ -637,21 +379,42 @@ class AccountLimiter:
         await self.store.close()
 
 
-def _gone_here(state: AccountState, mine: Lease) -> set[str]:
-    """Leases of runs on this machine whose process is not running any more."""
-    if not mine.host:
-        return set()
-    return {
-        lease.id
-        for lease in state.leases.values()
-        if lease.host == mine.host
-        and lease.id != mine.id
-        and not lease.left
-        and process_gone(lease.pid, lease.pid_start)
-    }
-
-
 # --------------------------------------------------------------------------------------------------- opening
+def _warn_other_limits(lease: Lease, limits: AccountLimits) -> bool:
+    """Say once that the account keeps stricter limits than this run asked for; whether it was said."""
+    if limits == AccountLimits(lease.count, lease.period, lease.margin, lease.concurrency):
+        return False
+    log.warning(
+        "another run on this key asks for other limits: the account keeps the strictest, "
+        "--rate-limit %d/%g --concurrency %d (this run asked for %d/%g and %d)",
+        limits.count,
+        limits.period,
+        limits.concurrency,
+        lease.count,
+        lease.period,
+        lease.concurrency,
+    )
+    return True
+
+
+def _fallback(
+    seen: View | None, lim: AccountLimits, offset: float, now: float, sent: int, own_held: int
+) -> tuple[SlidingWindow, InFlightGate]:
+    """A run's own window and gate, for going on alone after the store failed: every grant its last view saw in the
+    window (loop times; those it does not carry at ``now``), every pending one, its own ``sent`` ones, every slot
+    held."""
+    history: list[float] = []
+    if seen is not None:
+        start = seen.now - lim.window
+        history = [min(now, t - offset) for t in seen.times if t > start]
+        history += [now] * max(0, seen.in_window - len(history))  # those it does not carry: at most now
+        history += [now] * max(0, seen.pending - sent)
+    history += [now] * sent
+    window = SlidingWindow(lim.count, lim.period, margin=lim.margin, history=history)
+    held = max(seen.held if seen is not None else 0, own_held)
+    return window, InFlightGate(lim.concurrency, initial=held)
+
+
 def check_store_spec(spec: str) -> str:
     """``local``, ``sqlite`` or a ``redis://``/``rediss://``/``unix://`` URL; UsageError (one line) otherwise."""
     text = spec.strip()
