@@ -9,7 +9,12 @@ sends the run's answers and releases to the store as they happen, and beats the 
 scheduler when the account frees something. When the store fails the run keeps going on its own within the last
 limits it saw (its view of the window and of the slots held), and the scheduler is told to stop submitting.
 
-``LocalLimits`` is today's limiter, a run's own (``--limits-store local``, the built-in simulator, and tests).
+At large limits a transaction takes a few grants and slots ahead (``account.request``'s ``extra``): the run's stock,
+used by the next requests with no transaction, and given back when it goes unused.
+
+``LocalLimits`` (``handles.py``, re-exported here) is a run's own (``--limits-store local``, the built-in simulator, and
+tests); the scheduler's handles on the account's window and gate are there too, and the ``/proc`` checks of runs on
+this machine in ``processes.py``.
 """
 
 from __future__ import annotations
