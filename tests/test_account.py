@@ -7,7 +7,9 @@ import math
 import os
 import random
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -34,7 +36,10 @@ from batchrunner.limits.account import (
     slots_held,
     view,
 )
+from batchrunner.limits.limiter import AccountLimiter
 from batchrunner.limits.sqlitestore import SqliteStore, account_id, state_dir
+
+T = TypeVar("T")
 
 
 def lease(
@@ -436,3 +441,46 @@ def test_a_state_folder_that_is_a_file_is_one_line_and_exit_74(state_home: Path)
     with pytest.raises(StoreBroken) as info:
         SqliteStore.open(state_home / "account-x.sqlite3")
     assert info.value.exit_code == 74
+
+
+# --------------------------------------------------------------------------------------------------- the limiter
+class _MemoryStore:
+    """``Store`` over one in-memory state, counting its transactions."""
+
+    description = "memory"
+
+    def __init__(self) -> None:
+        self.state = AccountState()
+        self.transactions = 0
+
+    async def transact(self, fn: Callable[[AccountState, float], T]) -> T:
+        self.transactions += 1
+        return fn(self.state, 100.0)
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("count", "concurrency", "most"), [(6000, 1000, 20), (60, 4, 100)])
+async def test_a_run_at_large_limits_takes_many_requests_per_transaction(
+    count: int, concurrency: int, most: int
+) -> None:
+    store = _MemoryStore()
+    limiter = AccountLimiter(store, lease("a", count=count, period=6.0, concurrency=concurrency), loop_time=lambda: 0.0)
+    await limiter.join()
+    try:
+        store.transactions = 0
+        taken = 0
+        for _ in range(100):
+            if await limiter.acquire(grant=True, slot=True):
+                limiter.window.take(0.0, pending=True)
+                assert limiter.gate.try_acquire()
+                taken += 1
+        assert taken == min(100, concurrency)
+        assert store.transactions <= most
+    finally:
+        await limiter.close()
+    # What was taken ahead and not used went back when the run left: only the requests sent count (recorded at the
+    # leave, since none was answered), only the slots used stay held (their predictions may still run).
+    assert len(store.state.pending) == 0 and len(store.state.times) == taken
+    assert store.state.leases["a"].held == taken
