@@ -47,7 +47,7 @@ from batchrunner.api.client import Client, ExecutionsPage, Phase, Prediction, cl
 from batchrunner.engine.estimate import PAGE_SECONDS, estimate_run, spread_times
 from batchrunner.engine.scheduler import RunConfig, Scheduler, Snapshot, classify
 from batchrunner.errors import RateLimited
-from batchrunner.limits.limiter import AccountLimiter, LocalLimits, open_limits
+from batchrunner.limits.limiter import AccountLimiter, LocalLimits, RunLimits, open_limits
 from batchrunner.manifest import Job, Manifest, load_manifest
 from batchrunner.sim.server import Faults, SimConfig, Simulator
 from batchrunner.store.ledger import Ledger, RequestLog, read_ledger
@@ -374,7 +374,7 @@ async def run_runner(regime: Regime, jobs: int, base_url: str, folder: Path, wat
     os.environ["XDG_STATE_HOME"] = str(folder / "state")  # a fresh account database, as a first run has
     try:
         limits_cm = open_limits(
-            config,
+            RunLimits(config.rate_count, config.rate_period, config.concurrency, spec, config.poll_initial),
             api_url=base_url,
             api_key=KEY,
             request_timeout=30.0 * TIME_SCALE,

@@ -7,16 +7,20 @@ import math
 import os
 import random
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from batchrunner.limits.account import (
     FULL_RETRY,
+    STOCK_TTL,
     AccountLimits,
     AccountState,
     Lease,
     StoreBroken,
+    Waiter,
     account_limits,
     adopt,
     beat,
@@ -32,7 +36,10 @@ from batchrunner.limits.account import (
     slots_held,
     view,
 )
+from batchrunner.limits.limiter import AccountLimiter
 from batchrunner.limits.sqlitestore import SqliteStore, account_id, state_dir
+
+T = TypeVar("T")
 
 
 def lease(
@@ -192,6 +199,42 @@ def test_randomised_runs_never_put_more_than_count_in_any_window_the_server_sees
         busiest = max(sum(1 for a in arrivals if s - 1.0 < a <= s) for s in arrivals)
         assert busiest <= 4, seed
         assert len(arrivals) > 30
+
+
+def test_at_large_limits_a_granted_run_takes_a_stock_ahead_that_counts_as_pending() -> None:
+    state = account(lease("a", count=6000, period=6.0, concurrency=1000))
+    decision = request(state, 0.0, "a", grant=True, slot=True, extra=64)
+    assert decision.granted and len(decision.more) == 64 and decision.more_slots == 64
+    assert len(state.pending) == 65 and state.leases["a"].held == 65
+    assert state.pending.take(decision.more[0]).deadline == pytest.approx(STOCK_TTL + 5.0)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("count", "concurrency", "extra", "grants", "slots"),
+    [
+        (3, 4, 64, 0, 0),  # small limits: an eighth of what is free is nothing
+        (6000, 4, 64, 0, 0),  # a create's stock is bounded by the slots free
+        (6000, 1000, 0, 0, 0),  # not asked for
+        (160, 1000, 64, 19, 19),  # an eighth of the 159 grants left free
+    ],
+)
+def test_a_stock_is_a_sliver_of_what_is_free_now(
+    count: int, concurrency: int, extra: int, grants: int, slots: int
+) -> None:
+    state = account(lease("a", count=count, concurrency=concurrency))
+    decision = request(state, 0.0, "a", grant=True, slot=True, extra=extra)
+    assert decision.granted and (len(decision.more), decision.more_slots) == (grants, slots)
+
+
+def test_no_stock_is_taken_while_another_run_waits_in_line() -> None:
+    state = account(lease("a", count=6000, concurrency=1), lease("b", count=6000, concurrency=1))
+    assert ask(state, 0.0, "a", slot=True)[0]
+    assert not ask(state, 0.0, "b", slot=True)[0]  # b waits for a slot
+    release(state, "a")
+    assert request(state, 0.0, "a", grant=True, slot=True, extra=64).more == ()  # b is first for the slot
+    assert len(request(state, 0.0, "a", grant=True, slot=False, extra=64).more) > 0  # grants alone: b is not in line
+    state.line.append(Waiter("b", 1.0))
+    assert request(state, 0.0, "a", grant=True, slot=False, extra=64).more == ()
 
 
 def test_grant_times_plan_the_next_grants_without_taking_them() -> None:
@@ -398,3 +441,46 @@ def test_a_state_folder_that_is_a_file_is_one_line_and_exit_74(state_home: Path)
     with pytest.raises(StoreBroken) as info:
         SqliteStore.open(state_home / "account-x.sqlite3")
     assert info.value.exit_code == 74
+
+
+# --------------------------------------------------------------------------------------------------- the limiter
+class _MemoryStore:
+    """``Store`` over one in-memory state, counting its transactions."""
+
+    description = "memory"
+
+    def __init__(self) -> None:
+        self.state = AccountState()
+        self.transactions = 0
+
+    async def transact(self, fn: Callable[[AccountState, float], T]) -> T:
+        self.transactions += 1
+        return fn(self.state, 100.0)
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("count", "concurrency", "most"), [(6000, 1000, 20), (60, 4, 100)])
+async def test_a_run_at_large_limits_takes_many_requests_per_transaction(
+    count: int, concurrency: int, most: int
+) -> None:
+    store = _MemoryStore()
+    limiter = AccountLimiter(store, lease("a", count=count, period=6.0, concurrency=concurrency), loop_time=lambda: 0.0)
+    await limiter.join()
+    try:
+        store.transactions = 0
+        taken = 0
+        for _ in range(100):
+            if await limiter.acquire(grant=True, slot=True):
+                limiter.window.take(0.0, pending=True)
+                assert limiter.gate.try_acquire()
+                taken += 1
+        assert taken == min(100, concurrency)
+        assert store.transactions <= most
+    finally:
+        await limiter.close()
+    # What was taken ahead and not used went back when the run left: only the requests sent count (recorded at the
+    # leave, since none was answered), only the slots used stay held (their predictions may still run).
+    assert len(store.state.pending) == 0 and len(store.state.times) == taken
+    assert store.state.leases["a"].held == taken

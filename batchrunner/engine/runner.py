@@ -22,7 +22,7 @@ from batchrunner.api.redact import Redactor
 from batchrunner.engine.createpath import load_create_path, save_create_path
 from batchrunner.engine.scheduler import RunConfig, RunResult, Scheduler, Snapshot
 from batchrunner.errors import ApiError, ManifestError, UsageError
-from batchrunner.limits.limiter import AccountLimiter, LocalLimits, open_limits
+from batchrunner.limits.limiter import AccountLimiter, LocalLimits, RunLimits, open_limits
 from batchrunner.manifest import DEFAULT_MODEL, Manifest
 from batchrunner.manifest.images import check_url_hosts, check_urls, local_images, url_inputs
 from batchrunner.manifest.schema import cached_schema_path, load_cached_schema, save_cached_schema, validate_input
@@ -211,7 +211,13 @@ async def run_batch(
         # Under the folder's lock: a lease of this folder still in the store is a killed run's (account.join). Opened
         # before the ledger, so that a store that cannot be used ends the run before anything is written or sent.
         limits_cm = open_limits(
-            config, api_url=endpoint.base_url, api_key=endpoint.api_key, request_timeout=endpoint.timeout, label=label
+            RunLimits(
+                config.rate_count, config.rate_period, config.concurrency, config.limits_store, config.poll_initial
+            ),
+            api_url=endpoint.base_url,
+            api_key=endpoint.api_key,
+            request_timeout=endpoint.timeout,
+            label=label,
         )
         try:
             async with limits_cm as limits:

@@ -37,7 +37,7 @@ from batchrunner.engine.runstate import Flight, RunConfig, RunResult, Snapshot, 
 from batchrunner.engine.uploads import Uploads, data_uri
 from batchrunner.engine.watching import Watching
 from batchrunner.errors import ApiTimeout
-from batchrunner.limits.limiter import AccountLimiter, LocalLimits, WindowLike
+from batchrunner.limits.limiter import AccountLimiter, LocalLimits, RunLimits, WindowLike
 from batchrunner.manifest import Job, Manifest
 from batchrunner.store.ledger import Ledger, LedgerState, RequestLog
 from batchrunner.store.output import OutputDir
@@ -70,7 +70,11 @@ class Scheduler:
     ) -> None:
         rng = rng or random.Random()
         # The run's own window and gate, or the account's through its store (accountlimits.py).
-        limits = limits if limits is not None else LocalLimits(config)
+        limits = (
+            limits
+            if limits is not None
+            else LocalLimits(RunLimits(config.rate_count, config.rate_period, config.concurrency))
+        )
         self.ctx = run = Run(
             manifest, client, ledger, out, state, config, clock=clock, wall=wall, rng=rng, limits=limits
         )

@@ -9,7 +9,12 @@ sends the run's answers and releases to the store as they happen, and beats the 
 scheduler when the account frees something. When the store fails the run keeps going on its own within the last
 limits it saw (its view of the window and of the slots held), and the scheduler is told to stop submitting.
 
-``LocalLimits`` is today's limiter, a run's own (``--limits-store local``, the built-in simulator, and tests).
+At large limits a transaction takes a few grants and slots ahead (``account.request``'s ``extra``): the run's stock,
+used by the next requests with no transaction, and given back when it goes unused.
+
+``LocalLimits`` (``handles.py``, re-exported here) is a run's own (``--limits-store local``, the built-in simulator, and
+tests); the scheduler's handles on the account's window and gate are there too, and the ``/proc`` checks of runs on
+this machine in ``processes.py``.
 """
 
 from __future__ import annotations
@@ -17,19 +22,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import math
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from batchrunner.engine.runstate import RunConfig
 from batchrunner.errors import UsageError
 from batchrunner.limits.account import (
     SLOT_GRACE,
+    STOCK_TTL,
     AccountLimits,
     AccountState,
     Decision,
@@ -44,21 +47,24 @@ from batchrunner.limits.account import (
     join,
     leave,
     mark_gone,
-    plan_grants,
     record_history,
     release,
     request,
     settle_grant,
     view,
 )
+from batchrunner.limits.handles import AccountGate, AccountWindow, GateLike, LocalLimits, RunLimits, WindowLike
+from batchrunner.limits.processes import gone_here, host_id, process_start
 from batchrunner.limits.window import InFlightGate, SlidingWindow, answer_margin
 
 __all__ = [
     "AccountLimiter",
     "GateLike",
     "LocalLimits",
+    "RunLimits",
     "WindowLike",
     "check_store_spec",
+    "host_id",
     "open_limits",
     "open_store",
 ]
@@ -73,227 +79,17 @@ TIGHT_REFRESH = 0.02
 IDLE_REFRESH = 0.25
 # Added to a run's hold: a prediction is created a moment after the transaction that gave its slot (a beat).
 HOLD_SLACK = 0.5
-
-
-class WindowLike(Protocol):
-    """What the scheduler asks of a request window (``SlidingWindow``'s methods)."""
-
-    @property
-    def margin(self) -> float: ...
-
-    @property
-    def window(self) -> float: ...
-
-    def delay(self, now: float) -> float: ...
-
-    def take(self, now: float, *, pending: bool = False) -> int: ...
-
-    def settle(self, ticket: int, at: float) -> None: ...
-
-    def used(self, now: float) -> int: ...
-
-    def remaining(self, now: float) -> int: ...
-
-    def next_free_times(self, now: float, k: int) -> list[float]: ...
-
-
-class GateLike(Protocol):
-    """What the scheduler asks of an in-flight gate (``InFlightGate``'s methods)."""
-
-    in_flight: int
-    max_seen: int
-
-    def free(self) -> int: ...
-
-    def try_acquire(self) -> bool: ...
-
-    def release(self) -> None: ...
-
-
-class LocalLimits:
-    """A run's own window and gate: no other run shares them."""
-
-    shared = False
-
-    def __init__(self, config: RunConfig) -> None:
-        # Requests count at their answers (see SlidingWindow.settle), so the margin covers clock drift only.
-        self.window: WindowLike = SlidingWindow(
-            config.rate_count, config.rate_period, margin=answer_margin(config.rate_period)
-        )
-        self.gate: GateLike = InFlightGate(config.concurrency)
-
-    def sharing(self) -> int:
-        """Runs sharing the limits: this one alone."""
-        return 1
-
-    def bind(self, **_: Any) -> None:
-        """Nothing to wake or stop: a run's own limits never change behind its back."""
-
-    async def acquire(self, *, grant: bool, slot: bool) -> bool:
-        return True
-
-    def give_back(self) -> None:
-        """Nothing was taken ahead."""
-
-    def seed(self, history: list[float]) -> None:
-        """The scheduler seeds its own window (``SlidingWindow(history=...)``)."""
-
-    def count_rate_limited(self) -> None:
-        """A 429 is in the run's counters already; nothing else to tell."""
-
-
-# --------------------------------------------------------------------------------------------------- processes
-def host_id() -> str:
-    """This machine's boot and pid namespace, so that runs on it can tell each other's pids; "" without /proc."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
-        namespace = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return ""
-    return hashlib.sha256(f"{boot}:{namespace}".encode()).hexdigest()[:16]
-
-
-def process_start(pid: int) -> str:
-    """The start time of process ``pid`` (clock ticks since boot), "" when unknown; None-like "" also for zombies."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return ""
-    fields = text.rpartition(")")[2].split()
-    if len(fields) < 20 or fields[0] in ("Z", "X"):
-        return ""
-    return fields[19]
-
-
-def process_gone(pid: int, start: str) -> bool:
-    """Whether the process that took a lease is surely not running (a pid reused by another process counts)."""
-    if not start:
-        return False  # no /proc: leave it to the lease's ttl
-    return process_start(pid) != start
+# The background task's transactions (answers, releases, the view) are at most this often: what it sends waits a
+# few milliseconds and goes in one transaction, instead of one per answer.
+OPS_GAP = 0.01
+# The most grants (and slots) a run asks to take ahead in one transaction; it doubles its ask each time its stock ran
+# out and halves it each time some went unused (``account.request``).
+STOCK_MAX = 64
+# A stock grant is used this long before its STOCK_TTL ends at the latest (the request must be on the wire by then).
+STOCK_GUARD = 0.02
 
 
 # --------------------------------------------------------------------------------------------------- the account
-class _Window:
-    """The account's window as the scheduler sees it (loop times); see AccountLimiter."""
-
-    def __init__(self, owner: AccountLimiter) -> None:
-        self._o = owner
-
-    @property
-    def margin(self) -> float:
-        return self._o.limits.margin
-
-    @property
-    def window(self) -> float:
-        return self._o.limits.window
-
-    def delay(self, now: float) -> float:
-        o = self._o
-        if o.fallback is not None:
-            return o.fallback[0].delay(now)
-        return max(0.0, o.retry_at - now)
-
-    def take(self, now: float, *, pending: bool = False) -> int:
-        o = self._o
-        o.ticket += 1
-        if o.fallback is not None:
-            o.tickets[o.ticket] = ("local", o.fallback[0].take(now, pending=pending))
-            return o.ticket
-        if o.held_grant is None:
-            raise RuntimeError("a grant taken that the account's store did not give")
-        o.tickets[o.ticket] = ("store", o.held_grant)
-        o.held_grant = None
-        return o.ticket
-
-    def settle(self, ticket: int, at: float) -> None:
-        o = self._o
-        entry = o.tickets.pop(ticket, None)
-        if entry is None:
-            return
-        kind, value = entry
-        if kind == "local" and o.fallback is not None:
-            assert isinstance(value, int)
-            o.fallback[0].settle(value, at)
-        elif kind == "store":
-            o.queue_op("settle", value)
-
-    def used(self, now: float) -> int:
-        o = self._o
-        if o.fallback is not None:
-            return o.fallback[0].used(now)
-        return o.view.used() if o.view is not None else 0
-
-    def remaining(self, now: float) -> int:
-        return self._o.limits.count - self.used(now)
-
-    def next_free_times(self, now: float, k: int) -> list[float]:
-        o = self._o
-        if o.fallback is not None:
-            return o.fallback[0].next_free_times(now, k)
-        if o.view is None:
-            return [now] * k
-        shift, seen = o.offset, o.view
-        return plan_grants(
-            lambda i: seen.nth(i) - shift, seen.recorded, seen.latest - shift, seen.pending, now, k, o.limits
-        )
-
-
-class _Gate:
-    """The account's slots as the scheduler sees them: ``in_flight`` is this run's, ``free()`` the account's."""
-
-    def __init__(self, owner: AccountLimiter) -> None:
-        self._o = owner
-        self.max_seen = 0
-
-    @property
-    def in_flight(self) -> int:
-        return self._o.lease.held
-
-    @in_flight.setter
-    def in_flight(self, value: int) -> None:
-        # Only the scheduler's load sets it: predictions (and doubts) it takes over from the folder's ledger.
-        o = self._o
-        delta = value - o.lease.held
-        if delta > 0:
-            o.lease.held = value
-            o.queue_op("adopt", delta)
-            if o.fallback is not None:
-                o.fallback[1].in_flight += delta
-        elif delta < 0:
-            for _ in range(-delta):
-                self.release()
-
-    def free(self) -> int:
-        o = self._o
-        if o.fallback is not None:
-            return o.fallback[1].free()
-        if o.view is None:
-            return 0
-        # A slot acquire() took for the create the scheduler is about to start is this run's to use.
-        return max(0, o.view.free() + o.released_since_view) + int(o.held_slot)
-
-    def try_acquire(self) -> bool:
-        o = self._o
-        if o.fallback is not None:
-            if not o.fallback[1].try_acquire():
-                return False
-        elif not o.held_slot:
-            return False
-        o.held_slot = False
-        self.max_seen = max(self.max_seen, o.lease.held)
-        return True
-
-    def release(self) -> None:
-        o = self._o
-        if o.lease.held <= 0:
-            raise RuntimeError("release() of the account's gate without a matching acquire")
-        o.lease.held -= 1
-        o.released_since_view += 1
-        o.queue_op("release", 1)
-        if o.fallback is not None:
-            o.fallback[1].release()
-
-
 class AccountLimiter:
     """The account's limits, through a store shared by every run on the key. Open with ``open_limits``."""
 
@@ -303,14 +99,21 @@ class AccountLimiter:
         self.store = store
         self.lease = lease  # the run's own copy: ``held`` is what it holds, the rest what it says of itself
         self._loop_time = loop_time
-        self.window: WindowLike = _Window(self)
-        gate = _Gate(self)
+        self.window: WindowLike = AccountWindow(self)
+        gate = AccountGate(self)
         self.gate: GateLike = gate
         self.view: View | None = None
         self.offset = 0.0  # store time minus loop time, at the last view
         self.retry_at = -math.inf  # loop time before which asking for a grant is pointless
         self.held_grant: str | None = None  # taken by acquire(), for the window's take()
         self.held_slot = False  # taken by acquire(), for the gate's try_acquire()
+        # Grants and slots taken ahead (account.request's ``extra``), each with the loop time it must be used by;
+        # where the held grant or slot came from (None: taken for this request), so an unused one goes back there.
+        self.stock: list[tuple[str, float]] = []
+        self.stock_slots: list[float] = []
+        self.burst = 1
+        self._held_grant_until: float | None = None
+        self._held_slot_until: float | None = None
         self.tickets: dict[int, tuple[str, str | int]] = {}
         self.ticket = 0
         self.released_since_view = 0
@@ -393,7 +196,7 @@ class AccountLimiter:
         def fn(state: AccountState, now: float) -> tuple[Any, View]:
             expire(state, now)
             if check_pids:
-                mark_gone(state, _gone_here(state, lease))
+                mark_gone(state, gone_here(state, lease))
             mine = beat(state, now, lease, hold=hold)
             mine.rate_limited = rate_limited
             for kind, value in ops:
@@ -426,22 +229,8 @@ class AccountLimiter:
         self.released_since_view = 0
         if self._slot_claim_until > -math.inf and fresh.free() <= 0 and self._wants_slot():
             self._slot_claim_until = self.now() + SLOT_GRACE  # still waiting: keep the place in the slot line
-        lease = self.lease
-        if not self._warned_limits and fresh.limits != AccountLimits(
-            lease.count, lease.period, lease.margin, lease.concurrency
-        ):
-            self._warned_limits = True
-            lim = fresh.limits
-            log.warning(
-                "another run on this key asks for other limits: the account keeps the strictest, "
-                "--rate-limit %d/%g --concurrency %d (this run asked for %d/%g and %d)",
-                lim.count,
-                lim.period,
-                lim.concurrency,
-                lease.count,
-                lease.period,
-                lease.concurrency,
-            )
+        if not self._warned_limits:
+            self._warned_limits = _warn_other_limits(self.lease, fresh.limits)
         if self.gate.free() > before or (opened and fresh.used() < fresh.limits.count):
             self._wake()
 
@@ -450,22 +239,11 @@ class AccountLimiter:
         if self.lost is not None:
             return
         self.lost = exc
-        now = self.now()
-        lim = self.limits
-        history: list[float] = []
-        if self.view is not None:
-            seen = self.view
-            start = seen.now - lim.window
-            history = [min(now, t - self.offset) for t in seen.times if t > start]
-            history += [now] * max(0, seen.in_window - len(history))  # those it does not carry: at most now
-            others_pending = self.view.pending - sum(1 for kind, _ in self.tickets.values() if kind == "store")
-            history += [now] * max(0, others_pending)
-        history += [now] * sum(1 for kind, _ in self.tickets.values() if kind == "store")
-        window = SlidingWindow(lim.count, lim.period, margin=lim.margin, history=history)
-        held = max(self.view.held if self.view is not None else 0, self.lease.held)
-        gate = InFlightGate(lim.concurrency, initial=held)
-        self.fallback = (window, gate)
+        sent = sum(1 for kind, _ in self.tickets.values() if kind == "store")
+        self.fallback = _fallback(self.view, self.limits, self.offset, self.now(), sent, self.lease.held)
         self.held_grant, self.held_slot = None, False
+        self.lease.held -= len(self.stock_slots)  # taken ahead, never used: they are not in flight
+        self.stock, self.stock_slots = [], []
         self._on_lost(exc)
         self._wake()
 
@@ -490,7 +268,17 @@ class AccountLimiter:
             return not slot or self.fallback[1].free() > 0
         if self.held_grant is not None or self.held_slot:
             self.give_back()
-        fn, _ = self._tx(lambda state, now: request(state, now, self.lease.id, grant=grant, slot=slot))
+        started = self.now()
+        self._drop_stale(started)
+        if (grant or slot) and (not grant or self.stock) and (not slot or self.stock_slots):
+            if grant:  # the oldest first: it is the first to go stale
+                self.held_grant, self._held_grant_until = self.stock.pop(0)
+            if slot:
+                self._held_slot_until = self.stock_slots.pop(0)
+                self.held_slot = True
+            return True
+        extra = self.burst
+        fn, _ = self._tx(lambda state, now: request(state, now, self.lease.id, grant=grant, slot=slot, extra=extra))
         try:
             decision, fresh = await self.store.transact(fn)
         except StoreLost as exc:
@@ -498,10 +286,14 @@ class AccountLimiter:
             return False
         assert isinstance(decision, Decision)
         if decision.granted:
-            self.held_grant = decision.grant_id
+            self.held_grant, self._held_grant_until = decision.grant_id, None
+            until = started + STOCK_TTL - STOCK_GUARD
+            self.stock += [(grant_id, until) for grant_id in decision.more]
+            self.stock_slots += [until] * decision.more_slots
+            self.burst = min(STOCK_MAX, self.burst * 2)  # the stock ran out (or there was none): ask for more
             if slot:
-                self.held_slot = True
-                self.lease.held += 1
+                self.held_slot, self._held_slot_until = True, None
+                self.lease.held += 1 + decision.more_slots
                 self._slot_claim_until = -math.inf
         self._set_view(fresh)
         if not decision.granted:
@@ -515,12 +307,33 @@ class AccountLimiter:
         """Return what ``acquire`` took and the scheduler did not use (it chose otherwise meanwhile): no request was
         sent, so the grant counts nowhere."""
         if self.held_grant is not None:
-            self.queue_op("cancel", self.held_grant)
+            if self._held_grant_until is not None:
+                self.stock.insert(0, (self.held_grant, self._held_grant_until))
+            else:
+                self.queue_op("cancel", self.held_grant)
             self.held_grant = None
         if self.held_slot:
             self.held_slot = False
-            self.lease.held -= 1
-            self.queue_op("release", 1)
+            if self._held_slot_until is not None:
+                self.stock_slots.insert(0, self._held_slot_until)
+            else:
+                self.lease.held -= 1
+                self.queue_op("release", 1)
+
+    def _drop_stale(self, now: float, *, every: bool = False) -> None:
+        """Give back what the stock holds past its time (or all of it): the run had no request for it."""
+        stale = [g for g in self.stock if every or g[1] <= now]
+        if stale:
+            self.stock = [g for g in self.stock if not (every or g[1] <= now)]
+            for grant_id, _ in stale:
+                self.queue_op("cancel", grant_id)
+        slots = sum(1 for t in self.stock_slots if every or t <= now)
+        if slots:
+            self.stock_slots = [t for t in self.stock_slots if not (every or t <= now)]
+            self.lease.held -= slots
+            self.queue_op("release", slots)
+        if stale or slots:
+            self.burst = max(1, self.burst // 2)
 
     async def _background(self) -> None:
         while self.lost is None and not self._closing:
@@ -532,6 +345,7 @@ class AccountLimiter:
             if self._closing:
                 return
             now = self.now()
+            self._drop_stale(now)
             due = now - self._last_beat >= BEAT_EVERY
             fn, _ = self._tx(check_pids=due)
             try:
@@ -542,6 +356,8 @@ class AccountLimiter:
             if due:
                 self._last_beat = now
             self._set_view(fresh)
+            if not self._closing:
+                await asyncio.sleep(OPS_GAP)
 
     async def close(self) -> None:
         """Leave the account: slots still held (predictions left running) stay held for the run's hold."""
@@ -559,6 +375,7 @@ class AccountLimiter:
                     await self._task
         if self.lost is None:
             self.give_back()
+            self._drop_stale(self.now(), every=True)
             fn, _ = self._tx(lambda state, now: leave(state, now, self.lease.id))
             try:
                 await self.store.transact(fn)
@@ -567,21 +384,42 @@ class AccountLimiter:
         await self.store.close()
 
 
-def _gone_here(state: AccountState, mine: Lease) -> set[str]:
-    """Leases of runs on this machine whose process is not running any more."""
-    if not mine.host:
-        return set()
-    return {
-        lease.id
-        for lease in state.leases.values()
-        if lease.host == mine.host
-        and lease.id != mine.id
-        and not lease.left
-        and process_gone(lease.pid, lease.pid_start)
-    }
-
-
 # --------------------------------------------------------------------------------------------------- opening
+def _warn_other_limits(lease: Lease, limits: AccountLimits) -> bool:
+    """Say once that the account keeps stricter limits than this run asked for; whether it was said."""
+    if limits == AccountLimits(lease.count, lease.period, lease.margin, lease.concurrency):
+        return False
+    log.warning(
+        "another run on this key asks for other limits: the account keeps the strictest, "
+        "--rate-limit %d/%g --concurrency %d (this run asked for %d/%g and %d)",
+        limits.count,
+        limits.period,
+        limits.concurrency,
+        lease.count,
+        lease.period,
+        lease.concurrency,
+    )
+    return True
+
+
+def _fallback(
+    seen: View | None, lim: AccountLimits, offset: float, now: float, sent: int, own_held: int
+) -> tuple[SlidingWindow, InFlightGate]:
+    """A run's own window and gate, for going on alone after the store failed: every grant its last view saw in the
+    window (loop times; those it does not carry at ``now``), every pending one, its own ``sent`` ones, every slot
+    held."""
+    history: list[float] = []
+    if seen is not None:
+        start = seen.now - lim.window
+        history = [min(now, t - offset) for t in seen.times if t > start]
+        history += [now] * max(0, seen.in_window - len(history))  # those it does not carry: at most now
+        history += [now] * max(0, seen.pending - sent)
+    history += [now] * sent
+    window = SlidingWindow(lim.count, lim.period, margin=lim.margin, history=history)
+    held = max(seen.held if seen is not None else 0, own_held)
+    return window, InFlightGate(lim.concurrency, initial=held)
+
+
 def check_store_spec(spec: str) -> str:
     """``local``, ``sqlite`` or a ``redis://``/``rediss://``/``unix://`` URL; UsageError (one line) otherwise."""
     text = spec.strip()
@@ -604,14 +442,14 @@ async def open_store(spec: str | None, *, api_url: str, api_key: str) -> Store:
 
 @contextlib.asynccontextmanager
 async def open_limits(
-    config: RunConfig, *, api_url: str, api_key: str, request_timeout: float, label: str
+    config: RunLimits, *, api_url: str, api_key: str, request_timeout: float, label: str
 ) -> AsyncIterator[AccountLimiter | LocalLimits]:
     """The run's limiter: its own for ``--limits-store local``, else the account's, entered for the run's length.
 
     Raises StoreUnavailable (Redis unreachable, exit 2) or StoreBroken (SQLite unusable, exit 74) before anything is
     sent.
     """
-    spec = config.limits_store
+    spec = config.store
     if spec == "local":
         yield LocalLimits(config)
         return
@@ -628,9 +466,9 @@ async def open_limits(
         ttl=LEASE_TTL,
         hold=max(1.0, config.poll_initial * 10) + HOLD_SLACK,
         timeout=request_timeout,
-        count=config.rate_count,
-        period=config.rate_period,
-        margin=answer_margin(config.rate_period),
+        count=config.count,
+        period=config.period,
+        margin=answer_margin(config.period),
         concurrency=config.concurrency,
     )
     limiter = AccountLimiter(store, lease)

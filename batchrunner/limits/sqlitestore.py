@@ -190,8 +190,11 @@ class _Pending:
         rows = self._c.execute(f"SELECT id, lease, sent, deadline FROM pending WHERE {where}", args).fetchall()
         return [(str(r[0]), Pending(str(r[1]), float(r[2]), float(r[3]))) for r in rows]
 
-    def due(self, now: float) -> list[tuple[str, Pending]]:
-        return self._select("deadline <= ?", (now,))
+    def due(self, now: float, live: set[str] | None = None) -> list[tuple[str, Pending]]:
+        if not live:
+            return self._select("deadline <= ?", (now,))
+        marks = ",".join("?" * len(live))
+        return self._select(f"deadline <= ? AND lease NOT IN ({marks})", (now, *sorted(live)))
 
     def of(self, lease_id: str) -> list[tuple[str, Pending]]:
         return self._select("lease = ?", (lease_id,))
