@@ -22,15 +22,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import aiohttp  # noqa: E402
+import aiohttp
 
-from batchrunner.api.answers import Phase, Prediction  # noqa: E402
-from batchrunner.api.client import Client  # noqa: E402
-from batchrunner.engine.runstate import Flight, RunConfig  # noqa: E402
-from batchrunner.engine.scheduler import Scheduler  # noqa: E402
-from batchrunner.manifest import load_manifest  # noqa: E402
-from batchrunner.store.ledger import Ledger, read_ledger  # noqa: E402
-from batchrunner.store.output import OutputDir  # noqa: E402
+from batchrunner.api.answers import Phase, Prediction
+from batchrunner.api.client import Client
+from batchrunner.engine.runstate import Flight, RunConfig
+from batchrunner.engine.scheduler import Scheduler
+from batchrunner.manifest import load_manifest
+from batchrunner.store.ledger import Ledger, read_ledger
+from batchrunner.store.output import OutputDir
 
 
 class Clock:
