@@ -20,9 +20,10 @@ from batchrunner.api.answers import Phase, Prediction
 from batchrunner.api.client import Client
 from batchrunner.engine.dues import DueHeap, Flights
 from batchrunner.engine.policy import MIN_SAMPLES, done_probability, likely_done_age, poll_value
+from batchrunner.engine.polls import OPPORTUNISTIC_MIN_PROBABILITY
 from batchrunner.engine.runstate import Flight, RunConfig
 from batchrunner.engine.scheduler import Scheduler
-from batchrunner.engine.watching import OPPORTUNISTIC_MIN_PROBABILITY, Watching
+from batchrunner.engine.watching import Watching
 from batchrunner.manifest import load_manifest
 from batchrunner.store.ledger import Ledger, read_ledger
 from batchrunner.store.output import OutputDir
