@@ -31,9 +31,10 @@ from batchrunner.engine.cancels import Cancels
 from batchrunner.engine.context import Run
 from batchrunner.engine.creates import Creates
 from batchrunner.engine.doubts import Doubts
+from batchrunner.engine.dues import Flights
 from batchrunner.engine.grants import Grants
 from batchrunner.engine.results import Results
-from batchrunner.engine.runstate import Flight, RunConfig, RunResult, Snapshot, StopReason, classify
+from batchrunner.engine.runstate import RunConfig, RunResult, Snapshot, StopReason, classify
 from batchrunner.engine.uploads import Uploads, data_uri
 from batchrunner.engine.watching import Watching
 from batchrunner.errors import ApiTimeout
@@ -125,7 +126,7 @@ class Scheduler:
         return self.grants.window
 
     @property
-    def flights(self) -> dict[str, Flight]:
+    def flights(self) -> Flights:
         return self.watching.flights
 
     @property

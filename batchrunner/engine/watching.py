@@ -4,6 +4,8 @@ Every prediction in flight is watched by one listing request (``watch.Watch``, t
 polled on its plan (``policy.plan_polls``); when no create can use a request, a spare poll goes to the prediction most
 likely done (``policy.poll_value``). What a GET or a listing row says is acted on in ``observe``: wait on, download
 the output (``results.py``), or record the failure.
+
+Which flight to poll next is the poll choice's (``polls.Polls``, over heaps of due times: O(log n) a turn).
 """
 
 from __future__ import annotations
@@ -14,15 +16,10 @@ from typing import Any
 
 from batchrunner.api.client import Phase, Prediction
 from batchrunner.engine.context import Run
+from batchrunner.engine.dues import Flights
 from batchrunner.engine.grants import Grants
-from batchrunner.engine.policy import (
-    MIN_SAMPLES,
-    done_probability,
-    learnt_duration,
-    likely_done_age,
-    poll_value,
-    retry_delay,
-)
+from batchrunner.engine.policy import learnt_duration, retry_delay
+from batchrunner.engine.polls import OPPORTUNISTIC_MIN_PROBABILITY, Polls, spare_poll
 from batchrunner.engine.reconcile import PAGE_SIZE
 from batchrunner.engine.results import Results
 from batchrunner.engine.runstate import Flight
@@ -32,44 +29,15 @@ from batchrunner.errors import ApiError, AuthError, NotFound, RateLimited
 from batchrunner.manifest import Job
 from batchrunner.store.ledger import JobState
 
+# What callers import from here: spare_poll and its threshold now live with the poll choice (polls.py).
+__all__ = ["NOT_FOUND_LOOKS", "OPPORTUNISTIC_MIN_PROBABILITY", "RESUMED_LISTED_AGE", "Watching", "spare_poll"]
+
 log = logging.getLogger("batchrunner")
 
 # A prediction a resumed run takes over is watched by the listing when younger than this, else polled.
 RESUMED_LISTED_AGE = 600.0
 # 404s in a row before a prediction is taken to be unknown: a fresh one may not be readable yet.
 NOT_FOUND_LOOKS = 3
-# An early poll, beyond the plan, is spent only on a prediction at least this likely to be done.
-OPPORTUNISTIC_MIN_PROBABILITY = 0.1
-
-
-def spare_poll(
-    idle: Iterable[Flight], now: float, durations: list[float], min_interval: float, soonest: Callable[[float], None]
-) -> Flight | None:
-    """The flight a spare request (one no create can use) is best spent on, else tells ``soonest`` when there is one.
-
-    Among the predictions likely done (the tolerance matches likely_done_age's rounding, so a timer set by it always
-    finds its flight due), the one whose poll is worth most: see policy.poll_value. ``durations`` sorted.
-    """
-    idle = list(idle)
-    best, best_value = None, -1.0
-    for flight in idle:
-        checked = flight.last_running_age if flight.last_running_age is not None else 0.0
-        age = now - flight.created_at
-        if age - checked < min_interval:
-            continue
-        if done_probability(durations, age, checked) < OPPORTUNISTIC_MIN_PROBABILITY - 1e-9:
-            continue
-        value = poll_value(durations, age, checked)
-        if value > best_value:
-            best, best_value = flight, value
-    if best is not None:
-        return best
-    # None is likely done yet: wake when the first one will be (one timer, not a look every few ticks).
-    for flight in idle:
-        checked = flight.last_running_age if flight.last_running_age is not None else 0.0
-        age = likely_done_age(durations, checked, OPPORTUNISTIC_MIN_PROBABILITY)
-        soonest(flight.created_at + max(age, checked + min_interval))
-    return None
 
 
 class Watching:
@@ -91,7 +59,8 @@ class Watching:
         self.uploads = uploads
         self._to_create = to_create  # jobs left to create, for the pause between rounds
         self._creatable = creatable  # whether a create could use a request now
-        self.flights: dict[str, Flight] = {}
+        self.flights = Flights()
+        self.polls = Polls(run, self.flights)
         # Flights whose job the manifest no longer has: counted apart, so a snapshot costs the same at any size.
         self.orphans: set[str] = set()
         self.watch = Watch(run.config.watch, probe_every=run.config.listing_probe)
@@ -134,7 +103,7 @@ class Watching:
 
     def finish(self, flight: Flight) -> None:
         self.orphans.discard(flight.prediction_id)
-        if self.flights.pop(flight.prediction_id, None) is not None:
+        if self.flights.discard(flight.prediction_id) is not None:
             self.run.gate.release()
 
     # ----------------------------------------------------------------------------------------------- decisions
@@ -143,25 +112,8 @@ class Watching:
         watching = self._watch_action(now, soonest)
         if watching is not None:
             return watching
-        idle = [f for f in self.flights.values() if not f.busy]
-        if self.watch.active:
-            idle = [f for f in idle if not f.listed]  # the others are seen by the listing
-        due = min(idle, key=lambda f: f.next_poll_at, default=None)
-        if due is None:
-            return None
-        # When no create can use a request, it goes to the prediction most likely done, planned or not.
-        # A full window is no reason to fall back on the plan: the dispatcher waits for the window and asks again
-        # (a create, if one became possible meanwhile, still goes first). Falling back let the last prediction of a
-        # batch wait for its next planned poll, seconds away, while the window freed within a tenth of a second.
-        durations = self.run.sorted_durations
-        if not self._creatable() and len(durations) >= MIN_SAMPLES:
-            early = spare_poll(idle, now, durations, self.run.config.poll_min_interval, soonest)
-            if early is not None:
-                return ("poll", early)
-        if due.next_poll_at <= now:
-            return ("poll", due)
-        soonest(due.next_poll_at)
-        return None
+        flight = self.polls.next(now, soonest, listed_too=not self.watch.active, spare=not self._creatable())
+        return None if flight is None else ("poll", flight)
 
     def _watch_action(self, now: float, soonest: Callable[[float], None]) -> tuple[str, Any] | None:
         """The next page of the listing that watches the predictions in flight, when one is due."""
@@ -172,7 +124,7 @@ class Watching:
         if current is not None:
             offset = current.next_page()
             return None if offset is None else ("watch", offset)
-        if not any(f.listed for f in self.flights.values()) and watch.working:
+        if watch.working and not self.flights.listed:
             return None
         if not watch.due(now):
             soonest(watch.next_at)
@@ -249,6 +201,7 @@ class Watching:
                 # The row says the prediction failed but carries no envelope: one GET of it decides, as for a poll.
                 flight.listed = False
                 flight.next_poll_at = run.now()
+                self.flights.touch(flight)
                 continue
             flight.listed = True
             self.observe(flight, prediction)
@@ -262,6 +215,7 @@ class Watching:
             flight = self.flights.get(prediction_id)
             if flight is not None and now - flight.created_at > grace:
                 flight.listed = False
+                self.flights.touch(flight)
 
     def _watch_failed(self, number: int, exc: ApiError) -> None:
         run, watch = self.run, self.watch
@@ -319,6 +273,7 @@ class Watching:
         config = self.run.config
         wait = retry_delay(tries, retry_after, base=config.retry_base, cap=config.retry_cap, rng=self.run.rng)
         flight.next_poll_at = self.run.now() + wait
+        self.flights.touch(flight)
 
     # ----------------------------------------------------------------------------------------------- what it said
     def observe(self, flight: Flight, prediction: Prediction) -> None:
@@ -331,6 +286,7 @@ class Watching:
             flight.last_running_age = age
             flight.next_poll_at = flight.created_at + run.plan.next_poll_age(flight.polls, age)
             flight.busy = False
+            self.flights.touch(flight)
             return
         if prediction.phase is Phase.SUCCEEDED and not prediction.urls and flight.empty_success == 0:
             # A success without an output URL may be a read of a record still being written: one more look, a GET.
