@@ -45,6 +45,7 @@ from PIL import Image
 
 from batchrunner.api.client import Client, ExecutionsPage, Phase, Prediction, classify_status
 from batchrunner.engine.estimate import PAGE_SECONDS, estimate_run, spread_times
+from batchrunner.engine.runstate import CONNECTIONS
 from batchrunner.engine.scheduler import RunConfig, Scheduler, Snapshot, classify
 from batchrunner.errors import RateLimited
 from batchrunner.limits.limiter import AccountLimiter, LocalLimits, RunLimits, open_limits
@@ -412,7 +413,8 @@ async def _run_runner(
     request_log = RequestLog(out.requests)
     try:
         with Ledger(out.ledger) as ledger:
-            async with aiohttp.ClientSession() as session:
+            # The run's own pool, as batchrunner run opens it (engine/runner.py).
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CONNECTIONS)) as session:
                 client = _Watch(session, base_url=base_url, api_key=KEY, timeout=30.0 * TIME_SCALE)
                 client.seen = run.seen
                 state = read_ledger(out.ledger)

@@ -20,6 +20,7 @@ import aiohttp
 from batchrunner.api.client import Client
 from batchrunner.api.redact import Redactor
 from batchrunner.engine.createpath import load_create_path, save_create_path
+from batchrunner.engine.runstate import CONNECTIONS
 from batchrunner.engine.scheduler import RunConfig, RunResult, Scheduler, Snapshot
 from batchrunner.errors import ApiError, ManifestError, UsageError
 from batchrunner.limits.limiter import AccountLimiter, LocalLimits, RunLimits, open_limits
@@ -162,7 +163,7 @@ async def _run_scheduler(
     on_scheduler: Callable[[Scheduler], None] | None,
 ) -> tuple[RunResult, Scheduler]:
     """The run proper, once the folder is locked and the ledger open: the schema's check, then the scheduler."""
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CONNECTIONS)) as session:
         scheduler = Scheduler(
             manifest,
             make_client(session, endpoint, out),
