@@ -19,12 +19,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from batchrunner.api.client import Client
+from batchrunner.api.client import Client, Phase, Prediction
 from batchrunner.cli.main import main
 from batchrunner.engine.cancels import overdue
 from batchrunner.engine.policy import cancel_hold
 from batchrunner.engine.runstate import Flight, RunConfig
 from batchrunner.engine.scheduler import Scheduler
+from batchrunner.errors import ApiError, RateLimited
 from batchrunner.manifest import load_manifest
 from batchrunner.sim.server import Faults
 from batchrunner.store.ledger import FAILED, SUBMITTED, SUBMITTING, SUCCEEDED, Ledger, read_ledger, replay
@@ -143,7 +144,58 @@ async def test_an_accepted_cancel_is_not_read_as_finished_and_the_job_waits_out_
     # Held the longest prediction seen and half again (9 s) after the cancel, not one more --job-timeout.
     assert sched._choose(2.1)[0] == ("poll", flight)
     assert sched._choose(9.9)[0] != ("abandon", flight)
+    # No look since the cancel: at the hold's end the next look decides, and one that sees it running gives it up.
+    assert sched._choose(10.0)[0] == ("poll", flight)
+    flight.last_running_age = 10.0
+    sched.flights.touch(flight)
     assert sched._choose(10.0)[0] == ("abandon", flight)
+
+
+def running(prediction_id: str) -> Prediction:
+    return Prediction(prediction_id, "processing", Phase.RUNNING, (), None, None, False, None, None)
+
+
+async def test_a_hold_that_runs_out_while_a_poll_is_put_off_gives_nothing_up_until_a_look_sees_it_running(
+    scheduler: tuple[Scheduler, Clock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The torture's case: the poll after the cancel met a 429 whose wait ran past the hold. Giving the prediction up
+    # at the hold's end, unseen, created the job again while the prediction (long done, billed) had succeeded.
+    sched, clock = scheduler
+    job = sched.manifest.jobs[0]
+    flight = Flight(job.id, job.fingerprint, "p-1", created_at=0.0, job=job, next_poll_at=100.0)
+    sched.flights["p-1"] = flight
+    clock.t = 1.0
+
+    async def accepted(prediction_id: str, *, request_id: str | None = None) -> str:
+        return "success"
+
+    answers: list[Prediction | ApiError] = [RateLimited("Too many requests", status=429, retry_after=9.5)]
+
+    async def get(prediction_id: str, *, request_id: str | None = None) -> Prediction:
+        answer = answers.pop(0)
+        if isinstance(answer, ApiError):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(sched.client, "cancel", accepted)
+    monkeypatch.setattr(sched.client, "get", get)
+    await sched.cancels.cancel(flight)
+    clock.t = 1.5
+    assert sched._choose(clock.t)[0] == ("poll", flight)
+    flight.busy = True
+    await sched.watching._poll(flight)
+    assert flight.next_poll_at >= 11.0  # put off past the hold's end (10 s)
+    for t in (10.0, 10.5, 10.99):
+        action, wake_at = sched._choose(t)
+        assert action is None, t  # not given up unseen, and no wake-up in the past
+        assert wake_at is not None and wake_at > t
+    clock.t = flight.next_poll_at
+    assert sched._choose(clock.t)[0] == ("poll", flight)
+    answers.append(running("p-1"))
+    flight.busy = True
+    await sched.watching._poll(flight)
+    # Seen still running past the hold: now it is given up (and its job's next create counts as possibly paid twice).
+    assert sched._choose(clock.t)[0] == ("abandon", flight)
 
 
 # --- end to end ---------------------------------------------------------------------------------------------------
@@ -224,8 +276,10 @@ def test_a_cancelled_prediction_still_running_after_the_hold_counts_as_possibly_
 # --- the deadline scan, by table ----------------------------------------------------------------------------------
 
 
-def _flight(name: str, created_at: float, cancelled_at: float | None = None) -> Flight:
-    return Flight(name, name, name, created_at=created_at, job=None, cancelled_at=cancelled_at)
+def _flight(name: str, created_at: float, cancelled_at: float | None = None, seen_at: float | None = None) -> Flight:
+    """A flight; ``seen_at``: when a look last saw it running."""
+    seen = None if seen_at is None else seen_at - created_at
+    return Flight(name, name, name, created_at=created_at, job=None, cancelled_at=cancelled_at, last_running_age=seen)
 
 
 @pytest.mark.parametrize(
@@ -235,7 +289,10 @@ def _flight(name: str, created_at: float, cancelled_at: float | None = None) -> 
         ([_flight("a", 0.0)], 0.5, None, 1.0),  # not yet overdue: its deadline is the next look
         ([_flight("a", 0.0)], 1.0, ("cancel", "a"), math.inf),  # at its --job-timeout: cancelled
         ([_flight("a", 0.0, cancelled_at=1.0)], 5.0, None, 10.0),  # cancelled: held 9 s after the cancel
-        ([_flight("a", 0.0, cancelled_at=1.0)], 10.0, ("abandon", "a"), math.inf),
+        ([_flight("a", 0.0, cancelled_at=1.0, seen_at=10.0)], 10.0, ("abandon", "a"), math.inf),
+        # Past its hold but not seen since (a look put off past it): no give-up, no deadline, the next look decides.
+        ([_flight("a", 0.0, cancelled_at=1.0, seen_at=9.9)], 10.5, None, math.inf),
+        ([_flight("a", 0.0, cancelled_at=1.0), _flight("b", 0.5)], 10.5, ("cancel", "b"), math.inf),
         ([_flight("a", 0.5), _flight("b", 0.0, cancelled_at=0.2)], 0.8, None, 1.5),  # the soonest of both
         ([_flight("a", 0.5), _flight("b", 0.0)], 1.2, ("cancel", "b"), math.inf),  # the first overdue in order
     ],

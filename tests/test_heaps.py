@@ -18,6 +18,7 @@ import pytest
 
 from batchrunner.api.answers import Phase, Prediction
 from batchrunner.api.client import Client
+from batchrunner.engine.cancels import seen_running_at
 from batchrunner.engine.dues import DueHeap, Flights
 from batchrunner.engine.policy import MIN_SAMPLES, done_probability, likely_done_age, poll_value
 from batchrunner.engine.polls import OPPORTUNISTIC_MIN_PROBABILITY
@@ -46,7 +47,9 @@ def scan_overdue(
             held = hold() if held is None else held
             expires = flight.cancelled_at + held
             if now >= expires:
-                return ("abandon", flight), math.inf
+                if seen_running_at(flight) >= expires:  # given up only once a look since the hold saw it running
+                    return ("abandon", flight), math.inf
+                continue
         if expires < earliest:
             earliest = expires
     return None, earliest

@@ -2,8 +2,8 @@
 
 Cancels are best effort and often only recorded: a cancelled prediction is watched on, and nothing is created again
 for its job until it is terminal (a success is saved and is the job's result; ``cancelled`` or a failure is a failed
-attempt) or until a hold long enough that the account no longer runs it (``policy.cancel_hold``); a job created again
-after that hold counts as possibly paid twice (``count_rerun``).
+attempt) or until a hold long enough that the account no longer runs it (``policy.cancel_hold``) has passed and a look
+since its end still saw it running; a job created again after that counts as possibly paid twice (``count_rerun``).
 
 The deadlines are kept in heaps (``dues.py``), so a turn costs O(log n) with a thousand predictions in flight: the
 timeouts by ``created_at + --job-timeout``, the holds by the time of the cancel (the hold itself moves with the
@@ -39,6 +39,10 @@ def overdue(
 ) -> tuple[tuple[str, Flight] | None, float]:
     """The first idle flight past its deadline (``cancel`` it; ``abandon`` it after a cancel), else the next deadline.
 
+    A cancelled flight is abandoned only once a look at the end of its hold or later saw it still running: a hold
+    that ran out while no look could be made (a poll refused with 429 and put off past the hold, a listing that
+    failed) tells nothing of the prediction, which most likely finished meanwhile, and a new create would pay twice.
+    Until that look (its next poll, or the listing's next round) it waits, with no deadline of its own.
     ``hold`` is asked once, and only when a flight was cancelled.
     """
     earliest = math.inf
@@ -52,10 +56,18 @@ def overdue(
             held = hold() if held is None else held
             expires = flight.cancelled_at + held
             if now >= expires:
-                return ("abandon", flight), math.inf
+                if seen_running_at(flight) >= expires:
+                    return ("abandon", flight), math.inf
+                continue  # past its hold, not seen since: the next look decides
         if expires < earliest:
             earliest = expires
     return None, earliest
+
+
+def seen_running_at(flight: Flight) -> float:
+    """The loop time of the last look that saw the flight's prediction running (-inf: none did)."""
+    age = flight.last_running_age
+    return -math.inf if age is None else flight.created_at + age
 
 
 def _constant(value: float) -> Callable[[], float]:
