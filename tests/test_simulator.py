@@ -7,6 +7,8 @@ import base64
 import functools
 import io
 import json
+import math
+import random
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -1193,6 +1195,67 @@ def test_executions_total_count_is_capped_but_paging_goes_on_past_it() -> None:
     last = list_executions(predictions, ListingQuery(limit=100, offset=1000), now=5000.0, base_url="", wall=wall)
     assert last["total_count"] == TOTAL_COUNT_CAP == 1000
     assert [r["id"] for r in last["executions"]] == ["p4", "p3", "p2", "p1", "p0"]
+
+
+def _reference_listing(predictions: list[Prediction], query: ListingQuery, now: float, lag: float) -> list[str]:
+    """Every prediction filtered one by one, then sorted: what the listing must show, however it is read."""
+    wall = functools.partial(datetime.fromtimestamp, tz=UTC)
+    rows = [
+        p
+        for p in predictions
+        if now >= p.created_at + lag
+        and (query.models is None or p.model in query.models)
+        and (query.statuses is None or p.status(now) in query.statuses)
+        and (query.since is None or wall(p.created_at) >= query.since)
+        and (query.until is None or wall(p.created_at) <= query.until)
+    ]
+    rows.sort(key=lambda p: (p.created_at, p.seq), reverse=True)
+    return [p.id for p in rows]
+
+
+def test_executions_read_newest_first_match_filtering_everything() -> None:
+    # Many predictions, some created within one microsecond, bounds taken from the timestamps rows show: the
+    # listing stops reading once it knows its page and count, and still lists exactly what a full scan would.
+    rng = random.Random(7)
+    t = 1_700_000_000.0
+    predictions = []
+    for i in range(3000):
+        t += rng.choice((0.0, 1e-7, 4e-7, 1e-6, 0.013, 0.5))
+        predictions.append(
+            Prediction(
+                id=f"p{i}",
+                model=rng.choice((MODEL, "flux-kontext-pro")),
+                input={},
+                key="k",
+                seq=i,
+                created_at=t,
+                duration=rng.uniform(0.1, 40.0),
+                finish_at=math.inf,
+                outcome=Outcome.SUCCESS,
+                early_status="created",
+                shape="string",
+                failed_word="error",
+            )
+        )
+    wall = functools.partial(datetime.fromtimestamp, tz=UTC)
+    now = t + 1.0
+    for _ in range(300):
+        a, b = sorted(rng.sample(predictions, 2), key=lambda p: p.seq)
+        since = parse_rfc3339(format_time(wall(a.created_at))) if rng.random() < 0.8 else None
+        until = parse_rfc3339(format_time(wall(b.created_at))) if rng.random() < 0.5 else None
+        query = ListingQuery(
+            limit=rng.choice((1, 20, 100)),
+            offset=rng.choice((0, 0, 7, 100, 950, 1200)),
+            models=rng.choice((None, frozenset({MODEL}))),
+            statuses=rng.choice((None, frozenset({"success"}), frozenset({"processing", "starting"}))),
+            since=since,
+            until=until,
+        )
+        lag = rng.choice((0.0, 0.0, 2.0))
+        expected = _reference_listing(predictions, query, now, lag)
+        page = list_executions(predictions, query, now=now, base_url="", wall=wall, lag=lag)
+        assert [r["id"] for r in page["executions"]] == expected[query.offset : query.offset + query.limit]
+        assert page["total_count"] == min(len(expected), TOTAL_COUNT_CAP)
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,9 @@ the number of matching rows capped at :data:`TOTAL_COUNT_CAP` (a client pages un
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Reversible
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Final
@@ -133,18 +134,29 @@ def parse_query(query: Mapping[str, str]) -> ListingQuery | str:
     )
 
 
-def _matches(prediction: Prediction, query: ListingQuery, now: float, wall: WallClock) -> bool:
+def _matches(prediction: Prediction, query: ListingQuery, now: float, wall: WallClock, *, exact: bool) -> bool:
+    """Whether the row is listed; ``exact``: its time is near a bound, and its shown timestamp decides."""
     if query.models is not None and prediction.model not in query.models:
         return False
     if query.statuses is not None and prediction.status(now) not in query.statuses:
         return False
-    created = wall(prediction.created_at)
-    if (query.since is not None and created < query.since) or (query.until is not None and created > query.until):
-        return False
+    if exact:
+        created = wall(prediction.created_at)
+        if (query.since is not None and created < query.since) or (query.until is not None and created > query.until):
+            return False
     if query.classifications is not None:
         category = prediction.category(now)
         return category is not None and category.upper() in query.classifications
     return True
+
+
+# Bounds are compared as clock readings first; within this of a bound the row's own timestamp (microseconds, as
+# shown) decides, so a client that sends back a ``created_at`` it read finds that row inside its range.
+_NEAR: Final = 5e-6
+
+
+def _bound(moment: datetime | None, epoch: float, default: float) -> float:
+    return default if moment is None else moment.timestamp() - epoch
 
 
 def _stamp(moment: float | None, wall: WallClock) -> str | None:
@@ -178,7 +190,7 @@ def execution_row(
 
 
 def list_executions(
-    predictions: Iterable[Prediction],
+    predictions: Reversible[Prediction],
     query: ListingQuery,
     *,
     now: float,
@@ -190,13 +202,34 @@ def list_executions(
 ) -> dict[str, Any]:
     """The listing's answer: the page of matching rows, newest first, and the capped count of all matches.
 
-    A prediction shows up only ``lag`` seconds after its creation (the listing reads a lagging index); ``envelopes``
-    as for :func:`execution_row`.
+    ``predictions`` come in creation order (``created_at`` never decreasing, ties in ``seq`` order), as the
+    simulator makes them, so the newest are read first and reading stops once the page and the capped count are
+    known, or the rows are older than ``from``: a page costs what it shows, not what the account ever made. ``wall``
+    maps a clock reading to its moment as ``epoch + t``. A prediction shows up only ``lag`` seconds after its creation
+    (the listing reads a lagging index); ``envelopes`` as for :func:`execution_row`.
     """
-    visible = [p for p in predictions if now >= p.created_at + lag and _matches(p, query, now, wall)]
-    visible.sort(key=lambda p: (p.created_at, p.seq), reverse=True)
-    page = visible[query.offset : query.offset + query.limit]
+    epoch = wall(0.0).timestamp()
+    since = _bound(query.since, epoch, -math.inf)
+    until = _bound(query.until, epoch, math.inf)
+    wanted = max(cap, query.offset + query.limit)
+    visible = now - lag
+    page: list[Prediction] = []
+    count = 0
+    for p in reversed(predictions):
+        created = p.created_at
+        if created > visible or created > until + _NEAR:
+            continue
+        if created < since - _NEAR:
+            break  # every older one is before ``from`` too
+        exact = abs(created - since) <= _NEAR or abs(created - until) <= _NEAR
+        if not _matches(p, query, now, wall, exact=exact):
+            continue
+        if query.offset <= count < query.offset + query.limit:
+            page.append(p)
+        count += 1
+        if count >= wanted:
+            break
     return {
         "executions": [execution_row(p, now, base_url, wall, envelopes=envelopes) for p in page],
-        "total_count": min(len(visible), cap),
+        "total_count": min(count, cap),
     }
