@@ -21,7 +21,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -77,6 +77,7 @@ __all__ = [
     "Phase",
     "Prediction",
     "Presigned",
+    "Sink",
     "classify_status",
     "parse_execution",
 ]
@@ -86,6 +87,12 @@ DEFAULT_API_URL = "https://api.eachlabs.ai"
 PRESIGN_MIN_SECONDS = 60
 PRESIGN_MAX_SECONDS = 365 * 86400
 MAX_DOWNLOAD_BYTES = 100 * 1024 * 1024
+
+
+class Sink(Protocol):
+    """Where a download's bytes go, chunk by chunk (a binary file will do)."""
+
+    def write(self, chunk: bytes, /) -> int: ...
 
 
 def _user_agent() -> str:
@@ -337,7 +344,7 @@ class Client:
         body = await self._call("schema", "GET", "/v1/model", params={"slug": slug})
         return request_schema(body)
 
-    async def download(self, url: str, sink: BinaryIO) -> int:
+    async def download(self, url: str, sink: Sink) -> int:
         """Stream an output file into ``sink``; returns the bytes written. Not an API request: no key or hook.
 
         Raises DownloadRejected for a non-http(s) URL, a refusal or an oversize file, and DownloadIncomplete

@@ -237,56 +237,101 @@ def image_extension(path: Path) -> str:
 
 
 _PART_NUMBERS = itertools.count()
+# Downloads at once hold up to this many bytes in memory between them; past it a download goes to its temporary file
+# as it arrives. An image held whole is written, fsynced, checked and renamed in one worker-thread call.
+SPOOL_BUDGET = 64 << 20
 
 
-async def save_download(
-    out: OutputDir,
-    job_id: str,
-    fetch: Callable[[BinaryIO], Awaitable[int]],
-    *,
-    to_thread: Callable[..., Awaitable[str]] | None = None,
-) -> str:
-    """Stream a download to a temporary file, fsync it, check it decodes, then rename it into place.
+class _Spool:
+    """A download's sink: its bytes in memory while the shared budget lasts, else in the temporary file."""
+
+    spooled = 0  # bytes held in memory by every spool (one event loop writes them)
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.chunks: list[bytes] = []
+        self.held = 0
+        self.file: BinaryIO | None = None
+
+    def write(self, chunk: bytes, /) -> int:
+        if self.file is None and _Spool.spooled + len(chunk) <= SPOOL_BUDGET:
+            self.chunks.append(chunk)
+            self.held += len(chunk)
+            _Spool.spooled += len(chunk)
+            return len(chunk)
+        if self.file is None:  # over the budget: the rest streams to disk (a rare, large output)
+            try:
+                self.file = os.fdopen(_open_part(self.tmp), "wb")
+                self.file.writelines(self.chunks)
+            except OSError as exc:
+                raise OutputError(f"cannot write {self.tmp}: {describe_os_error(exc)}") from exc
+            self.free()
+        try:
+            return self.file.write(chunk)
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.tmp}: {describe_os_error(exc)}") from exc
+
+    def free(self) -> None:
+        _Spool.spooled -= self.held
+        self.chunks, self.held = [], 0
+
+    def close(self) -> None:
+        self.free()
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
+            self.file = None
+
+
+def _open_part(tmp: Path) -> int:
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+
+
+def _store(spool: _Spool, out: OutputDir, job_id: str) -> Path:
+    """In a worker thread: the temporary file written whole and fsynced, checked to decode, renamed into place."""
+    tmp = spool.tmp
+    try:
+        if spool.file is None:
+            with os.fdopen(_open_part(tmp), "wb") as sink:
+                sink.writelines(spool.chunks)
+                sink.flush()
+                os.fsync(sink.fileno())
+        else:
+            spool.file.flush()
+            os.fsync(spool.file.fileno())
+            spool.file.close()  # the budget is the loop's own: the bytes held are freed there, after this returns
+            spool.file = None
+    except OSError as exc:
+        raise OutputError(f"cannot write {tmp}: {describe_os_error(exc)}") from exc
+    final = out.file_for(job_id, image_extension(tmp))
+    try:
+        os.replace(tmp, final)
+        _fsync_dir(out.path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {final}: {describe_os_error(exc)}") from exc
+    return final
+
+
+async def save_download(out: OutputDir, job_id: str, fetch: Callable[[_Spool], Awaitable[int]]) -> str:
+    """Fetch a download, write it to a temporary file, fsync it, check it decodes, then rename it into place.
 
     Returns the final file name (relative to the folder). A kill at any point leaves either no file or the whole file;
-    the ledger records success only after this returns.
+    the ledger records success only after this returns. The loop only gathers the bytes: every call that waits on
+    the disk (open, write, fsync, the decode, the rename) is one worker-thread call.
     """
     # Unique within the folder: a run holds its lock, and within the run a counter (a random name cost a syscall).
-    tmp = out.partial / f"{job_id}.{os.getpid()}-{next(_PART_NUMBERS)}.part"
+    spool = _Spool(out.partial / f"{job_id}.{os.getpid()}-{next(_PART_NUMBERS)}.part")
     moved = False
     try:
-        try:
-            # The chunks the client writes are small, so the loop is not held by them; opening, fsync and the rename
-            # wait on the disk and go to a worker thread (at a thousand predictions in flight they held the loop).
-            fd = await asyncio.to_thread(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
-            with os.fdopen(fd, "wb") as sink:
-                await fetch(sink)
-                await asyncio.to_thread(_flush_and_sync, sink)
-        except OSError as exc:
-            raise OutputError(f"cannot write {tmp}: {describe_os_error(exc)}") from exc
-        runner = to_thread or asyncio.to_thread
-        ext = await runner(image_extension, tmp)
-        final = out.file_for(job_id, ext)
-        try:
-            await asyncio.to_thread(_replace_durably, tmp, final, out.path)
-        except OSError as exc:
-            raise OutputError(f"cannot write {final}: {describe_os_error(exc)}") from exc
+        await fetch(spool)
+        final = await asyncio.to_thread(_store, spool, out, job_id)
         moved = True
         return final.name
     finally:
+        spool.close()
         if not moved:  # renamed into place, there is nothing left to remove (and no syscall to spend on it)
             with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-
-
-def _flush_and_sync(sink: BinaryIO) -> None:
-    sink.flush()
-    os.fsync(sink.fileno())
-
-
-def _replace_durably(tmp: Path, final: Path, folder: Path) -> None:
-    os.replace(tmp, final)
-    _fsync_dir(folder)
+                spool.tmp.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:
