@@ -266,3 +266,24 @@ def test_expected_duration_and_doubt_hold_by_table(
 ) -> None:
     assert expected_duration(durations, poll_initial) == pytest.approx(expected)
     assert doubt_hold(durations, poll_initial) == pytest.approx(hold)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.floats(0.01, 50.0), min_size=1, max_size=60),
+    st.lists(st.floats(0.01, 60.0), min_size=1, max_size=12),
+)
+def test_a_plan_is_scored_as_one_poll_at_a_time_would_score_it(samples: list[float], ages: list[float]) -> None:
+    # Scored from prefix sums (a few bisections per age, so re-planning at 500 samples stays cheap), a plan's polls
+    # and delay are what following each sample poll by poll gives: the first poll at or after it sees it.
+    from batchrunner.engine.policy import _evaluate
+
+    samples, ages = sorted(samples), sorted(set(ages))
+    polls = delay = 0.0
+    for d in samples:
+        k = next((i for i, a in enumerate(ages) if a >= d), len(ages) - 1)
+        polls += k + 1
+        delay += max(0.0, ages[k] - d)
+    got_polls, got_delay = _evaluate(samples, ages)
+    assert got_polls == pytest.approx(polls / len(samples))
+    assert got_delay == pytest.approx(delay / len(samples), abs=1e-9)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -74,17 +74,36 @@ def prior_plan(initial: float, *, growth: float = 1.5, count: int = 12) -> PollP
     return PollPlan(ages=ages, tail_interval=ages[-1] * (growth - 1))
 
 
-def _evaluate(samples: Sequence[float], ages: Sequence[float]) -> tuple[float, float]:
-    """Mean polls per job and mean detection delay if polls happen at ``ages`` (sorted; last >= max sample)."""
+def _evaluate(
+    samples: Sequence[float], ages: Sequence[float], sums: Sequence[float] | None = None
+) -> tuple[float, float]:
+    """Mean polls per job and mean detection delay if polls happen at ``ages`` (both sorted).
+
+    A sample is seen by the first poll at or after it (the last poll when it outlasts them all, with no delay).
+    ``sums`` (``prefix_sums(samples)``) makes it a few bisections per age instead of a walk over every sample.
+    """
+    n = len(samples)
+    if sums is None:
+        sums = prefix_sums(samples)
     polls = 0
     delay = 0.0
-    for d in samples:
-        k = bisect_left(ages, d)
-        k = min(k, len(ages) - 1)
-        polls += k + 1
-        delay += max(0.0, ages[k] - d)
-    n = len(samples)
+    lo = 0
+    for k, age in enumerate(ages):
+        hi = bisect_right(samples, age, lo)
+        count = hi - lo
+        polls += count * (k + 1)
+        delay += count * age - (sums[hi] - sums[lo])
+        lo = hi
+    polls += (n - lo) * len(ages)
     return polls / n, delay / n
+
+
+def prefix_sums(samples: Sequence[float]) -> list[float]:
+    """``out[i]`` = the sum of the first ``i`` samples."""
+    out = [0.0]
+    for d in samples:
+        out.append(out[-1] + d)
+    return out
 
 
 def _quantile_ages(samples: Sequence[float], n: int) -> tuple[float, ...]:
@@ -115,13 +134,14 @@ def plan_polls(
     if len(durations) < MIN_SAMPLES:
         return prior_plan(max(prior_initial, min_interval))
     samples = sorted(durations)
-    mean_d = sum(samples) / len(samples)
+    sums = prefix_sums(samples)
+    mean_d = sums[-1] / len(samples)
     best: tuple[float, float, PollPlan] | None = None
     for n in range(1, MAX_PLANNED_POLLS + 1):
         ages = _quantile_ages(samples, n)
         if min_interval > 0:
             ages = _spread(ages, min_interval)
-        polls, delay = _evaluate(samples, ages)
+        polls, delay = _evaluate(samples, ages, sums)
         throughput = min(concurrency / max(mean_d + delay, 1e-9), rate / (1.0 + polls))
         spread = samples[-1] - samples[0]
         tail = max(min_interval, spread / n if spread > 0 else samples[-1] * 0.25, 1e-3)
