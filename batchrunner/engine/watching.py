@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from batchrunner.api.client import Phase, Prediction
+from batchrunner.api.client import Phase, Prediction, classify_status
 from batchrunner.engine.context import Run
 from batchrunner.engine.dues import Flights
 from batchrunner.engine.grants import Grants
@@ -194,8 +194,14 @@ class Watching:
         ours, done = watch.on_page(number, page)
         for row in ours:
             flight = self.flights.get(row.id)
-            prediction = row.prediction if flight is not None and not flight.busy else None
-            if flight is None or prediction is None:
+            if flight is None or flight.busy:
+                continue
+            if classify_status(row.status) is Phase.RUNNING:
+                flight.listed = True
+                self._running(flight)  # most rows of a round: nothing more of the row to read
+                continue
+            prediction = row.prediction
+            if prediction is None:
                 continue
             if needs_get(prediction):
                 # The row says the prediction failed but carries no envelope: one GET of it decides, as for a poll.
@@ -278,16 +284,13 @@ class Watching:
     # ----------------------------------------------------------------------------------------------- what it said
     def observe(self, flight: Flight, prediction: Prediction) -> None:
         """Act on what a GET of a watched prediction said: wait on, download its output, or record its failure."""
+        if prediction.phase is Phase.RUNNING:
+            self._running(flight)
+            return
         run = self.run
         flight.poll_failures = flight.not_found = 0
         flight.polls += 1
         age = run.now() - flight.created_at
-        if prediction.phase is Phase.RUNNING:
-            flight.last_running_age = age
-            flight.next_poll_at = flight.created_at + run.plan.next_poll_age(flight.polls, age)
-            flight.busy = False
-            self.flights.touch(flight)
-            return
         if prediction.phase is Phase.SUCCEEDED and not prediction.urls and flight.empty_success == 0:
             # A success without an output URL may be a read of a record still being written: one more look, a GET.
             flight.empty_success += 1
@@ -303,6 +306,17 @@ class Watching:
             run.spawn(self.results.download(flight, prediction, duration, client=run.client, out=run.out))
             return
         self._failed(flight, prediction, duration)
+
+    def _running(self, flight: Flight) -> None:
+        """A look at the prediction saw it still running: the next look is due by the plan."""
+        run = self.run
+        flight.poll_failures = flight.not_found = 0
+        flight.polls += 1
+        age = run.now() - flight.created_at
+        flight.last_running_age = age
+        flight.next_poll_at = flight.created_at + run.plan.next_poll_age(flight.polls, age)
+        flight.busy = False
+        self.flights.touch(flight)
 
     def _failed(self, flight: Flight, prediction: Prediction, duration: float | None) -> None:
         error = prediction.error or ("finished without an output" if prediction.phase is Phase.SUCCEEDED else "failed")
