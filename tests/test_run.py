@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,26 @@ def test_transient_api_faults_still_finish_every_job(tmp_path: Path, threaded_si
     # Creates whose answer was lost may have been paid twice; nothing else may be.
     assert stats["duplicates"] <= state.lost_answers
     assert sum(stats["faults_injected"].values()) > 0
+
+
+def test_an_image_cut_short_six_times_is_left_in_flight_and_fetched_by_the_next_run_unpaid(
+    tmp_path: Path, threaded_sim: SimFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The retries' backoff is the download loop's own; the test waits milliseconds, not the 6 s it adds up to.
+    monkeypatch.setattr("batchrunner.engine.results.backoff", lambda *args, **kwargs: 0.001)
+    sim = threaded_sim(fast_sim(faults=Faults(truncated_download=1.0)))
+    manifest = write_manifest(tmp_path, 2)
+    out = tmp_path / "out"
+    assert main(run_args(manifest, sim.url, out)) == 75  # paid outputs left to fetch: run again
+    assert images_in(out) == []
+    assert sim.stats()["downloads"] == 12  # six tries an image, then left, not failed
+    assert all(st.prediction_id for st in read_ledger(out / "ledger.jsonl").jobs.values())
+    sim.call(lambda: setattr(sim.sim, "config", replace(sim.sim.config, faults=Faults())))
+    assert main(run_args(manifest, sim.url, out)) == 0
+    assert len(images_in(out)) == 2
+    stats = sim.stats()
+    assert stats["creates"] == 2  # the next run fetched the paid outputs; it made nothing again
+    assert stats["paid_twice"] == 0
 
 
 def test_key_never_reaches_ledger_logs_or_files(
