@@ -210,6 +210,8 @@ class AccountGate:
         o = self._o
         if self.in_flight <= 0:
             raise RuntimeError("release() of the account's gate without a matching acquire")
+        if o.keep_slot():
+            return  # the run's next create takes it, with no transaction
         o.lease.held -= 1
         o.released_since_view += 1
         o.queue_op("release", 1)

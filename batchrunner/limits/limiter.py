@@ -270,15 +270,15 @@ class AccountLimiter:
             self.give_back()
         started = self.now()
         self._drop_stale(started)
-        if (grant or slot) and (not grant or self.stock) and (not slot or self.stock_slots):
-            if grant:  # the oldest first: it is the first to go stale
-                self.held_grant, self._held_grant_until = self.stock.pop(0)
-            if slot:
-                self._held_slot_until = self.stock_slots.pop(0)
-                self.held_slot = True
+        # What the stock lacks is asked of the store; the rest comes from the stock.
+        ask_grant, ask_slot = grant and not self.stock, slot and not self.stock_slots
+        if (grant or slot) and not ask_grant and not ask_slot:
+            self._take_stock(grant=grant, slot=slot)
             return True
         extra = self.burst
-        fn, _ = self._tx(lambda state, now: request(state, now, self.lease.id, grant=grant, slot=slot, extra=extra))
+        fn, _ = self._tx(
+            lambda state, now: request(state, now, self.lease.id, grant=ask_grant, slot=ask_slot, extra=extra)
+        )
         try:
             decision, fresh = await self.store.transact(fn)
         except StoreLost as exc:
@@ -286,12 +286,14 @@ class AccountLimiter:
             return False
         assert isinstance(decision, Decision)
         if decision.granted:
-            self.held_grant, self._held_grant_until = decision.grant_id, None
             until = started + STOCK_TTL - STOCK_GUARD
             self.stock += [(grant_id, until) for grant_id in decision.more]
             self.stock_slots += [until] * decision.more_slots
             self.burst = min(STOCK_MAX, self.burst * 2)  # the stock ran out (or there was none): ask for more
-            if slot:
+            self._take_stock(grant=grant and not ask_grant, slot=slot and not ask_slot)
+            if ask_grant:
+                self.held_grant, self._held_grant_until = decision.grant_id, None
+            if ask_slot:
                 self.held_slot, self._held_slot_until = True, None
                 self.lease.held += 1 + decision.more_slots
                 self._slot_claim_until = -math.inf
@@ -302,6 +304,29 @@ class AccountLimiter:
             else:
                 self.retry_at = self.now() + decision.wait
         return decision.granted
+
+    def _take_stock(self, *, grant: bool, slot: bool) -> None:
+        if grant:  # the oldest first: it is the first to go stale
+            self.held_grant, self._held_grant_until = self.stock.pop(0)
+        if slot:
+            self._held_slot_until = self.stock_slots.pop(0)
+            self.held_slot = True
+
+    def keep_slot(self) -> bool:
+        """Whether a slot the run's prediction just freed stays the run's, as stock for its next create (True), or
+        goes back to the account (False, the caller releases it).
+
+        It stays while the run has jobs to create and, as last seen, no other run waits in the slot line: then the
+        account would give the slot straight back to this run, and keeping it saves two transactions (the release and
+        the next take). The slot stays held in the store all along, so the account's count never drops below what is
+        in flight; unused within ``STOCK_TTL`` it goes back like any stock slot."""
+        seen = self.view
+        if self.fallback is not None or seen is None or seen.slot_waiters > 0 or len(self.stock_slots) >= STOCK_MAX:
+            return False
+        if not self._wants_slot():
+            return False
+        self.stock_slots.append(self.now() + STOCK_TTL - STOCK_GUARD)
+        return True
 
     def give_back(self) -> None:
         """Return what ``acquire`` took and the scheduler did not use (it chose otherwise meanwhile): no request was
