@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from batchrunner.bench import (
     scaled_defaults,
     slot_bound,
 )
+from batchrunner.bench.shared import measure_shared, shared_line, split_seeds
 from batchrunner.engine.runstate import RunConfig
 
 
@@ -186,3 +188,31 @@ def test_clients_option_refuses_an_unknown_client() -> None:
 def test_request_cpu_floor_is_measured_against_an_external_simulator() -> None:
     (tight,) = request_cpu_ms((0.0,), count=3)
     assert tight > 0
+
+
+@pytest.mark.parametrize(("jobs", "runs"), [(10, 3), (9, 3), (2, 3), (5, 1)])
+def test_shared_runs_split_the_jobs_with_none_in_two_runs_and_sizes_within_one(jobs: int, runs: int) -> None:
+    parts = split_seeds(jobs, runs)
+    assert len(parts) == runs
+    assert sorted(s for part in parts for s in part) == list(range(jobs))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+SHARED = Regime("shared", 60, 0.6, 6, 0.02, 0.06, jobs=24, external=True, store="sqlite")
+
+
+def _layout(folder: Path) -> tuple[list[str], int]:
+    """The shared runs' folders, and how many account databases their state folder holds."""
+    stores = list((folder / "state" / "batchrunner").glob("account-*.sqlite3"))
+    return sorted(p.name for p in folder.iterdir()), len(stores)
+
+
+async def test_three_runs_in_their_own_processes_share_one_store_and_keep_the_account_limits(tmp_path: Path) -> None:
+    m = await measure_shared(SHARED, 3, 5, tmp_path)
+    # Every job once, by one of three runs, against one simulator that saw the account's limits kept between them.
+    assert (m.client, m.jobs, m.succeeded, m.creates) == ("3 runs", 24, 24, 24)
+    assert m.rejected == 0 and m.max_in_flight <= 6 and m.max_window <= 60
+    assert _layout(tmp_path) == (["run0", "run1", "run2", "state"], 1)  # one store for all three
+    alone = dataclasses.replace(m, client="runner", makespan=m.makespan / 1.5)
+    assert "1.50x" in shared_line(m, alone) and shared_line(m, alone).endswith("FAIL (within 1.15x, no 429)")
+    assert shared_line(m, m).split("->")[1].startswith(" PASS")

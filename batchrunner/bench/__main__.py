@@ -1,0 +1,5 @@
+"""``python -m batchrunner.bench``."""
+
+from batchrunner.bench.cli import main
+
+raise SystemExit(main())
