@@ -560,3 +560,50 @@ async def test_a_freed_slot_goes_back_to_the_account_when_the_run_has_nothing_le
         assert store.state.leases["a"].held == 3
     finally:
         await limiter.close()
+
+
+class _StaleningStore(_MemoryStore):
+    """A store during whose transaction the run's background task gives its whole stock back (it went stale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.limiter: AccountLimiter | None = None
+        self.stale_next = False
+
+    async def transact(self, fn: Callable[[AccountState, float], T]) -> T:
+        if self.stale_next and self.limiter is not None:
+            self.stale_next = False
+            self.limiter._drop_stale(0.0, every=True)
+        return await super().transact(fn)
+
+
+@pytest.mark.parametrize("stocked", ["grant", "slot"])
+async def test_a_stock_that_goes_stale_while_the_store_answers_is_asked_for_again_not_a_crash(stocked: str) -> None:
+    store = _StaleningStore()
+    limiter = AccountLimiter(store, lease("a", count=6000, period=6.0, concurrency=4), loop_time=lambda: 0.0)
+    store.limiter = limiter
+    limiter.bind(wake=lambda: None, on_lost=lambda exc: None, wants_slot=lambda: True)
+    await limiter.join()
+    try:
+        await _full(limiter, 1)
+        if stocked == "slot":  # a stock slot and no stock grant: the next transaction asks for the grant alone
+            limiter.gate.release()
+            while limiter.stock:
+                assert await limiter.acquire(grant=True, slot=False)
+                limiter.window.take(0.0, pending=True)
+            assert limiter.stock_slots and limiter.gate.in_flight == 0
+        else:  # a stock grant and no stock slot: the next transaction asks for the slot alone
+            assert await limiter.acquire(grant=True, slot=False)  # a poll's grant, and grants ahead
+            limiter.window.take(0.0, pending=True)
+            assert limiter.stock and not limiter.stock_slots
+        store.stale_next = True
+        assert not await limiter.acquire(grant=True, slot=True)  # what it counted on is gone: it asks again
+        assert await limiter.acquire(grant=True, slot=True)
+        limiter.window.take(0.0, pending=True)
+        assert limiter.gate.try_acquire()
+        in_flight = limiter.gate.in_flight
+    finally:
+        await limiter.close()
+    # Nothing was lost or counted twice: the slots still held are those in flight.
+    assert in_flight == (1 if stocked == "slot" else 2)
+    assert store.state.leases["a"].held == in_flight

@@ -290,13 +290,24 @@ class AccountLimiter:
             self.stock += [(grant_id, until) for grant_id in decision.more]
             self.stock_slots += [until] * decision.more_slots
             self.burst = min(STOCK_MAX, self.burst * 2)  # the stock ran out (or there was none): ask for more
-            self._take_stock(grant=grant and not ask_grant, slot=slot and not ask_slot)
+            if ask_slot:
+                self.lease.held += 1 + decision.more_slots
+                self._slot_claim_until = -math.inf
+            from_stock_grant, from_stock_slot = grant and not ask_grant, slot and not ask_slot
+            if (from_stock_grant and not self.stock) or (from_stock_slot and not self.stock_slots):
+                # The stock this request counted on went stale while the store answered (the background task gave
+                # it back): what the store gave joins the stock, and the scheduler asks again at once.
+                if ask_grant and decision.grant_id is not None:
+                    self.stock.insert(0, (decision.grant_id, until))
+                if ask_slot:
+                    self.stock_slots.insert(0, until)
+                self._set_view(fresh)
+                return False
+            self._take_stock(grant=from_stock_grant, slot=from_stock_slot)
             if ask_grant:
                 self.held_grant, self._held_grant_until = decision.grant_id, None
             if ask_slot:
                 self.held_slot, self._held_slot_until = True, None
-                self.lease.held += 1 + decision.more_slots
-                self._slot_claim_until = -math.inf
         self._set_view(fresh)
         if not decision.granted:
             if decision.why == "slots":
