@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchrunner.errors import OutputError
+from batchrunner.store import ledger as ledger_module
 from batchrunner.store.ledger import (
     CREATE_FAILED,
     FAILED,
@@ -806,3 +807,30 @@ def test_replay_of_any_events_keeps_its_invariants(items: list[dict[str, Any] | 
             assert job.file is not None
         if job.status is JobStatus.IN_DOUBT:
             assert job.doubt_open
+
+
+def _isoformat_ms(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@settings(max_examples=2000)
+@given(
+    st.one_of(
+        st.floats(min_value=0.0, max_value=4e9, allow_nan=False),
+        # Halfway and near-boundary fractions, where rounding to the microsecond decides the millisecond or second.
+        st.builds(
+            lambda s, f: s + f,
+            st.integers(min_value=0, max_value=4_000_000_000),
+            st.sampled_from([0.0, 0.0005, 0.0009995, 0.9995, 0.9999995, 0.9999996, 0.5, 0.0000005, 0.1234565]),
+        ),
+    )
+)
+def test_an_events_time_stamp_is_written_as_datetime_writes_it_to_the_millisecond(epoch: float) -> None:
+    assert ledger_module._format_ts(epoch) == _isoformat_ms(epoch)
+
+
+def test_events_a_second_apart_get_each_their_own_second() -> None:
+    base = 1_714_564_800.0  # 2024-05-01T12:00:00Z
+    stamps = [ledger_module._format_ts(base + k * 0.4) for k in range(6)]
+    assert stamps == [_isoformat_ms(base + k * 0.4) for k in range(6)]
+    assert stamps[0] == "2024-05-01T12:00:00.000Z" and stamps[3] == "2024-05-01T12:00:01.200Z"

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -70,7 +70,28 @@ __all__ = [
 
 
 def _format_ts(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """``epoch`` as RFC 3339 UTC to the millisecond (``2024-05-01T12:00:00.123Z``), exactly as
+    ``datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")`` writes it (rounded to the microsecond
+    half to even, then cut to the millisecond), at a third of its cost: every event of a run is stamped (30,000 at 100x
+    the limits), and the text of the second changes once a second."""
+    frac, whole = math.modf(epoch)
+    micros = round(frac * 1e6)
+    if micros >= 1_000_000:
+        micros -= 1_000_000
+        whole += 1.0
+    elif micros < 0:
+        micros += 1_000_000
+        whole -= 1.0
+    second = int(whole)
+    head = _SECOND_TEXT.get(second)
+    if head is None:
+        head = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _SECOND_TEXT.clear()  # one entry: events come in time order
+        _SECOND_TEXT[second] = head
+    return f"{head}.{micros // 1000:03d}Z"
+
+
+_SECOND_TEXT: dict[int, str] = {}
 
 
 _FREE_TEXT = ("error",)
