@@ -607,3 +607,29 @@ async def test_a_stock_that_goes_stale_while_the_store_answers_is_asked_for_agai
     # Nothing was lost or counted twice: the slots still held are those in flight.
     assert in_flight == (1 if stocked == "slot" else 2)
     assert store.state.leases["a"].held == in_flight
+
+
+async def test_a_freed_slot_goes_back_to_the_account_while_another_run_is_on_it_even_if_it_does_not_ask() -> None:
+    # A run that sees no slot free does not ask for one, so it is in no line: a run keeping its freed slots while it
+    # is live would starve it (and leave it alone on the key, with its own limits, only at the end).
+    store = _MemoryStore()
+    clock = [0.0]
+    limiter = AccountLimiter(store, lease("a", count=6000, period=6.0, concurrency=4), loop_time=lambda: clock[0])
+    limiter.bind(wake=lambda: None, on_lost=lambda exc: None, wants_slot=lambda: True)
+    await limiter.join()
+    try:
+        await _full(limiter, 4)
+        join(store.state, 100.0, lease("b", count=6000, period=6.0, concurrency=4))
+        assert not store.state.slot_line  # b is on the account, and asks for nothing
+        clock[0] = 1.0
+        assert await limiter.acquire(grant=True, slot=False)  # a's view now shows two runs
+        limiter.give_back()
+        limiter.gate.release()
+        assert limiter.stock_slots == [] and limiter.gate.in_flight == 3
+        clock[0] = 2.0
+        await limiter.acquire(grant=True, slot=False)  # carries the release to the store
+        limiter.give_back()
+        assert store.state.leases["a"].held == 3
+        assert view(store.state, 100.0, "b").free() == 1  # b sees the slot free
+    finally:
+        await limiter.close()

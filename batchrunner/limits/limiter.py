@@ -327,12 +327,16 @@ class AccountLimiter:
         """Whether a slot the run's prediction just freed stays the run's, as stock for its next create (True), or
         goes back to the account (False, the caller releases it).
 
-        It stays while the run has jobs to create and, as last seen, no other run waits in the slot line: then the
-        account would give the slot straight back to this run, and keeping it saves two transactions (the release and
-        the next take). The slot stays held in the store all along, so the account's count never drops below what is
-        in flight; unused within ``STOCK_TTL`` it goes back like any stock slot."""
+        It stays while the run has jobs to create and, as last seen, is the only run on the account: then the account
+        would give the slot straight back to this run, and keeping it saves two transactions (the release and the next
+        take). With another run on the account it goes back at once, whether or not that run waits in the slot line: a
+        run that sees no slot free does not ask for one, so only a slot seen free brings it in. The slot stays held in
+        the store all along, so the account's count never drops below what is in flight; unused within ``STOCK_TTL``
+        it goes back like any stock slot."""
         seen = self.view
-        if self.fallback is not None or seen is None or seen.slot_waiters > 0 or len(self.stock_slots) >= STOCK_MAX:
+        if self.fallback is not None or seen is None or len(self.stock_slots) >= STOCK_MAX:
+            return False
+        if seen.runs > 1 or seen.slot_waiters > 0:
             return False
         if not self._wants_slot():
             return False
