@@ -486,6 +486,15 @@ async def test_a_run_at_large_limits_takes_many_requests_per_transaction(
     assert store.state.leases["a"].held == taken
 
 
+async def _joined(store: _MemoryStore, clock: list[float], *, wants_slot: bool = True) -> AccountLimiter:
+    """Run "a" on the account (6000/6, 4 slots), its loop time ``clock[0]``: moved past STOCK_TTL, it makes the run's
+    next acquire a transaction (its stock gone stale)."""
+    limiter = AccountLimiter(store, lease("a", count=6000, period=6.0, concurrency=4), loop_time=lambda: clock[0])
+    limiter.bind(wake=lambda: None, on_lost=lambda exc: None, wants_slot=lambda: wants_slot)
+    await limiter.join()
+    return limiter
+
+
 async def _full(limiter: AccountLimiter, concurrency: int) -> None:
     """Take every slot of the account, each with a request sent on its grant."""
     for _ in range(concurrency):
@@ -496,9 +505,8 @@ async def _full(limiter: AccountLimiter, concurrency: int) -> None:
 
 async def test_a_slot_the_run_frees_while_it_has_jobs_to_create_serves_its_next_create_without_a_transaction() -> None:
     store = _MemoryStore()
-    limiter = AccountLimiter(store, lease("a", count=6000, period=6.0, concurrency=4), loop_time=lambda: 0.0)
-    limiter.bind(wake=lambda: None, on_lost=lambda exc: None, wants_slot=lambda: True)
-    await limiter.join()
+    clock = [0.0]
+    limiter = await _joined(store, clock)
     try:
         await _full(limiter, 4)
         store.transactions = 0
@@ -519,10 +527,8 @@ async def test_a_slot_the_run_frees_while_it_has_jobs_to_create_serves_its_next_
 
 async def test_a_freed_slot_goes_back_to_the_account_while_another_run_waits_for_one() -> None:
     store = _MemoryStore()
-    clock = [0.0]  # moved past STOCK_TTL, it makes the run's next acquire a transaction (its stock gone stale)
-    limiter = AccountLimiter(store, lease("a", count=6000, period=6.0, concurrency=4), loop_time=lambda: clock[0])
-    limiter.bind(wake=lambda: None, on_lost=lambda exc: None, wants_slot=lambda: True)
-    await limiter.join()
+    clock = [0.0]
+    limiter = await _joined(store, clock)
     try:
         await _full(limiter, 4)
         join(store.state, 100.0, lease("b", count=6000, period=6.0, concurrency=4))
@@ -547,9 +553,7 @@ async def test_a_freed_slot_goes_back_to_the_account_while_another_run_waits_for
 async def test_a_freed_slot_goes_back_to_the_account_when_the_run_has_nothing_left_to_create() -> None:
     store = _MemoryStore()
     clock = [0.0]
-    limiter = AccountLimiter(store, lease("a", count=6000, period=6.0, concurrency=4), loop_time=lambda: clock[0])
-    limiter.bind(wake=lambda: None, on_lost=lambda exc: None, wants_slot=lambda: False)
-    await limiter.join()
+    limiter = await _joined(store, clock, wants_slot=False)
     try:
         await _full(limiter, 4)
         limiter.gate.release()
@@ -580,10 +584,9 @@ class _StaleningStore(_MemoryStore):
 @pytest.mark.parametrize("stocked", ["grant", "slot"])
 async def test_a_stock_that_goes_stale_while_the_store_answers_is_asked_for_again_not_a_crash(stocked: str) -> None:
     store = _StaleningStore()
-    limiter = AccountLimiter(store, lease("a", count=6000, period=6.0, concurrency=4), loop_time=lambda: 0.0)
+    clock = [0.0]
+    limiter = await _joined(store, clock)
     store.limiter = limiter
-    limiter.bind(wake=lambda: None, on_lost=lambda exc: None, wants_slot=lambda: True)
-    await limiter.join()
     try:
         await _full(limiter, 1)
         if stocked == "slot":  # a stock slot and no stock grant: the next transaction asks for the grant alone
@@ -614,9 +617,7 @@ async def test_a_freed_slot_goes_back_to_the_account_while_another_run_is_on_it_
     # is live would starve it (and leave it alone on the key, with its own limits, only at the end).
     store = _MemoryStore()
     clock = [0.0]
-    limiter = AccountLimiter(store, lease("a", count=6000, period=6.0, concurrency=4), loop_time=lambda: clock[0])
-    limiter.bind(wake=lambda: None, on_lost=lambda exc: None, wants_slot=lambda: True)
-    await limiter.join()
+    limiter = await _joined(store, clock)
     try:
         await _full(limiter, 4)
         join(store.state, 100.0, lease("b", count=6000, period=6.0, concurrency=4))

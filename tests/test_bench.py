@@ -216,3 +216,16 @@ async def test_three_runs_in_their_own_processes_share_one_store_and_keep_the_ac
     alone = dataclasses.replace(m, client="runner", makespan=m.makespan / 1.5)
     assert "1.50x" in shared_line(m, alone) and shared_line(m, alone).endswith("FAIL (within 1.15x, no 429)")
     assert shared_line(m, m).split("->")[1].startswith(" PASS")
+
+
+@pytest.mark.parametrize("runs", ["1", "-2"])
+def test_shared_asks_for_two_runs_or_more_in_one_line(runs: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--regimes", "d", "--shared", runs])
+    assert info.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith(f"--shared {runs}: expected 2 or more runs (or 0, the default: none)")
+    )

@@ -88,8 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [n.strip() for n in args.regimes.split(",") if n.strip()]
     unknown = [n for n in names if n not in REGIMES]
     clients = [c.strip() for c in args.clients.split(",") if c.strip()]
-    if unknown or args.jobs < 1 or args.repeat < 1 or args.shared < 0:
-        p.error(f"unknown regime(s) {unknown}" if unknown else "--jobs, --repeat and --shared must be positive")
+    if unknown or args.jobs < 1 or args.repeat < 1:
+        p.error(f"unknown regime(s) {unknown}" if unknown else "--jobs and --repeat must be at least 1")
+    if args.shared < 0 or args.shared == 1:
+        p.error(f"--shared {args.shared}: expected 2 or more runs (or 0, the default: none)")
     if not clients or any(c not in CLIENTS for c in clients):
         p.error(f"--clients: expected some of {', '.join(CLIENTS)}, not {args.clients!r}")
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; times in seconds (scaled x10); seed {args.seed}")

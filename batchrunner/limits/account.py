@@ -434,5 +434,4 @@ def view(state: AccountState, now: float, lease_id: str | None) -> View:
         own_held=lease.held if lease is not None else 0,
         slots_ahead=_place(state.slot_line, lease_id) if lease_id is not None else 0,
         runs=sum(1 for lease in state.leases.values() if lease.live(now)),
-        slot_waiters=sum(1 for waiter in state.slot_line if waiter.lease != lease_id),
     )

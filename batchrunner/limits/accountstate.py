@@ -336,7 +336,6 @@ class View:
     own_held: int
     slots_ahead: int  # runs ahead of this one in the slot line
     runs: int  # live runs
-    slot_waiters: int = 0  # other runs waiting in the slot line (ahead of this one or not)
 
     def used(self) -> int:
         """Grants inside the window at ``now``, pending ones included (at most COUNT)."""

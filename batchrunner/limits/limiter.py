@@ -334,9 +334,7 @@ class AccountLimiter:
         the store all along, so the account's count never drops below what is in flight; unused within ``STOCK_TTL``
         it goes back like any stock slot."""
         seen = self.view
-        if self.fallback is not None or seen is None or len(self.stock_slots) >= STOCK_MAX:
-            return False
-        if seen.runs > 1 or seen.slot_waiters > 0:
+        if self.fallback is not None or seen is None or seen.runs > 1 or len(self.stock_slots) >= STOCK_MAX:
             return False
         if not self._wants_slot():
             return False
