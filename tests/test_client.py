@@ -11,12 +11,15 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batchrunner.api.answers import (
     TRANSIENT_ERROR_CODES,
@@ -1145,3 +1148,31 @@ async def test_download_from_a_dead_host_is_network_error_not_sent(session: aioh
     with pytest.raises(NetworkError) as caught:
         await make_client(session, "http://127.0.0.1:1").download(url, io.BytesIO())
     assert caught.value.sent is False
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.datetimes(timezones=st.sampled_from([UTC, None])).map(lambda d: d.isoformat()),
+        st.datetimes().map(lambda d: d.isoformat() + "Z"),
+        st.text(max_size=30),
+    )
+)
+def test_a_listing_time_read_again_reads_as_the_first_time(text: str) -> None:
+    # The listing shows a running prediction's created_at every round: read once, then looked up.
+    from batchrunner.api import answers
+
+    first = answers._epoch(text)
+    assert first == answers._parse_epoch(text)
+    assert answers._epoch(text) == first
+    assert answers._epoch(f" {text} ") == first  # stripped, as before
+
+
+def test_the_listing_times_kept_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchrunner.api import answers
+
+    monkeypatch.setattr(answers, "_EPOCHS", {})
+    monkeypatch.setattr(answers, "_EPOCHS_MAX", 10)
+    for i in range(25):
+        assert answers._epoch(f"2026-12-03T14:00:{i:02d}Z") == datetime(2026, 12, 3, 14, 0, i, tzinfo=UTC).timestamp()
+        assert len(answers._EPOCHS) <= 10

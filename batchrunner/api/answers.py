@@ -240,7 +240,7 @@ def parse_prediction(prediction_id: str, body: Mapping[str, Any]) -> Prediction:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Execution:
     """One row of ``GET /v1/executions``: a prediction of the account's, without its input.
 
@@ -277,10 +277,10 @@ class ExecutionsPage:
     full: bool
 
 
-def _epoch(value: object) -> float | None:
-    if not isinstance(value, str) or not value.strip():
-        return None
+def _parse_epoch(value: str) -> float | None:
     text = value.strip()
+    if not text:
+        return None
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
     try:
@@ -292,14 +292,39 @@ def _epoch(value: object) -> float | None:
     return moment.timestamp()
 
 
+# A prediction's ``created_at`` comes back in every listing round while it runs (twenty rounds and more at a large
+# account's limits): each text is read once, then looked up. Cleared whole when full, so it stays bounded.
+_EPOCHS: dict[str, float | None] = {}
+_EPOCHS_MAX = 1 << 16
+
+
+def _epoch(value: object) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return _EPOCHS[value]
+    except KeyError:
+        pass
+    if len(_EPOCHS) >= _EPOCHS_MAX:
+        _EPOCHS.clear()
+    moment = _EPOCHS[value] = _parse_epoch(value)
+    return moment
+
+
 def parse_execution(row: Mapping[str, Any]) -> Execution | None:
     """Read a listing row; None when it has no usable id (a row we cannot act on)."""
     raw_id = row.get("id")
-    if isinstance(raw_id, bool) or not isinstance(raw_id, str | int) or not str(raw_id).strip():
+    if type(raw_id) is str:  # the common case first: a row per prediction per round, the most read answer there is
+        row_id = raw_id.strip()
+    elif isinstance(raw_id, int) and not isinstance(raw_id, bool):
+        row_id = str(raw_id)
+    else:
+        return None
+    if not row_id:
         return None
     raw_status = row.get("status")
     return Execution(
-        id=str(raw_id).strip(),
+        id=row_id,
         model=text(row.get("model")) or text(row.get("requested_model")),
         status=raw_status.strip() if isinstance(raw_status, str) else "",
         created_at=_epoch(row.get("created_at")),
