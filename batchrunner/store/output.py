@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import io
 import itertools
 import json
 import os
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from batchrunner.errors import DownloadRejected, LockHeld, OutputError
 from batchrunner.manifest.localpaths import read_local
 from batchrunner.store.files import check_own, open_own, read_small
+from batchrunner.store.groupsync import GroupSync
 
 LEDGER_NAME = "ledger.jsonl"
 REQUESTS_NAME = "requests.log"
@@ -222,10 +225,11 @@ def _clear_partial(partial: Path) -> None:
         os.close(fd)
 
 
-def image_extension(path: Path) -> str:
-    """Decode the file fully with Pillow and return its extension; ``DownloadRejected`` if it is not a usable image."""
+def image_extension(source: Path | BinaryIO) -> str:
+    """Decode the file (or the bytes) fully with Pillow and return its extension; ``DownloadRejected`` if it is not a
+    usable image."""
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             fmt = img.format or ""
             img.load()  # a truncated file fails here, not later in the user's viewer
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -303,10 +307,11 @@ def _store(spool: _Spool, out: OutputDir, job_id: str) -> Path:
             spool.file = None
     except OSError as exc:
         raise OutputError(f"cannot write {tmp}: {describe_os_error(exc)}") from exc
-    final = out.file_for(job_id, image_extension(tmp))
+    # The bytes held in memory are checked there (they are the file's, just written): no second open and read.
+    final = out.file_for(job_id, image_extension(io.BytesIO(b"".join(spool.chunks)) if spool.chunks else tmp))
     try:
         os.replace(tmp, final)
-        _fsync_dir(out.path)
+        _dir_sync(out.path).sync()
     except OSError as exc:
         raise OutputError(f"cannot write {final}: {describe_os_error(exc)}") from exc
     return final
@@ -340,6 +345,19 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_DIR_SYNCS: dict[Path, GroupSync] = {}
+_DIR_SYNCS_LOCK = threading.Lock()
+
+
+def _dir_sync(path: Path) -> GroupSync:
+    """The folder's one group sync (renames into it made durable together: ``groupsync``)."""
+    with _DIR_SYNCS_LOCK:
+        group = _DIR_SYNCS.get(path)
+        if group is None:
+            group = _DIR_SYNCS[path] = GroupSync(lambda: _fsync_dir(path))
+        return group
 
 
 def read_bytes(path: Path) -> bytes:
