@@ -503,6 +503,18 @@ async def _full(limiter: AccountLimiter, concurrency: int) -> None:
         assert limiter.gate.try_acquire()
 
 
+async def _gives_back(limiter: AccountLimiter, store: _MemoryStore, clock: list[float], *, held: int) -> None:
+    """A prediction of the run frees its slot: the slot is not kept as stock, and the next transaction (a grant's,
+    one second later) carries its release to the store, where the run then holds ``held``."""
+    in_flight = limiter.gate.in_flight
+    limiter.gate.release()
+    assert limiter.stock_slots == [] and limiter.gate.in_flight == in_flight - 1
+    clock[0] += 1.0
+    await limiter.acquire(grant=True, slot=False)
+    limiter.give_back()
+    assert store.state.leases["a"].held == held
+
+
 async def test_a_slot_the_run_frees_while_it_has_jobs_to_create_serves_its_next_create_without_a_transaction() -> None:
     store = _MemoryStore()
     clock = [0.0]
@@ -539,12 +551,7 @@ async def test_a_freed_slot_goes_back_to_the_account_while_another_run_waits_for
         assert await limiter.acquire(grant=True, slot=False)
         assert store.transactions == seen + 1  # a's view now shows b waiting
         limiter.give_back()
-        limiter.gate.release()
-        assert limiter.stock_slots == [] and limiter.gate.in_flight == 3
-        clock[0] = 2.0
-        await limiter.acquire(grant=True, slot=False)  # carries the release to the store
-        limiter.give_back()
-        assert store.state.leases["a"].held == 3
+        await _gives_back(limiter, store, clock, held=3)
         assert request(store.state, 100.0, "b", grant=True, slot=True).granted  # and b gets it
     finally:
         await limiter.close()
@@ -556,12 +563,7 @@ async def test_a_freed_slot_goes_back_to_the_account_when_the_run_has_nothing_le
     limiter = await _joined(store, clock, wants_slot=False)
     try:
         await _full(limiter, 4)
-        limiter.gate.release()
-        assert limiter.stock_slots == [] and limiter.gate.in_flight == 3
-        clock[0] = 1.0
-        await limiter.acquire(grant=True, slot=False)
-        limiter.give_back()
-        assert store.state.leases["a"].held == 3
+        await _gives_back(limiter, store, clock, held=3)
     finally:
         await limiter.close()
 
@@ -613,8 +615,9 @@ async def test_a_stock_that_goes_stale_while_the_store_answers_is_asked_for_agai
 
 
 async def test_a_freed_slot_goes_back_to_the_account_while_another_run_is_on_it_even_if_it_does_not_ask() -> None:
-    # A run that sees no slot free does not ask for one, so it is in no line: a run keeping its freed slots while it
-    # is live would starve it (and leave it alone on the key, with its own limits, only at the end).
+    # A run that sees no slot free does not ask for one, so it is in no line: a run keeping every slot it frees while
+    # another is live would starve it (and leave it alone on the key, with its own limits, only at the end). Beyond
+    # its share (4 slots over 2 runs) a run gives each freed slot back.
     store = _MemoryStore()
     clock = [0.0]
     limiter = await _joined(store, clock)
@@ -625,12 +628,52 @@ async def test_a_freed_slot_goes_back_to_the_account_while_another_run_is_on_it_
         clock[0] = 1.0
         assert await limiter.acquire(grant=True, slot=False)  # a's view now shows two runs
         limiter.give_back()
-        limiter.gate.release()
-        assert limiter.stock_slots == [] and limiter.gate.in_flight == 3
-        clock[0] = 2.0
-        await limiter.acquire(grant=True, slot=False)  # carries the release to the store
-        limiter.give_back()
-        assert store.state.leases["a"].held == 3
+        await _gives_back(limiter, store, clock, held=3)
         assert view(store.state, 100.0, "b").free() == 1  # b sees the slot free
+    finally:
+        await limiter.close()
+
+
+async def _sharing(store: _MemoryStore, clock: list[float], *, b_holds: int, b_waits: bool = False) -> AccountLimiter:
+    """Run "a" holding 2 of the account's 4 slots, and run "b" on the account holding ``b_holds`` (waiting in the
+    slot line if ``b_waits``); a's view is fresh."""
+    limiter = await _joined(store, clock)
+    await _full(limiter, 2)
+    join(store.state, 100.0, lease("b", count=6000, period=6.0, concurrency=4))
+    for _ in range(b_holds):
+        assert request(store.state, 100.0, "b", grant=False, slot=True).granted
+    if b_waits:
+        assert not request(store.state, 100.0, "b", grant=False, slot=True).granted
+        assert len(store.state.slot_line) == 1
+    clock[0] = 1.0
+    assert await limiter.acquire(grant=True, slot=False)  # a's view now shows b
+    limiter.give_back()
+    assert limiter.view is not None and limiter.view.runs == 2
+    return limiter
+
+
+async def test_a_run_within_its_share_of_the_slots_keeps_those_it_frees_while_another_run_is_on_the_account() -> None:
+    store = _MemoryStore()
+    clock = [1.0]
+    limiter = await _sharing(store, clock, b_holds=2)
+    try:
+        store.transactions = 0
+        for _ in range(50):  # a's predictions finish and its next creates start in their slots
+            limiter.gate.release()
+            assert await limiter.acquire(grant=True, slot=True)
+            limiter.window.take(1.0, pending=True)
+            assert limiter.gate.try_acquire()
+        assert store.transactions <= 3  # the grants' stock only: no release and no take per create
+        assert store.state.leases["a"].held == 2 and store.state.leases["b"].held == 2
+    finally:
+        await limiter.close()
+
+
+async def test_a_run_within_its_share_gives_a_freed_slot_back_while_another_run_waits_in_the_slot_line() -> None:
+    store = _MemoryStore()
+    clock = [1.0]
+    limiter = await _sharing(store, clock, b_holds=2, b_waits=True)
+    try:
+        await _gives_back(limiter, store, clock, held=1)
     finally:
         await limiter.close()

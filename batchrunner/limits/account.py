@@ -434,4 +434,5 @@ def view(state: AccountState, now: float, lease_id: str | None) -> View:
         own_held=lease.held if lease is not None else 0,
         slots_ahead=_place(state.slot_line, lease_id) if lease_id is not None else 0,
         runs=sum(1 for lease in state.leases.values() if lease.live(now)),
+        slot_line=len(state.slot_line),
     )

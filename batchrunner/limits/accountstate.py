@@ -336,6 +336,7 @@ class View:
     own_held: int
     slots_ahead: int  # runs ahead of this one in the slot line
     runs: int  # live runs
+    slot_line: int = 0  # runs in the slot line, this one included
 
     def used(self) -> int:
         """Grants inside the window at ``now``, pending ones included (at most COUNT)."""

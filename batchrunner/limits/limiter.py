@@ -327,15 +327,21 @@ class AccountLimiter:
         """Whether a slot the run's prediction just freed stays the run's, as stock for its next create (True), or
         goes back to the account (False, the caller releases it).
 
-        It stays while the run has jobs to create and, as last seen, is the only run on the account: then the account
-        would give the slot straight back to this run, and keeping it saves two transactions (the release and the next
-        take). With another run on the account it goes back at once, whether or not that run waits in the slot line: a
-        run that sees no slot free does not ask for one, so only a slot seen free brings it in. The slot stays held in
-        the store all along, so the account's count never drops below what is in flight; unused within ``STOCK_TTL``
-        it goes back like any stock slot."""
+        It stays while the run has jobs to create and, as last seen, is the only run on the account (the account
+        would give the slot straight back to it), or holds no more than its share of the slots (the concurrency over
+        the live runs) while no run waits in the slot line. Keeping it saves two transactions (the release and the
+        next take). The share is what keeps the account fair: a run that sees no slot free does not ask for one, so
+        it shows in no line, and only slots the others give back bring it in; every run beyond its share gives back
+        each slot its predictions free, and a slot a run within its share keeps is one the others could not take
+        without going beyond theirs. The slot stays held in the store all along, so the account's count never drops
+        below what is in flight; unused within ``STOCK_TTL`` it goes back like any stock slot."""
         seen = self.view
-        if self.fallback is not None or seen is None or seen.runs > 1 or len(self.stock_slots) >= STOCK_MAX:
+        if self.fallback is not None or seen is None or len(self.stock_slots) >= STOCK_MAX:
             return False
+        if seen.runs > 1:
+            in_line = seen.slots_ahead < seen.slot_line  # the run's own place (ahead counts the line when it has none)
+            if seen.slot_line > int(in_line) or self.lease.held > seen.limits.concurrency // seen.runs:
+                return False
         if not self._wants_slot():
             return False
         self.stock_slots.append(self.now() + STOCK_TTL - STOCK_GUARD)
