@@ -12,13 +12,14 @@ The state is kept as the moving-window pattern of the ``limits`` library has it,
 - ``…:meta``: the small rest as JSON (the runs' leases, with the slots each holds and when it last beat, so a slot
   held by a run whose lease lapsed expires with it; the two lines; the counters), and ``…:version``.
 
-A transaction is two scripts. ``READ`` trims, reads what a decision needs and the server's ``TIME``; the decision is
+A transaction is two scripts, run with the blocking client in a thread of the store's own, one transaction at a time:
+the event loop only waits for it. ``READ`` trims, reads what a decision needs and the server's ``TIME``; the decision is
 ``account.py``'s, on a state whose collections answer from what was read (and ask for a wider read, rarely: limits
 changed since the run last looked); ``WRITE`` applies what the decision changed, only if the version is still the one
-read, and otherwise the run decides again. The decisions are the same functions the SQLite store runs, so the two
-stores cannot drift apart, and every time is the Redis server's clock, so machines whose clocks disagree still share
-one window. A decision made at the read's time is still right at the write's: time only empties windows and frees
-nothing, and the version check rules out another change. The trim in ``READ`` drops only times no decision can need.
+read, and otherwise the run decides again. The decisions are the same functions the SQLite store runs, so the two stores
+cannot drift apart, and every time is the Redis server's clock, so machines whose clocks disagree still share one
+window. A decision made at the read's time is still right at the write's: time only empties windows and frees nothing,
+and the version check rules out another change. The trim in ``READ`` drops only times no decision can need.
 
 A key written by the first version of this store (the whole state as one JSON value, ``…`` itself) is carried over
 to this layout, with one log line; one that does not parse is replaced, with one log line.
@@ -29,6 +30,7 @@ the start, ``StoreLost`` after.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import contextlib
 import json
@@ -36,9 +38,10 @@ import logging
 import math
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
+import redis
 from redis.exceptions import RedisError
 
 from batchrunner.limits.account import (
@@ -301,7 +304,7 @@ class RedisStore:
     """The account's state on a Redis server; open with ``await RedisStore.open(url, account)``."""
 
     def __init__(
-        self, client: aioredis.Redis, url: str, account: str, *, clock: Callable[[], float] | None = None
+        self, client: redis.Redis, url: str, account: str, *, clock: Callable[[], float] | None = None
     ) -> None:
         self._client = client
         self._clock = clock  # the server's TIME unless given (tests)
@@ -317,32 +320,40 @@ class RedisStore:
         self._token = uuid.uuid4().hex[:12]
         # The grants this store put on the wire and has not seen taken: a settle needs no read of the others.
         self._mine: dict[str, Pending] = {}
+        # Every transaction of the run, whole (read, decision, write), in this one thread: a busy event loop does not
+        # stretch the time between the read and the write (another run's write in between makes the write lose and
+        # the decision start again), and the run's own transactions never race each other.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="redis-store")
+        self._closed = False
 
     @classmethod
     async def open(cls, url: str, account: str, *, clock: Callable[[], float] | None = None) -> RedisStore:
         """Connect and check the server answers; StoreUnavailable (one line) when it does not."""
         try:
-            client = aioredis.Redis.from_url(
+            client = redis.Redis.from_url(
                 url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=OP_TIMEOUT, decode_responses=False
             )
         except (ValueError, RedisError) as exc:
             raise StoreUnavailable(f"--limits-store {_redact_url(url)}: {exc}") from None
         store = cls(client, url, account, clock=clock)
         try:
-            await client.ping()
+            await store._in_thread(client.ping)
             await store.transact(lambda state, now: None)
         except (RedisError, OSError, StoreLost) as exc:
             await store.close()
             raise StoreUnavailable(f"cannot reach the limits store {store.url}: {_reason(exc)}") from None
         return store
 
-    async def _script(self, script: Any, args: list[Any]) -> Any:
+    async def _in_thread(self, call: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, call)
+
+    def _script(self, script: Any, args: list[Any]) -> Any:
         try:
-            return await script(keys=self._keys, args=args)
+            return script(keys=self._keys, args=args)
         except (RedisError, OSError) as exc:
             raise StoreLost(f"the limits store {self.url} failed: {_reason(exc)}") from None
 
-    async def _load(self, wider: _Wider | None) -> tuple[AccountState, str, float, bool]:
+    def _load(self, wider: _Wider | None) -> tuple[AccountState, str, float, bool]:
         """One ``READ``: the state a decision runs on, the version, the server's now, and whether the key is of the
         first version (to be carried over by the write)."""
         lo = "" if wider is None or wider.lo is None else str(wider.lo)
@@ -351,7 +362,7 @@ class RedisStore:
         given = self._clock() if self._clock is not None else None
         window = self._window
         args = [self._count, repr(window), VIEW_TIMES + SLACK, lo, hi, "1" if whole_pending else "0"]
-        reply = await self._script(self._read, [*args, "" if given is None else repr(given)])
+        reply = self._script(self._read, [*args, "" if given is None else repr(given)])
         sec, usec, old, meta, version, n, np_, first, part, last, _, below, pend = reply
         # The script's own now and cut, to the bit: the same double operations on the same numbers.
         now = int(sec) + int(usec) / 1e6 if given is None else given
@@ -417,9 +428,12 @@ class RedisStore:
         return args
 
     async def transact(self, fn: Callable[[AccountState, float], T]) -> T:
+        return await self._in_thread(lambda: self._transact(fn))
+
+    def _transact(self, fn: Callable[[AccountState, float], T]) -> T:
         wider: _Wider | None = None
         for _ in range(MAX_RACES):
-            state, version, now, carry = await self._load(wider)
+            state, version, now, carry = self._load(wider)
             try:
                 result = fn(state, now)
             except _Wider as exc:
@@ -430,7 +444,7 @@ class RedisStore:
                 self._count, self._window = limits.count, limits.window
             meta = json.dumps(_to_meta(state), separators=(",", ":"))
             args = [version, meta, KEY_TTL, repr(state.horizon), state.keep, *self._ops(state, carry)]
-            if int(await self._script(self._write, args)):
+            if int(self._script(self._write, args)):
                 for kind, grant_id, grant in state.pending.ops:  # type: ignore[attr-defined]
                     if kind == "p" and grant is not None:
                         self._mine[grant_id] = grant
@@ -441,8 +455,12 @@ class RedisStore:
         raise StoreLost(f"the limits store {self.url}: {MAX_RACES} writes in a row lost to other runs")
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         with contextlib.suppress(RedisError, OSError):
-            await self._client.aclose()
+            await self._in_thread(self._client.close)
+        self._thread.shutdown(wait=False)
 
 
 def _finite(value: Any) -> float:
