@@ -4,11 +4,13 @@ the first (one JSON value) format carried over or replaced with one log line."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -198,3 +200,30 @@ async def test_a_key_of_the_first_format_that_does_not_parse_is_replaced_with_on
     finally:
         await store.close()
         client.close()
+
+
+async def test_a_runs_own_transactions_never_race_each_other(
+    clocked: tuple[RedisStore, list[float]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twenty at once from one run (its background and its acquires overlap like this): each reads once and writes
+    once. Run on the event loop, each write after the first found the version moved and decided again."""
+    store, _ = clocked
+    reads = [0]
+    load = store._load
+
+    def counted(wider: Any) -> Any:
+        reads[0] += 1
+        return load(wider)
+
+    monkeypatch.setattr(store, "_load", counted)
+    await store.transact(lambda state, now: join(state, now, lease("a", count=100)))
+
+    def take(state: AccountState, now: float) -> Decision:
+        expire(state, now)
+        return request(state, now, "a", grant=True, slot=False)
+
+    reads[0] = 0
+    decisions = await asyncio.gather(*(store.transact(take) for _ in range(20)))
+    assert all(d.granted for d in decisions)
+    assert len({d.grant_id for d in decisions}) == 20
+    assert reads[0] == 20
