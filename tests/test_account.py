@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from batchrunner.limits.account import (
     AccountState,
     Lease,
     StoreBroken,
+    View,
     Waiter,
     account_limits,
     adopt,
@@ -36,7 +38,7 @@ from batchrunner.limits.account import (
     slots_held,
     view,
 )
-from batchrunner.limits.limiter import AccountLimiter
+from batchrunner.limits.limiter import IDLE_REFRESH, TIGHT_REFRESH, AccountLimiter, refresh_wait
 from batchrunner.limits.sqlitestore import SqliteStore, account_id, state_dir
 
 T = TypeVar("T")
@@ -675,5 +677,58 @@ async def test_a_run_within_its_share_gives_a_freed_slot_back_while_another_run_
     limiter = await _sharing(store, clock, b_holds=2, b_waits=True)
     try:
         await _gives_back(limiter, store, clock, held=1)
+    finally:
+        await limiter.close()
+
+
+def _seen(*, held: int, runs: int, used: int = 0, concurrency: int = 4) -> View:
+    """A view of an account of ``concurrency`` slots (``held`` of them held) and a window of 10 (``used`` of it)."""
+    return View(
+        now=0.0,
+        limits=AccountLimits(10, 1.0, 0.0, concurrency),
+        times=(),
+        first=0,
+        recorded=used,
+        in_window=used,
+        latest=0.0,
+        pending=0,
+        held=held,
+        own_held=0,
+        slots_ahead=0,
+        runs=runs,
+    )
+
+
+@pytest.mark.parametrize(
+    ("seen", "own", "wait"),
+    [
+        (None, 0, IDLE_REFRESH),
+        (_seen(held=4, runs=1, used=10), 4, TIGHT_REFRESH),  # the window is full: it empties on its own
+        (_seen(held=2, runs=1), 2, IDLE_REFRESH),  # slots free: a create needs no refresh to take one
+        (_seen(held=4, runs=1), 4, IDLE_REFRESH),  # every slot the run's own: it knows of each it frees
+        (_seen(held=4, runs=1), 3, TIGHT_REFRESH),  # a gone run's slot: it frees when its hold ends
+        (_seen(held=4, runs=2), 1, TIGHT_REFRESH),  # below its share (2): a slot the other run frees is for it
+        (_seen(held=4, runs=2), 2, IDLE_REFRESH),  # at its share: the other run's slots are the other run's
+        (_seen(held=4, runs=2), 3, IDLE_REFRESH),  # beyond it
+    ],
+)
+def test_the_view_is_refreshed_soon_only_while_what_another_run_does_can_serve_this_one(
+    seen: View | None, own: int, wait: float
+) -> None:
+    assert refresh_wait(seen, own) == wait
+
+
+async def test_a_run_holding_every_slot_itself_does_not_refresh_its_view_every_few_milliseconds() -> None:
+    # At a large account's limits every slot is in flight all the time: a refresh every 20 ms (plus the gap between
+    # transactions) was 30 transactions a second that could tell the run nothing.
+    store = _MemoryStore()
+    limiter = AccountLimiter(store, lease("a", count=6000, period=6.0, concurrency=4))
+    limiter.bind(wake=lambda: None, on_lost=lambda exc: None)
+    await limiter.join()
+    try:
+        await _full(limiter, 4)
+        store.transactions = 0
+        await asyncio.sleep(0.2)
+        assert store.transactions <= 1
     finally:
         await limiter.close()

@@ -89,6 +89,25 @@ STOCK_MAX = 64
 STOCK_GUARD = 0.02
 
 
+def refresh_wait(seen: View | None, own_held: int) -> float:
+    """How long the background task waits before it refreshes the run's view unasked. Pure.
+
+    Soon (``TIGHT_REFRESH``) while the window is full, or while no slot is free and one another run frees could be
+    this run's: other runs hold slots and this one holds less than its share (the concurrency over the live runs).
+    Otherwise nothing another run does changes what this one may do soon: the slots are all its own (those it frees
+    it knows of at once), or it holds its share already (beyond it, slots are for the others). Anything the run has
+    to tell the store wakes the task at once, whatever the wait."""
+    if seen is None:
+        return IDLE_REFRESH
+    if seen.used() >= seen.limits.count:
+        return TIGHT_REFRESH
+    if seen.free() > 0:
+        return IDLE_REFRESH
+    others_hold = seen.held > own_held
+    below_share = own_held < seen.limits.concurrency // max(1, seen.runs)
+    return TIGHT_REFRESH if others_hold and below_share else IDLE_REFRESH
+
+
 # --------------------------------------------------------------------------------------------------- the account
 class AccountLimiter:
     """The account's limits, through a store shared by every run on the key. Open with ``open_limits``."""
@@ -381,9 +400,8 @@ class AccountLimiter:
 
     async def _background(self) -> None:
         while self.lost is None and not self._closing:
-            tight = self.view is not None and (self.view.free() <= 0 or self.view.used() >= self.view.limits.count)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(TIGHT_REFRESH if tight else IDLE_REFRESH):
+                async with asyncio.timeout(refresh_wait(self.view, self.lease.held)):
                     await self._kick.wait()
             self._kick.clear()
             if self._closing:
