@@ -517,6 +517,18 @@ async def _gives_back(limiter: AccountLimiter, store: _MemoryStore, clock: list[
     assert store.state.leases["a"].held == held
 
 
+async def _creates_in_freed_slots(limiter: AccountLimiter, creates: int, at: float) -> None:
+    """``creates`` times: a prediction of the run finishes, and its next create starts in the slot it freed."""
+    for _ in range(creates):
+        in_flight = limiter.gate.in_flight
+        limiter.gate.release()
+        assert limiter.gate.free() >= 1
+        assert await limiter.acquire(grant=True, slot=True)
+        limiter.window.take(at, pending=True)
+        assert limiter.gate.try_acquire()
+        assert limiter.gate.in_flight == in_flight
+
+
 async def test_a_slot_the_run_frees_while_it_has_jobs_to_create_serves_its_next_create_without_a_transaction() -> None:
     store = _MemoryStore()
     clock = [0.0]
@@ -524,13 +536,7 @@ async def test_a_slot_the_run_frees_while_it_has_jobs_to_create_serves_its_next_
     try:
         await _full(limiter, 4)
         store.transactions = 0
-        for _ in range(100):  # a prediction finishes, the next create starts in its slot
-            limiter.gate.release()
-            assert limiter.gate.in_flight == 3 and limiter.gate.free() >= 1
-            assert await limiter.acquire(grant=True, slot=True)
-            limiter.window.take(0.0, pending=True)
-            assert limiter.gate.try_acquire()
-            assert limiter.gate.in_flight == 4
+        await _creates_in_freed_slots(limiter, 100, 0.0)
         # Without the reuse each create's slot is a transaction (and each release one more, batched): 100 at least.
         # With it only the grants' stock is refilled, 64 at a time at most.
         assert store.transactions <= 5
@@ -660,11 +666,7 @@ async def test_a_run_within_its_share_of_the_slots_keeps_those_it_frees_while_an
     limiter = await _sharing(store, clock, b_holds=2)
     try:
         store.transactions = 0
-        for _ in range(50):  # a's predictions finish and its next creates start in their slots
-            limiter.gate.release()
-            assert await limiter.acquire(grant=True, slot=True)
-            limiter.window.take(1.0, pending=True)
-            assert limiter.gate.try_acquire()
+        await _creates_in_freed_slots(limiter, 50, 1.0)
         assert store.transactions <= 3  # the grants' stock only: no release and no take per create
         assert store.state.leases["a"].held == 2 and store.state.leases["b"].held == 2
     finally:

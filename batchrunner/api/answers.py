@@ -240,6 +240,7 @@ def parse_prediction(prediction_id: str, body: Mapping[str, Any]) -> Prediction:
     )
 
 
+# Not frozen: a frozen dataclass's __init__ costs twice as much, and a page's rows are made by the hundred per round.
 @dataclass(slots=True)
 class Execution:
     """One row of ``GET /v1/executions``: a prediction of the account's, without its input.

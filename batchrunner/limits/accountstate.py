@@ -346,6 +346,11 @@ class View:
         """Slots this run may take now: free ones, less one for each run waiting ahead of it."""
         return max(0, self.limits.concurrency - self.held - self.slots_ahead)
 
+    def share(self) -> int:
+        """A run's share of the slots: the concurrency over the live runs (what a run keeps of the slots it frees, and
+        below which it watches for slots the others free)."""
+        return self.limits.concurrency // max(1, self.runs)
+
     def nth(self, index: int) -> float:
         """The ``index``-th oldest recorded grant as far as the view knows: one it does not carry is at most ``now``
         (so a plan on the view is never early)."""

@@ -4,7 +4,7 @@ The scheduler asks the same questions of either (``window.delay/take/settle/used
 ``gate.free/try_acquire/release/in_flight``) and, when the limits are shared, first ``await acquire(grant=, slot=)``
 for the request it chose: one transaction of the store (``account.request``) that takes the grant and the slot
 together, so a create never holds a window place while it waits for a slot. Between transactions the run plans on
-its last ``View`` of the account. A background task keeps that view fresh (fast while the account is at a limit),
+its last ``View`` of the account. A background task keeps that view fresh (``refresh_wait``: fast while it can help),
 sends the run's answers and releases to the store as they happen, and beats the run's lease; it wakes the
 scheduler when the account frees something. When the store fails the run keeps going on its own within the last
 limits it saw (its view of the window and of the slots held), and the scheduler is told to stop submitting.
@@ -104,8 +104,7 @@ def refresh_wait(seen: View | None, own_held: int) -> float:
     if seen.free() > 0:
         return IDLE_REFRESH
     others_hold = seen.held > own_held
-    below_share = own_held < seen.limits.concurrency // max(1, seen.runs)
-    return TIGHT_REFRESH if others_hold and below_share else IDLE_REFRESH
+    return TIGHT_REFRESH if others_hold and own_held < seen.share() else IDLE_REFRESH
 
 
 # --------------------------------------------------------------------------------------------------- the account
@@ -359,7 +358,7 @@ class AccountLimiter:
             return False
         if seen.runs > 1:
             in_line = seen.slots_ahead < seen.slot_line  # the run's own place (ahead counts the line when it has none)
-            if seen.slot_line > int(in_line) or self.lease.held > seen.limits.concurrency // seen.runs:
+            if seen.slot_line > int(in_line) or self.lease.held > seen.share():
                 return False
         if not self._wants_slot():
             return False
