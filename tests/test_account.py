@@ -642,11 +642,13 @@ async def test_a_freed_slot_goes_back_to_the_account_while_another_run_is_on_it_
         await limiter.close()
 
 
-async def _sharing(store: _MemoryStore, clock: list[float], *, b_holds: int, b_waits: bool = False) -> AccountLimiter:
-    """Run "a" holding 2 of the account's 4 slots, and run "b" on the account holding ``b_holds`` (waiting in the
-    slot line if ``b_waits``); a's view is fresh."""
+async def _sharing(
+    store: _MemoryStore, clock: list[float], *, b_holds: int, b_waits: bool = False, a_holds: int = 2
+) -> AccountLimiter:
+    """Run "a" holding ``a_holds`` of the account's 4 slots, and run "b" on the account holding ``b_holds`` (waiting
+    in the slot line if ``b_waits``); a's view is fresh."""
     limiter = await _joined(store, clock)
-    await _full(limiter, 2)
+    await _full(limiter, a_holds)
     join(store.state, 100.0, lease("b", count=6000, period=6.0, concurrency=4))
     for _ in range(b_holds):
         assert request(store.state, 100.0, "b", grant=False, slot=True).granted
@@ -679,6 +681,22 @@ async def test_a_run_within_its_share_gives_a_freed_slot_back_while_another_run_
     limiter = await _sharing(store, clock, b_holds=2, b_waits=True)
     try:
         await _gives_back(limiter, store, clock, held=1)
+    finally:
+        await limiter.close()
+
+
+async def test_a_run_below_its_share_keeps_the_slots_it_frees_even_while_another_run_waits_in_the_slot_line() -> None:
+    # a holds 1 of 4 slots (its share is 2), b holds 3 and waits for more: b is beyond its share, so the slots b frees
+    # go back and a's would only swap places in the line. a keeps its own: no release and no take per create.
+    store = _MemoryStore()
+    clock = [1.0]
+    limiter = await _sharing(store, clock, b_holds=3, b_waits=True, a_holds=1)
+    try:
+        assert limiter.view is not None and limiter.view.slot_line == 1
+        store.transactions = 0
+        await _creates_in_freed_slots(limiter, 50, 1.0)
+        assert store.transactions <= 6  # the grants' stock only (a slot given back would be one at least per create)
+        assert store.state.leases["a"].held == 1 and store.state.leases["b"].held == 3
     finally:
         await limiter.close()
 

@@ -346,19 +346,23 @@ class AccountLimiter:
         goes back to the account (False, the caller releases it).
 
         It stays while the run has jobs to create and, as last seen, is the only run on the account (the account
-        would give the slot straight back to it), or holds no more than its share of the slots (the concurrency over
-        the live runs) while no run waits in the slot line. Keeping it saves two transactions (the release and the
-        next take). The share is what keeps the account fair: a run that sees no slot free does not ask for one, so
-        it shows in no line, and only slots the others give back bring it in; every run beyond its share gives back
-        each slot its predictions free, and a slot a run within its share keeps is one the others could not take
-        without going beyond theirs. The slot stays held in the store all along, so the account's count never drops
-        below what is in flight; unused within ``STOCK_TTL`` it goes back like any stock slot."""
+        would give the slot straight back to it), holds less than its share of the slots (the concurrency over the
+        live runs), or holds its share while no other run waits in the slot line. Keeping it saves two transactions
+        (the release and the next take). The share is what keeps the account fair: a run that sees no slot free does
+        not ask for one, so it shows in no line, and only slots the others give back bring it in; every run beyond
+        its share gives back each slot its predictions free. A run below its share keeps its slots even while another
+        waits: with every slot held and the waiter below its share too, the runs left hold more than their shares
+        between them, so one of them is beyond its share and gives back each slot it frees. (Three runs at about their
+        shares took turns below them, so one was nearly always in the line: giving back at any place in line sent
+        half of each run's creates through the store.) The slot stays held in the store all along, so the account's
+        count never drops below what is in flight; unused within ``STOCK_TTL`` it goes back like any stock slot."""
         seen = self.view
         if self.fallback is not None or seen is None or len(self.stock_slots) >= STOCK_MAX:
             return False
         if seen.runs > 1:
             in_line = seen.slots_ahead < seen.slot_line  # the run's own place (ahead counts the line when it has none)
-            if seen.slot_line > int(in_line) or self.lease.held > seen.share():
+            share, held = seen.share(), self.lease.held  # held: the freed slot counted, until it is given back
+            if held > share or (held == share and seen.slot_line > int(in_line)):
                 return False
         if not self._wants_slot():
             return False
