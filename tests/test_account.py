@@ -38,7 +38,7 @@ from batchrunner.limits.account import (
     slots_held,
     view,
 )
-from batchrunner.limits.limiter import IDLE_REFRESH, TIGHT_REFRESH, AccountLimiter, refresh_wait
+from batchrunner.limits.limiter import IDLE_REFRESH, TIGHT_REFRESH, AccountLimiter, flush_at_once, refresh_wait
 from batchrunner.limits.sqlitestore import SqliteStore, account_id, state_dir
 
 T = TypeVar("T")
@@ -736,6 +736,51 @@ def test_the_view_is_refreshed_soon_only_while_what_another_run_does_can_serve_t
     seen: View | None, own: int, wait: float
 ) -> None:
     assert refresh_wait(seen, own) == wait
+
+
+@pytest.mark.parametrize(
+    ("kind", "seen", "now"),
+    [
+        ("settle", None, True),  # nothing seen yet: the run knows nothing of the window
+        ("settle", _seen(held=0, runs=1, used=0), False),  # an empty window: the answer can wait
+        ("settle", _seen(held=0, runs=1, used=4), False),  # less than half full
+        ("settle", _seen(held=0, runs=1, used=5), True),  # half full: recorded later would free it later
+        ("settle", _seen(held=0, runs=1, used=10), True),
+        ("release", _seen(held=4, runs=1, used=0), True),  # a slot given back is for someone now
+        ("cancel", _seen(held=0, runs=1, used=0), True),
+        ("adopt", _seen(held=0, runs=1, used=0), True),
+        ("seed", _seen(held=0, runs=1, used=0), True),
+    ],
+)
+def test_only_a_grants_answer_waits_for_the_next_transaction_and_only_while_the_window_is_less_than_half_full(
+    kind: str, seen: View | None, now: bool
+) -> None:
+    assert flush_at_once(kind, seen) is now
+
+
+async def test_answers_ride_the_next_transaction_while_the_window_is_loose_and_a_slot_given_back_goes_at_once() -> None:
+    # A settle per answer was most of a run's transactions at a large account's limits, where the window stays far
+    # from full: each woke the background task for a transaction of its own.
+    store = _MemoryStore()
+    limiter = AccountLimiter(store, lease("a", count=6000, period=6.0, concurrency=4))
+    wants = [True]
+    limiter.bind(wake=lambda: None, on_lost=lambda exc: None, wants_slot=lambda: wants[0])
+    await limiter.join()
+    try:
+        await _full(limiter, 4)
+        await asyncio.sleep(0.05)  # the background task's first transaction, then it waits
+        store.transactions = 0
+        for ticket in list(limiter.tickets):
+            limiter.window.settle(ticket, 0.0)
+        await asyncio.sleep(0.05)
+        assert store.transactions == 0 and len(limiter._ops) == 4
+        wants[0] = False  # nothing left to create: the slot a prediction frees goes back to the account
+        limiter.gate.release()
+        await asyncio.sleep(0.05)
+        assert store.transactions >= 1 and limiter._ops == []
+        assert len(store.state.pending) == len(limiter.stock)  # the answers went with the release
+    finally:
+        await limiter.close()
 
 
 async def test_a_run_holding_every_slot_itself_does_not_refresh_its_view_every_few_milliseconds() -> None:

@@ -107,6 +107,20 @@ def refresh_wait(seen: View | None, own_held: int) -> float:
     return TIGHT_REFRESH if others_hold and own_held < seen.share() else IDLE_REFRESH
 
 
+def flush_at_once(kind: str, seen: View | None) -> bool:
+    """Whether an op the run queued wakes the background task now (True) or rides its next transaction, at most
+    ``IDLE_REFRESH`` later. Pure.
+
+    A settle (a grant's answer) records the grant at the transaction's time instead of the pending grant's: a later
+    time, so the account's window frees that grant later, never sooner. While the window is less than half full
+    that costs nothing (no run is near the count), and a settle per answer was most of a run's transactions; once it
+    is half full the run's answers go at once. Anything else (slots given back, grants cancelled, slots adopted, a
+    killed run's history) changes what this run or another may do now, and goes at once."""
+    if kind != "settle" or seen is None:
+        return True
+    return seen.used() * 2 >= seen.limits.count
+
+
 # --------------------------------------------------------------------------------------------------- the account
 class AccountLimiter:
     """The account's limits, through a store shared by every run on the key. Open with ``open_limits``."""
@@ -179,7 +193,8 @@ class AccountLimiter:
     def queue_op(self, kind: str, value: Any) -> None:
         if self.lost is None:
             self._ops.append((kind, value))
-            self._kick.set()
+            if flush_at_once(kind, self.view):
+                self._kick.set()
 
     def sharing(self) -> int:
         """Live runs on the account as last seen (1 before the first view): each gets about its share."""
