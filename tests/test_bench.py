@@ -27,6 +27,7 @@ from batchrunner.bench import (
     scaled_defaults,
     slot_bound,
 )
+from batchrunner.bench.cli import _bench
 from batchrunner.bench.shared import measure_shared, shared_line, split_seeds
 from batchrunner.engine.runstate import RunConfig
 
@@ -229,3 +230,19 @@ def test_shared_asks_for_two_runs_or_more_in_one_line(runs: str, capsys: pytest.
         .splitlines()[-1]
         .endswith(f"--shared {runs}: expected 2 or more runs (or 0, the default: none)")
     )
+
+
+async def test_each_measurements_outputs_stay_until_the_benchmark_ends(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Removed as soon as its measurement ended, a run's outputs were freed just before the next run created its own:
+    # on ext4 without a journal every inode then allocated passes over those freed in the last 30 s, and the kernel's
+    # time was charged to the next run's CPU.
+    rows = await _bench([TINY], 4, 1, 1, ("runner", "baseline"), root=tmp_path)
+    assert [m.succeeded for m in rows] == [4, 4]
+    assert pngs_per_folder(tmp_path) == [4, 4]
+    assert "tiny" in capsys.readouterr().out
+
+
+def pngs_per_folder(root: Path) -> list[int]:
+    return [len(list(folder.rglob("*.png"))) for folder in sorted(root.iterdir())]
