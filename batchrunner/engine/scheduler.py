@@ -28,6 +28,7 @@ from typing import Any
 from batchrunner.api.client import Client
 from batchrunner.engine import summary
 from batchrunner.engine.cancels import Cancels
+from batchrunner.engine.collector import run_pace
 from batchrunner.engine.context import Run
 from batchrunner.engine.creates import Creates
 from batchrunner.engine.doubts import Doubts
@@ -197,10 +198,11 @@ class Scheduler:
         self._begin()
         self._load()
         self._progress()
-        try:
-            await self._dispatch()
-        finally:
-            await self.ctx.cancel_tasks()
+        with run_pace():
+            try:
+                await self._dispatch()
+            finally:
+                await self.ctx.cancel_tasks()
         return self._result()
 
     async def fetch_schema(self, slug: str) -> Mapping[str, Any] | None:
