@@ -4,7 +4,8 @@ Python's default thresholds (700 allocations, then every 10th and every 100th co
 program that allocates little. A run at a large account's limits allocates for every request, row and event: at 1000
 in flight it collected 1,650 times in a 40-second run, and the 14 full collections each walked everything the run
 had loaded (the manifest, the ledger's index, every job's state). That was about 0.13 ms of CPU a job, of the 2 a run
-may spend (``python -m batchrunner.bench --regimes d``: 1.95-2.01 ms a job with the defaults, 1.83-1.85 with these).
+may spend (regime (d) measured as the benchmark measures it, ``batchrunner.bench.measure``, twice each way,
+alternated: 1.95-2.01 ms a job at the default pace, 1.83-1.85 at this one).
 
 While a run dispatches, what its checks loaded is frozen (``gc.freeze``: never traversed again, never collected: it
 lives until the run ends anyway), and collections come every ``YOUNG`` allocations. Cycles are still collected, just
