@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import pytest
 
+from batchrunner.limits import limiter as limiter_module
 from batchrunner.limits.account import (
     FULL_RETRY,
     STOCK_TTL,
@@ -758,9 +759,12 @@ def test_only_a_grants_answer_waits_for_the_next_transaction_and_only_while_the_
     assert flush_at_once(kind, seen) is now
 
 
-async def test_answers_ride_the_next_transaction_while_the_window_is_loose_and_a_slot_given_back_goes_at_once() -> None:
+async def test_answers_ride_the_next_transaction_while_the_window_is_loose_and_a_slot_given_back_goes_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # A settle per answer was most of a run's transactions at a large account's limits, where the window stays far
     # from full: each woke the background task for a transaction of its own.
+    monkeypatch.setattr(limiter_module, "IDLE_REFRESH", 60.0)  # no refresh unasked: what happens is what was asked
     store = _MemoryStore()
     limiter = AccountLimiter(store, lease("a", count=6000, period=6.0, concurrency=4))
     wants = [True]
