@@ -46,3 +46,16 @@ async def test_a_run_dispatches_at_the_runs_pace(tmp_path: Path, monkeypatch: py
     m = await measure(Regime("tiny", 40, 0.4, 4, 0.01, 0.05), "runner", 2, 1, tmp_path)
     assert m.succeeded == 2
     assert seen == [(YOUNG, MIDDLE, OLD)] and gc.get_threshold() == before
+
+
+def test_a_process_that_froze_its_own_objects_keeps_its_frozen_set_as_it_was() -> None:
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        loaded_since = [[i] for i in range(1000)]  # the process's, not frozen by it: a run must not freeze them
+        with run_pace():
+            pass
+        assert gc.get_freeze_count() <= frozen  # some frozen objects may have been freed meanwhile, none added
+        assert len(loaded_since) == 1000
+    finally:
+        gc.unfreeze()

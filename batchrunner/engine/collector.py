@@ -40,8 +40,11 @@ def run_pace() -> Iterator[None]:
     the process (runs may overlap, as in the tests) leaves it."""
     if _Pace.runs == 0:
         _Pace.before = gc.get_threshold()
+        # Frozen by the process already (its own choice): leave its frozen set as it is, and add nothing to it that
+        # would never be unfrozen.
         _Pace.froze = gc.get_freeze_count() == 0
-        gc.freeze()
+        if _Pace.froze:
+            gc.freeze()
         gc.set_threshold(YOUNG, MIDDLE, OLD)
     _Pace.runs += 1
     try:
